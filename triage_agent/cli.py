@@ -1,0 +1,69 @@
+"""The ``triage-agent`` command line.
+
+Each subcommand lives in ``triage_agent/commands/<name>.py`` and exposes ``register(subparsers)``,
+which adds its parser and sets ``func(args) -> int``. Logging is configured here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+
+from triage_agent import commands
+
+COMMAND_ORDER = [
+    "serve", "worker", "status", "check_config", "db", "score", "synth", "train", "evaluate",
+]
+
+
+def _command_modules() -> list[str]:
+    found = {m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")}
+    ordered = [n for n in COMMAND_ORDER if n in found]
+    return ordered + sorted(found - set(ordered))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="triage-agent",
+        description="DICOM node that triages non-contrast head CT studies.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _command_modules():
+        importlib.import_module(f"triage_agent.commands.{name}").register(sub)
+    return parser
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", default="agent.toml", metavar="PATH",
+        help="agent configuration file (default: ./agent.toml)",
+    )
+
+
+def configure_logging(level: str = "INFO", verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    # pynetdicom logs request identifiers (patient names/IDs) at INFO/DEBUG; keep it at WARNING.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(verbose=args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

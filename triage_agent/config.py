@@ -1,0 +1,274 @@
+"""Typed configuration loaded once from ``agent.toml``.
+
+Every setting lives in one pydantic model so that an admin's typo is caught at start-up with the
+offending key named, instead of surfacing as a strange failure at 3 a.m.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_CONFIG_PATH = Path("agent.toml")
+AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslash, <= 16
+
+
+class ConfigError(Exception):
+    """The configuration file cannot be used; the message lists every problem by key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_ae_title(value: str) -> str:
+    if not AE_TITLE_RE.match(value) or not value.strip():
+        raise ValueError("an AE title is 1-16 printable ASCII characters, no backslash, not blank")
+    return value.strip()
+
+
+AETitle = Annotated[str, Field(min_length=1, max_length=16)]
+
+
+class NodeConfig(_Section):
+    ae_title: AETitle = "TRIAGE"
+    bind_address: str = "0.0.0.0"
+    port: int = Field(11112, ge=0, le=65535)
+    max_associations: int = Field(10, ge=1, le=1000)
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(30.0, gt=0)
+    network_timeout_s: float = Field(60.0, gt=0)
+    max_pdu_bytes: int = Field(262144, ge=0, le=2**31 - 1)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("bind_address")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+
+class TLSConfig(_Section):
+    certificate: Path
+    private_key: Path
+    ca_certificate: Path
+    require_client_certificate: bool = True
+
+
+class SecurityConfig(_Section):
+    allowed_calling_ae_titles: list[AETitle] = Field(default_factory=list)
+    allowed_networks: list[str] = Field(default_factory=list)
+    tls: TLSConfig | None = None
+
+    @field_validator("allowed_calling_ae_titles")
+    @classmethod
+    def _aes(cls, values: list[str]) -> list[str]:
+        return [_check_ae_title(v) for v in values]
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _nets(cls, values: list[str]) -> list[str]:
+        for v in values:
+            ipaddress.ip_network(v, strict=False)
+        return values
+
+    def address_allowed(self, address: str) -> bool:
+        if not self.allowed_networks:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in ipaddress.ip_network(n, strict=False) for n in self.allowed_networks)
+
+    def calling_ae_allowed(self, ae_title: str) -> bool:
+        return not self.allowed_calling_ae_titles or ae_title.strip() in {
+            a.strip() for a in self.allowed_calling_ae_titles
+        }
+
+
+class StorageConfig(_Section):
+    root: Path = Path("var/storage")
+    high_water_percent: float = Field(90.0, gt=0, le=100)
+    # Storage SOP classes (UIDs) accepted besides CT/Enhanced CT; recorded as ignored, no pixels kept.
+    extra_sop_classes: list[str] = Field(default_factory=list)
+
+
+class DatabaseConfig(_Section):
+    url: str = "sqlite:///var/triage.db"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not (value.startswith("sqlite:") or value.startswith("postgresql")):
+            raise ValueError("use sqlite:///PATH or postgresql+psycopg2://USER:PASS@HOST/DB")
+        return value
+
+
+class SeriesConfig(_Section):
+    quiet_period_s: float = Field(10.0, gt=0)
+    sweep_interval_s: float = Field(2.0, gt=0)
+    modalities: list[str] = Field(default_factory=lambda: ["CT"])
+    body_parts: list[str] = Field(default_factory=lambda: ["HEAD", "BRAIN", "SKULL", ""])
+    description_include: list[str] = Field(default_factory=list)
+    description_exclude: list[str] = Field(
+        default_factory=lambda: ["(?i)scout", "(?i)topogram", "(?i)localizer", "(?i)dose"]
+    )
+    min_slices: int = Field(20, ge=1)
+    slice_thickness_mm: tuple[float, float] = (0.5, 6.0)
+    axial_only: bool = True
+    axial_tolerance_deg: float = Field(20.0, ge=0, le=90)
+
+    @field_validator("description_include", "description_exclude")
+    @classmethod
+    def _regexes(cls, values: list[str]) -> list[str]:
+        for v in values:
+            re.compile(v)
+        return values
+
+    @model_validator(mode="after")
+    def _range(self) -> SeriesConfig:
+        lo, hi = self.slice_thickness_mm
+        if not 0 < lo <= hi:
+            raise ValueError("slice_thickness_mm must be [min, max] with 0 < min <= max")
+        return self
+
+
+class DestinationTLS(_Section):
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificate: Path
+
+
+class DestinationConfig(_Section):
+    name: str = ""
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: DestinationTLS | None = None
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class PriorityBand(_Section):
+    name: str
+    min_score: float
+
+
+class TriageConfig(_Section):
+    # None = the operating threshold calibrated into the checkpoint (see the model card).
+    threshold: float | None = None
+    lambda_: float = Field(0.5, ge=0, le=1, alias="lambda")
+    mode: Literal["active", "shadow"] = "active"
+    aggregate: Literal["max", "topk_mean"] = "max"
+    top_k: int = Field(3, ge=1)
+    priority_bands: list[PriorityBand] = Field(
+        default_factory=lambda: [
+            PriorityBand(name="urgent", min_score=1.0),
+            PriorityBand(name="high", min_score=0.5),
+        ]
+    )
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ModelConfig(_Section):
+    # Empty = the bundled demo checkpoint in model/weights/.
+    weights: Path | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(32, ge=1)
+
+
+class WorkerConfig(_Section):
+    count: int = Field(1, ge=0, le=64)
+    lease_s: float = Field(300.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    poll_interval_s: float = Field(1.0, gt=0)
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class AgentConfig(_Section):
+    node: NodeConfig = NodeConfig()
+    security: SecurityConfig = SecurityConfig()
+    storage: StorageConfig = StorageConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    series: SeriesConfig = SeriesConfig()
+    destinations: list[DestinationConfig] = Field(default_factory=list)
+    triage: TriageConfig = TriageConfig()
+    model: ModelConfig = ModelConfig()
+    worker: WorkerConfig = WorkerConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    # Relative paths in the file are resolved against the file's folder, so the agent behaves the
+    # same whatever directory systemd or a shell starts it from.
+    def resolved(self, base: Path) -> AgentConfig:
+        def fix(p: Path) -> Path:
+            return p if p.is_absolute() else (base / p)
+
+        storage = self.storage.model_copy(update={"root": fix(self.storage.root)})
+        db_url = self.database.url
+        prefix = "sqlite:///"
+        if db_url.startswith(prefix) and not db_url.startswith(prefix + "/"):
+            rest = db_url[len(prefix) :]
+            if rest and rest != ":memory:":
+                db_url = prefix + str(fix(Path(rest)))
+        model = self.model
+        if model.weights is not None:
+            model = model.model_copy(update={"weights": fix(model.weights)})
+        return self.model_copy(
+            update={
+                "storage": storage,
+                "database": self.database.model_copy(update={"url": db_url}),
+                "model": model,
+            }
+        )
+
+
+def format_errors(err: ValidationError) -> list[str]:
+    """One line per problem: the dotted key, what is wrong, and the value given."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown setting (check the spelling against the documented agent.toml)"
+        given = e.get("input")
+        suffix = f" (given: {given!r})" if given is not None and not isinstance(given, dict) else ""
+        lines.append(f"{key}: {msg}{suffix}")
+    return lines
+
+
+def load_config(path: Path | str = DEFAULT_CONFIG_PATH) -> AgentConfig:
+    """Load and validate ``agent.toml``; raise ConfigError naming every bad key."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: configuration file not found (pass --config PATH)")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e}") from e
+    try:
+        cfg = AgentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(
+            f"{path}: {len(e.errors())} problem(s):\n" + "\n".join("  " + s for s in format_errors(e))
+        ) from e
+    return cfg.resolved(path.resolve().parent)
