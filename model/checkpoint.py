@@ -1,0 +1,293 @@
+"""Self-describing checkpoints and the ``Detector`` that the node runs.
+
+A checkpoint is a ``torch.save``d dict of tensors and plain values (loadable with
+``weights_only=True``): format tag, method, network config, state dict, scoring config,
+normalisation statistics measured on normal validation slices, calibrated operating thresholds,
+the 5 %-voxel-FPR pixel threshold, a training-data summary and the code version. The weights hash
+is the SHA-256 of the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model import pretext
+from model.network import MultitaskVAE, NetConfig
+from model.scoring import (
+    NormStats,
+    ScoringConfig,
+    combine,
+    geo_error,
+    masked_stat,
+    residual_map,
+    smooth,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT = "triage-detector/1"
+MODEL_VERSION = "0.1.0"
+DEFAULT_WEIGHTS_NAME = "detector.pt"
+
+# Which terms each method's score uses.
+METHODS: dict[str, dict[str, bool]] = {
+    "multitask": {"geo": True, "rec": True},
+    "geometry_only": {"geo": True, "rec": False},
+    "vae": {"geo": False, "rec": True},
+    "cevae": {"geo": False, "rec": True},
+    "vae_pretrained": {"geo": False, "rec": True},
+    "hu_threshold": {"geo": False, "rec": True},
+}
+DISPLAY_NAMES = {
+    "multitask": "Multitask VAE + geometric head (seed)",
+    "geometry_only": "Geometric head only (ablation)",
+    "vae": "VAE (Zimmerer 2019)",
+    "cevae": "ceVAE (Zimmerer 2019)",
+    "vae_pretrained": "VAE + context-restoration pretraining",
+    "hu_threshold": "HU threshold",
+}
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint file is missing, unreadable or not a detector checkpoint."""
+
+
+def default_weights_path() -> Path:
+    return Path(__file__).resolve().parent / "weights" / DEFAULT_WEIGHTS_NAME
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CheckpointError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+@dataclass
+class SliceScores:
+    score: np.ndarray  # (N,) combined, normalised slice score
+    s_g: np.ndarray  # (N,) normalised geometric score (0 where the method has none)
+    s_r: np.ndarray  # (N,) normalised reconstruction score (0 where the method has none)
+    heatmap: np.ndarray  # (N,S,S) float32: smoothed residual inside the brain mask
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Detector:
+    """A loaded detector: ``score(x, brain)`` -> per-slice scores and heat maps."""
+
+    def __init__(self, ckpt: dict[str, Any], device: str | torch.device = "auto",
+                 weights_sha256: str = "") -> None:
+        if ckpt.get("format") != FORMAT:
+            raise CheckpointError(f"not a detector checkpoint (format {ckpt.get('format')!r})")
+        self.ckpt = ckpt
+        self.method: str = ckpt["method"]
+        if self.method not in METHODS:
+            raise CheckpointError(f"unknown method {self.method!r} in checkpoint")
+        self.uses = METHODS[self.method]
+        self.name: str = ckpt.get("name") or f"ssl-ood-{self.method}"
+        self.version: str = str(ckpt.get("version", MODEL_VERSION))
+        self.weights_sha256 = weights_sha256
+        self.scoring = ScoringConfig.from_dict(ckpt.get("scoring"))
+        self.norm = NormStats.from_dict(ckpt.get("norm"))
+        self.thresholds: dict[str, float] = {k: float(v) for k, v in
+                                             (ckpt.get("thresholds") or {}).items()}
+        self.threshold: float = float(self.thresholds.get("max", ckpt.get("threshold", 3.0)))
+        self.pixel_threshold: float | None = ckpt.get("pixel_threshold")
+        self.input_size: int = int(ckpt.get("input_size", 128))
+        self.hu: dict[str, float] = dict(ckpt.get("hu") or {})
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.net: MultitaskVAE | None = None
+        if self.method != "hu_threshold":
+            cfg = NetConfig.from_dict(ckpt["net_config"])
+            self.input_size = cfg.input_size
+            net = MultitaskVAE(cfg)
+            try:
+                net.load_state_dict(ckpt["state_dict"])
+            except (RuntimeError, KeyError) as e:
+                raise CheckpointError(f"checkpoint weights do not fit the network: {e}") from e
+            self.net = net.to(self.device).eval()
+
+    def __repr__(self) -> str:
+        return (f"Detector({self.name} v{self.version}, method={self.method}, "
+                f"threshold={self.threshold:.3f}, sha256={self.weights_sha256[:12]})")
+
+    def threshold_for(self, aggregate: str = "max") -> float:
+        return float(self.thresholds.get(aggregate, self.threshold))
+
+    # ------------------------------------------------------------------------------ raw scores
+
+    @torch.inference_mode()
+    def raw_scores(self, x: np.ndarray, brain: np.ndarray, batch_size: int = 32
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Un-normalised (s_g, s_r, heatmap) for (N,S,S) inputs."""
+        x = np.asarray(x, dtype=np.float32)
+        brain = np.asarray(brain, dtype=bool)
+        if x.ndim != 3 or x.shape != brain.shape:
+            raise ValueError(f"x and brain must both be (N,S,S); got {x.shape} and {brain.shape}")
+        n = x.shape[0]
+        if n and x.shape[1:] != (self.input_size, self.input_size):
+            raise ValueError(f"this detector expects {self.input_size}x{self.input_size} slices, "
+                             f"got {x.shape[1]}x{x.shape[2]}")
+        g_all = np.zeros(n, np.float32)
+        r_all = np.zeros(n, np.float32)
+        heat = np.zeros(x.shape, np.float32)
+        for s in range(0, n, batch_size):
+            xb = torch.from_numpy(x[s:s + batch_size]).to(self.device)
+            mb = torch.from_numpy(brain[s:s + batch_size]).to(self.device)
+            g, r, h = self._batch(xb, mb)
+            g_all[s:s + len(xb)] = g.float().cpu().numpy()
+            r_all[s:s + len(xb)] = r.float().cpu().numpy()
+            heat[s:s + len(xb)] = h.float().cpu().numpy()
+        return g_all, r_all, heat
+
+    def _batch(self, xb: torch.Tensor, mb: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b = xb.shape[0]
+        zeros = xb.new_zeros(b)
+        if self.method == "hu_threshold":
+            hi, top = float(self.hu["hi"]), float(self.hu.get("top", 2.0))
+            m = ((xb > hi) & (xb < top) & mb).float()
+            heat = smooth(m, self.scoring.smooth_sigma) * mb
+            return zeros, masked_stat(heat, mb, self.scoring), heat
+        assert self.net is not None
+        x1 = xb.unsqueeze(1)
+        out = self.net(x1, sample=False, decode=self.uses["rec"])
+        if self.uses["rec"]:
+            heat = residual_map(x1, out.recon, mb, self.scoring)
+            r = masked_stat(heat, mb, self.scoring)
+        else:
+            heat, r = torch.zeros_like(xb), zeros
+        g = zeros
+        if self.uses["geo"]:
+            views, labels = pretext.all_transforms(x1)
+            logits = self.net(views, sample=False, decode=False).geo_logits
+            assert logits is not None
+            g = geo_error(logits, labels.to(logits.device), pretext.N_TRANSFORMS,
+                          self.scoring.geo_error)
+        return g, r, heat
+
+    # ------------------------------------------------------------------------------ public API
+
+    def normalise(self, g_raw: np.ndarray, r_raw: np.ndarray, lambda_: float
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        s_g = ((g_raw - self.norm.g_mean) / self.norm.g_std).astype(np.float32) \
+            if self.uses["geo"] else np.zeros_like(g_raw)
+        s_r = ((r_raw - self.norm.r_mean) / self.norm.r_std).astype(np.float32) \
+            if self.uses["rec"] else np.zeros_like(r_raw)
+        if self.uses["geo"] and self.uses["rec"]:
+            score = combine(s_g, s_r, lambda_)
+        else:
+            score = s_g if self.uses["geo"] else s_r
+        return np.asarray(score, np.float32), s_g, s_r
+
+    def score(self, x: np.ndarray, brain: np.ndarray, lambda_: float = 0.5,
+              batch_size: int = 32) -> SliceScores:
+        """Score (N,S,S) brain-window slices in [0,1] with their brain masks.
+
+        Methods with a single term ignore ``lambda_`` (score = that term).
+        """
+        if not 0.0 <= lambda_ <= 1.0:
+            raise ValueError(f"lambda must be in [0, 1], got {lambda_}")
+        g_raw, r_raw, heat = self.raw_scores(x, brain, batch_size)
+        score, s_g, s_r = self.normalise(g_raw, r_raw, lambda_)
+        return SliceScores(score=score, s_g=s_g, s_r=s_r, heatmap=heat)
+
+
+# ---------------------------------------------------------------------------------- save / load
+
+
+def make_checkpoint(
+    method: str,
+    *,
+    net: MultitaskVAE | None = None,
+    scoring: ScoringConfig | None = None,
+    norm: NormStats | None = None,
+    thresholds: dict[str, float] | None = None,
+    pixel_threshold: float | None = None,
+    input_size: int = 128,
+    hu: dict[str, float] | None = None,
+    training: dict[str, Any] | None = None,
+    name: str | None = None,
+) -> dict[str, Any]:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+    ck: dict[str, Any] = {
+        "format": FORMAT,
+        "name": name or f"ssl-ood-{method}",
+        "method": method,
+        "display_name": DISPLAY_NAMES[method],
+        "version": MODEL_VERSION,
+        "input_size": int(net.cfg.input_size if net is not None else input_size),
+        "scoring": (scoring or ScoringConfig()).to_dict(),
+        "norm": (norm or NormStats()).to_dict(),
+        "thresholds": {k: float(v) for k, v in (thresholds or {}).items()},
+        "pixel_threshold": None if pixel_threshold is None else float(pixel_threshold),
+        "hu": dict(hu or {}),
+        "training": training or {},
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if net is not None:
+        ck["net_config"] = net.cfg.to_dict()
+        ck["state_dict"] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    return ck
+
+
+def save_checkpoint(ckpt: dict[str, Any], path: Path | str) -> str:
+    """Atomically write a checkpoint; returns its SHA-256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    data = buf.getvalue()
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return sha256_bytes(data)
+
+
+def read_checkpoint(path: Path | str) -> tuple[dict[str, Any], str]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"detector weights not found: {path}")
+    data = path.read_bytes()
+    try:
+        ck = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise CheckpointError(f"cannot read detector weights {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a detector checkpoint (expected format {FORMAT})")
+    return ck, sha256_bytes(data)
+
+
+def load_detector(path: Path | str | None = None, device: str = "auto") -> Detector:
+    """Load a detector checkpoint (default: the bundled weights); clear error if missing/corrupt."""
+    p = Path(path) if path is not None else default_weights_path()
+    ck, digest = read_checkpoint(p)
+    det = Detector(ck, device=device, weights_sha256=digest)
+    log.info("loaded %r from %s", det, p)
+    return det

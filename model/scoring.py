@@ -1,0 +1,163 @@
+"""Anomaly scores: pure functions from network outputs to slice, series and pixel scores.
+
+Slice score (seed paper): ``score = (1 - lambda) * s_g + lambda * s_r`` where
+
+* ``s_g`` is the geometric head's error at predicting the applied transform, averaged over all 20
+  test-time transforms (``1 - p(correct class)`` by default, or the cross-entropy);
+* ``s_r`` is the reconstruction error inside the brain mask: the mean of the top ``rec_q`` fraction
+  of the smoothed absolute residual (``rec_stat="topq"``), or its plain mean (``"mean"``).
+
+Both raw values are z-normalised with the mean/std measured on normal validation slices (stored in
+the checkpoint), so that lambda weighs two quantities on the same scale: a normal slice scores
+about 0 and a score of 3 is three normal standard deviations out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    smooth_sigma: float = 1.5  # Gaussian sigma (pixels) applied to the residual map
+    rec_stat: str = "topq"  # "topq" | "mean"
+    rec_q: float = 0.01
+    geo_error: str = "one_minus_p"  # "one_minus_p" | "ce"
+    residual: str = "abs"  # "abs" | "squared"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> ScoringConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (d or {}).items() if k in known})
+
+
+@dataclass(frozen=True)
+class NormStats:
+    """Mean/std of the raw s_g and s_r on normal validation slices."""
+
+    g_mean: float = 0.0
+    g_std: float = 1.0
+    r_mean: float = 0.0
+    r_std: float = 1.0
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> NormStats:
+        return cls(**{k: float(v) for k, v in (d or {}).items() if k in cls.__dataclass_fields__})
+
+    @classmethod
+    def fit(cls, g_raw: np.ndarray, r_raw: np.ndarray) -> NormStats:
+        def ms(a: np.ndarray) -> tuple[float, float]:
+            a = np.asarray(a, dtype=np.float64)
+            if a.size == 0:
+                return 0.0, 1.0
+            sd = float(a.std())
+            return float(a.mean()), (sd if sd > 1e-12 else 1.0)
+
+        gm, gs = ms(g_raw)
+        rm, rs = ms(r_raw)
+        return cls(gm, gs, rm, rs)
+
+
+def normalise(raw: np.ndarray | torch.Tensor, mean: float, std: float) -> Any:
+    return (raw - mean) / (std if std > 0 else 1.0)
+
+
+def combine(s_g: Any, s_r: Any, lambda_: float) -> Any:
+    """``(1 - lambda) * s_g + lambda * s_r`` (arrays, tensors or floats)."""
+    if not 0.0 <= lambda_ <= 1.0:
+        raise ValueError(f"lambda must be in [0, 1], got {lambda_}")
+    return (1.0 - lambda_) * s_g + lambda_ * s_r
+
+
+def aggregate(slice_scores: Sequence[float] | np.ndarray, how: str = "max", k: int = 3) -> float:
+    """Series score from slice scores: the max, or the mean of the top ``k``."""
+    a = np.asarray(slice_scores, dtype=np.float64).ravel()
+    if a.size == 0:
+        raise ValueError("cannot aggregate an empty list of slice scores")
+    if how == "max":
+        return float(a.max())
+    if how in ("topk_mean", "top3_mean", "topk"):
+        k = max(1, min(int(k), a.size))
+        return float(np.sort(a)[-k:].mean())
+    raise ValueError(f"unknown aggregate {how!r} (use 'max' or 'topk_mean')")
+
+
+# ------------------------------------------------------------------------------------ torch helpers
+
+
+def gaussian_kernel(sigma: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    radius = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+def smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B,S,S) or (B,1,S,S) maps; sigma <= 0 returns the input."""
+    if sigma <= 0:
+        return maps
+    squeeze = maps.dim() == 3
+    m = maps.unsqueeze(1) if squeeze else maps
+    k = gaussian_kernel(sigma, m.device)
+    r = k.numel() // 2
+    m = F.conv2d(F.pad(m, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    m = F.conv2d(F.pad(m, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+    return m[:, 0] if squeeze else m
+
+
+def residual_map(x: torch.Tensor, recon: torch.Tensor, brain: torch.Tensor,
+                 cfg: ScoringConfig) -> torch.Tensor:
+    """Smoothed residual inside the brain mask: (B,S,S) float32, zero outside the brain."""
+    x = x[:, 0] if x.dim() == 4 else x
+    recon = recon[:, 0] if recon.dim() == 4 else recon
+    err = (x - recon).abs() if cfg.residual == "abs" else (x - recon) ** 2
+    m = brain.to(err.dtype)
+    err = smooth(err * m, cfg.smooth_sigma)
+    return err * m
+
+
+def masked_stat(maps: torch.Tensor, brain: torch.Tensor, cfg: ScoringConfig) -> torch.Tensor:
+    """Per-slice statistic of a (B,S,S) map over the brain mask -> (B,)."""
+    b = maps.shape[0]
+    flat = maps.reshape(b, -1)
+    mask = brain.reshape(b, -1)
+    n = mask.sum(1).clamp(min=1)
+    if cfg.rec_stat == "mean":
+        return (flat * mask).sum(1) / n
+    if cfg.rec_stat == "topq":
+        # mean of the top ceil-ish(q * n_brain) pixels of each slice
+        vals = torch.where(mask, flat, torch.zeros_like(flat))
+        kb = (cfg.rec_q * n.to(torch.float32)).round().clamp(min=1).to(torch.long)
+        kmax = int(min(int(kb.max()), flat.shape[1]))
+        kb = kb.clamp(max=kmax)
+        top = vals.topk(kmax, dim=1).values.cumsum(1)
+        return top.gather(1, (kb - 1)[:, None])[:, 0] / kb.to(flat.dtype)
+    raise ValueError(f"unknown rec_stat {cfg.rec_stat!r}")
+
+
+def geo_error(logits: torch.Tensor, labels: torch.Tensor, n_views: int, how: str) -> torch.Tensor:
+    """Transform-prediction error averaged over views.
+
+    ``logits`` (V*B, C) ordered view-major (see ``pretext.all_transforms``), ``labels`` (V*B,).
+    """
+    if how == "ce":
+        err = F.cross_entropy(logits.float(), labels, reduction="none")
+    elif how == "one_minus_p":
+        p = torch.softmax(logits.float(), 1).gather(1, labels[:, None])[:, 0]
+        err = 1.0 - p
+    else:
+        raise ValueError(f"unknown geo_error {how!r}")
+    return err.view(n_views, -1).mean(0)
