@@ -53,6 +53,8 @@ def configure_logging(level: str = "INFO", verbose: bool = False) -> None:
     )
     # pynetdicom logs request identifiers (patient names/IDs) at INFO/DEBUG; keep it at WARNING.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,167 @@
+"""Composition root: builds the engine, storage, receiver, scheduler, workers and model once."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import Engine, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from triage_agent import completion, db
+from triage_agent.config import AgentConfig
+from triage_agent.models import Event, Job, JobState
+from triage_agent.receiver import Receiver
+from triage_agent.storage import Storage
+from triage_agent.worker import Worker, make_worker_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Model:
+    """The loaded detector plus the scorer bound to the [triage] settings."""
+
+    name: str
+    version: str
+    weights_sha256: str
+    detector: Any
+
+    def scorer(self, cfg: AgentConfig) -> Any:
+        from triage_agent.inference import score_series
+
+        t = cfg.triage
+
+        def score(paths: Any) -> Any:
+            return score_series(
+                paths, self.detector, lambda_=t.lambda_, threshold=t.threshold,
+                aggregate=t.aggregate, top_k=t.top_k,
+            )
+
+        return score
+
+
+def load_model(cfg: AgentConfig) -> Model:
+    from model.checkpoint import load_detector
+
+    det = load_detector(cfg.model.weights, device=cfg.model.device)
+    log.info("model %s %s loaded (weights %s)", det.name, det.version, det.weights_sha256[:12])
+    return Model(det.name, det.version, det.weights_sha256, det)
+
+
+def release_dead_local_jobs(sessions: sessionmaker[Session]) -> int:
+    """Re-queue jobs this host's previous (crashed) process held, without waiting for the lease.
+
+    Only jobs whose worker id names this host and a process that no longer exists: another
+    machine's workers share the queue on PostgreSQL and keep their leases.
+    """
+    host = socket.gethostname()
+    n = 0
+    with sessions() as s, s.begin():
+        for job in s.scalars(select(Job).where(Job.state == JobState.RUNNING)).all():
+            wid = job.worker_id or ""
+            parts = wid.split(":")
+            if len(parts) != 3 or parts[0] != host:
+                continue
+            try:
+                pid = int(parts[1])
+                alive = pid != os.getpid() and _pid_alive(pid)
+            except ValueError:
+                alive = False
+            if not alive:
+                s.execute(update(Job).where(Job.id == job.id).values(lease_until=None,
+                                                                     state=JobState.QUEUED))
+                n += 1
+        if n:
+            s.add(Event(kind="jobs_recovered", detail=f"{n} job(s) of a crashed process re-queued"))
+    return n
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class App:
+    cfg: AgentConfig
+    run_receiver: bool = True
+    worker_count: int | None = None
+    engine: Engine = field(init=False)
+    sessions: sessionmaker[Session] = field(init=False)
+    storage: Storage = field(init=False)
+    receiver: Receiver | None = None
+    scheduler: BackgroundScheduler | None = None
+    workers: list[Worker] = field(default_factory=list)
+    threads: list[threading.Thread] = field(default_factory=list)
+    model: Model | None = None
+
+    def __post_init__(self) -> None:
+        db.upgrade(self.cfg.database.url)
+        self.engine = db.make_engine(self.cfg.database.url)
+        db.check_connection(self.engine)
+        self.sessions = db.session_factory(self.engine)
+        self.storage = Storage(self.cfg.storage.root, self.cfg.storage.high_water_percent)
+
+    def start(self) -> None:
+        removed = self.storage.clean_tmp()
+        if removed:
+            log.info("removed %d temp file(s) left by an earlier crash", removed)
+        recovered = release_dead_local_jobs(self.sessions)
+        if recovered:
+            log.info("re-queued %d job(s) of a crashed process", recovered)
+        count = self.cfg.worker.count if self.worker_count is None else self.worker_count
+        if count:
+            self.model = load_model(self.cfg)
+            scorer = self.model.scorer(self.cfg)
+            for i in range(count):
+                w = Worker(self.cfg, self.sessions, self.storage, scorer, self.model,
+                           make_worker_id(i))
+                t = threading.Thread(target=w.run_forever, name=f"worker-{i}", daemon=True)
+                self.workers.append(w)
+                self.threads.append(t)
+                t.start()
+        if self.run_receiver:
+            self.scheduler = BackgroundScheduler(timezone="UTC")
+            self.scheduler.add_job(
+                self._sweep, "interval", seconds=self.cfg.series.sweep_interval_s,
+                id="completion-sweep", max_instances=1, coalesce=True,
+            )
+            self.scheduler.start()
+            self.receiver = Receiver(self.cfg, self.storage, self.sessions)
+            self.receiver.start()
+
+    def _sweep(self) -> None:
+        try:
+            completion.sweep(self.sessions, self.cfg.series)
+        except Exception:
+            log.exception("completion sweep failed; will retry on the next tick")
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Stop taking associations, let in-flight ones finish, stop scheduler and workers."""
+        if self.receiver is not None:
+            self.receiver.stop()
+            deadline = time.monotonic() + grace_s
+            while self.receiver.ae.active_associations and time.monotonic() < deadline:
+                time.sleep(0.1)
+            for assoc in self.receiver.ae.active_associations:
+                assoc.abort()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=True)
+        for w in self.workers:
+            w.stop()
+        for t in self.threads:
+            t.join(timeout=grace_s)
+        self.engine.dispose()
+        log.info("stopped")

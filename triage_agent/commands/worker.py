@@ -1,0 +1,22 @@
+"""``triage-agent worker``: workers only, against the shared database and storage."""
+
+from __future__ import annotations
+
+import argparse
+
+from triage_agent.cli import add_config_argument
+from triage_agent.commands import serve
+from triage_agent.commands._common import config_or_exit
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("worker", help="run queue workers only (scale-out on PostgreSQL)")
+    add_config_argument(p)
+    p.add_argument("--workers", type=int, default=None, help="override [worker] count")
+    p.set_defaults(func=run, port=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.workers is None:
+        args.workers = max(1, config_or_exit(args.config).worker.count)
+    return serve.run(args, receiver=False)

@@ -1,0 +1,218 @@
+"""Queue worker: claims a job, reads the series, runs the detector, commits the result.
+
+The detector is loaded once per process (app.py) and passed in; the worker only knows the
+``Scorer`` callable, so tests and the scale-out command can swap models without globals.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from triage_agent import queue
+from triage_agent.config import AgentConfig
+from triage_agent.ingest import short_id
+from triage_agent.models import (
+    Event,
+    Instance,
+    Job,
+    Result,
+    Series,
+    SeriesState,
+    SliceScore,
+    utcnow,
+)
+from triage_agent.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+class SeriesScore(Protocol):
+    """What a scorer returns (triage_agent.inference.SeriesResult satisfies it)."""
+
+    score: float | None
+    verdict: str
+    threshold: float
+    reason: str | None
+    slices: list[tuple[str | None, float]]
+    timings: dict[str, float]
+
+
+class ModelInfo(Protocol):
+    name: str
+    version: str
+    weights_sha256: str
+
+
+Scorer = Callable[[Sequence[Path]], SeriesScore]
+
+
+class PermanentJobError(Exception):
+    """Retrying cannot help (e.g. the series' files are gone); dead-letter at once."""
+
+
+def make_worker_id(index: int = 0) -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{index}"
+
+
+class Worker:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        sessions: sessionmaker[Session],
+        storage: Storage,
+        scorer: Scorer,
+        model: ModelInfo,
+        worker_id: str,
+    ) -> None:
+        self.cfg = cfg
+        self.sessions = sessions
+        self.storage = storage
+        self.scorer = scorer
+        self.model = model
+        self.worker_id = worker_id
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run_forever(self) -> None:
+        log.info("worker %s started", self.worker_id)
+        while not self._stop.is_set():
+            try:
+                did = self.run_once()
+            except Exception:
+                log.exception("worker %s: unexpected error; backing off", self.worker_id)
+                did = False
+            if not did:
+                self._stop.wait(self.cfg.worker.poll_interval_s)
+        log.info("worker %s stopped", self.worker_id)
+
+    def run_once(self) -> bool:
+        """Claim and process one job; False when the queue had nothing runnable."""
+        wcfg = self.cfg.worker
+        with self.sessions() as s, s.begin():
+            job = queue.claim(s, self.worker_id, wcfg.lease_s, wcfg.max_attempts)
+            if job is None:
+                return False
+            job_id, series_id, generation = job.id, job.series_id, job.generation
+            claimed_at = utcnow()
+            paths, series_uid, last_received, completed = self._series_files(s, series_id)
+        log.info("job %d: scoring series %s (%d files, attempt)", job_id, short_id(series_uid),
+                 len(paths))
+        try:
+            if not paths:
+                raise PermanentJobError("series has no stored image files")
+            missing = [p for p in paths if not p.exists()]
+            if missing:
+                raise PermanentJobError(f"{len(missing)} stored file(s) missing from storage")
+            with _LeaseKeeper(self, job_id):
+                t0 = time.perf_counter()
+                result = self.scorer(paths)
+                infer_s = time.perf_counter() - t0
+        except PermanentJobError as e:
+            self._fail(job_id, str(e), permanent=True)
+            return True
+        except Exception as e:
+            log.warning("job %d failed: %s", job_id, e.__class__.__name__)
+            self._fail(job_id, f"{e.__class__.__name__}: {e}", permanent=False)
+            return True
+
+        timings: dict[str, Any] = {
+            "last_instance_received": _iso(last_received),
+            "series_complete": _iso(completed),
+            "job_claimed": _iso(claimed_at),
+            "inference_done": _iso(utcnow()),
+            "inference_s": round(infer_s, 4),
+            **{k: round(float(v), 4) for k, v in (result.timings or {}).items()},
+        }
+        with self.sessions() as s, s.begin():
+            job = s.get(Job, job_id)
+            if job is None or job.worker_id != self.worker_id or job.state != "running":
+                log.warning("job %d: lease lost before commit; result discarded", job_id)
+                return True
+            row = Result(
+                job_id=job_id,
+                series_id=series_id,
+                score=result.score,
+                verdict=result.verdict,
+                threshold=result.threshold,
+                reason=result.reason,
+                model_name=self.model.name,
+                model_version=self.model.version,
+                weights_sha256=self.model.weights_sha256,
+                timings=timings,
+            )
+            s.add(row)
+            s.flush()
+            s.add_all(
+                SliceScore(result_id=row.id, sop_instance_uid=uid, slice_index=i, score=float(sc))
+                for i, (uid, sc) in enumerate(result.slices)
+            )
+            queue.complete(s, job, SeriesState.SCORED)
+            s.add(Event(kind="series_scored", series_instance_uid=series_uid,
+                        detail=f"job {job_id} generation {generation}: {result.verdict}"
+                        + (f" score {result.score:.3f}" if result.score is not None else "")))
+        log.info("job %d: %s (score %s)", job_id, result.verdict,
+                 "-" if result.score is None else f"{result.score:.3f}")
+        return True
+
+    def _series_files(self, s: Session, series_id: int) -> tuple[list[Path], str, Any, Any]:
+        series = s.get(Series, series_id)
+        assert series is not None
+        rels = s.scalars(
+            select(Instance.path).where(Instance.series_id == series_id, Instance.path.is_not(None))
+        ).all()
+        paths = [self.storage.abspath(r) for r in rels if r]
+        return paths, series.series_instance_uid, series.last_received_at, series.completed_at
+
+    def _fail(self, job_id: int, error: str, *, permanent: bool) -> None:
+        with self.sessions() as s, s.begin():
+            job = s.get(Job, job_id)
+            if job is None or job.worker_id != self.worker_id:
+                return
+            queue.fail(s, job, error, permanent=permanent, max_attempts=self.cfg.worker.max_attempts)
+            series_uid = s.scalar(select(Series.series_instance_uid).where(Series.id == job.series_id))
+            s.add(Event(kind="job_failed", series_instance_uid=series_uid,
+                        detail=f"job {job_id} attempt {job.attempts}: {error}"[:2000],
+                        flagged=job.state == "failed"))
+
+
+class _LeaseKeeper:
+    """Renews the job's lease in the background while a long inference runs."""
+
+    def __init__(self, worker: Worker, job_id: int) -> None:
+        self.worker, self.job_id = worker, job_id
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        lease_s = self.worker.cfg.worker.lease_s
+        while not self._done.wait(lease_s / 3):
+            try:
+                with self.worker.sessions() as s, s.begin():
+                    queue.renew(s, self.job_id, self.worker.worker_id, lease_s)
+            except Exception:
+                log.warning("job %d: could not renew lease", self.job_id)
+
+
+def _iso(t: Any) -> str | None:
+    return t.isoformat() + "Z" if t is not None else None
+
