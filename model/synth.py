@@ -1,0 +1,949 @@
+"""Synthetic non-contrast head CT volumes with voxel-exact lesion masks.
+
+Why this exists: no real patient data may be downloaded here, yet the detector, the pipeline and
+the demo all need head CTs whose ground truth is known. We build them from the MNI152 2009a
+grey/white-matter and T1 maps that ship inside nilearn (1 mm, no download), turn tissue fractions
+into Hounsfield units, add skull, scalp and normal variants, optionally insert one lesion, and
+resample through a random head pose, head shape and smooth elastic deformation onto a scanner
+grid with a realistic slice thickness, pixel spacing, partial-volume blur and quantum noise.
+
+Normal variation is deliberately rich (ventricle and sulcal size, calcified choroid plexus and
+pineal, falx, tissue HU, noise, slice thickness, field of view): a detector that flags every
+calcification or every big ventricle is useless, so those must occur in normals too.
+
+Geometry conventions (match a DICOM axial head CT with identity orientation, LPS):
+arrays are ``(Z, Y, X)``; Z runs inferior -> superior, Y (rows) anterior -> posterior, X (columns)
+patient right -> left. The internal template uses the same axis order at 1 mm.
+
+This module is pure numpy/scipy/nibabel: it must not import pydicom, SQLAlchemy or the service.
+It is for development and demo only; a site trains on its own normal studies.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+log = logging.getLogger(__name__)
+
+LESION_FAMILIES: tuple[str, ...] = (
+    "atrophy",
+    "intraparenchymal_haemorrhage",
+    "subdural_haematoma",
+    "epidural_haematoma",
+    "subarachnoid_haemorrhage",
+    "intraventricular_haemorrhage",
+    "territorial_ischaemia",
+    "lacunar_ischaemia",
+    "tumour",
+    "cavernoma",
+    "aneurysm",
+)
+
+#: Probability that ``make_case`` draws a subtle presentation when ``subtle`` is None.
+SUBTLE_PROBABILITY = 0.3
+
+_PAD_MM = 26  # room around the brain for CSF space, skull and scalp in the template
+_VERSION = 1
+
+
+@dataclass
+class SynthCase:
+    """One synthetic head CT: HU volume, lesion mask and the truth about how it was made."""
+
+    hu: np.ndarray  # (Z, Y, X) float32 Hounsfield units
+    spacing_mm: tuple[float, float, float]  # (z, y, x)
+    lesion_mask: np.ndarray  # (Z, Y, X) bool, all False for normals
+    label: str  # "normal" or one of LESION_FAMILIES
+    subtle: bool
+    seed: int
+    meta: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Template (loaded once per process)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Template:
+    """Static anatomy at 1 mm in (Z, Y, X) LPS order, cropped to the head with padding."""
+
+    gm: np.ndarray  # float32 grey-matter fraction
+    wm: np.ndarray  # float32 white-matter fraction
+    icv: np.ndarray  # bool intracranial space (brain + thin CSF layer)
+    vent: np.ndarray  # bool lateral/third/fourth ventricles
+    vent_sd: np.ndarray  # float32 signed distance to ventricle surface (mm, <0 inside)
+    sulc: np.ndarray  # float32 smoothed non-ventricular CSF fraction (sulcal opening potential)
+    depth: np.ndarray  # float32 distance inside the ICV from its surface (mm)
+    d_skull: np.ndarray  # float32 distance outside the closed cranial cavity (mm)
+    base: np.ndarray  # bool skull-base bone filling gaps of the cranial cavity
+    centre: np.ndarray  # (3,) float64 index of the head centre (z, y, x)
+    mni_origin: np.ndarray  # (3,) index of MNI (0,0,0) in this array (z, y, x)
+
+
+def _mni_dir() -> Path:
+    import nilearn  # local import: nilearn is heavy and only its data files are needed
+
+    return Path(nilearn.__file__).parent / "datasets" / "data"
+
+
+def _load_mni(kind: str) -> np.ndarray:
+    import nibabel as nib
+
+    path = _mni_dir() / f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz"
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj, dtype=np.float32) / 255.0
+    # nibabel gives (x, y, z) in RAS; we want (z, y, x) with y anterior->posterior and
+    # x right->left (LPS), i.e. flip both in-plane axes.
+    return np.ascontiguousarray(data.transpose(2, 1, 0)[:, ::-1, ::-1])
+
+
+def _edt(mask: np.ndarray) -> np.ndarray:
+    return ndi.distance_transform_edt(mask).astype(np.float32)
+
+
+@lru_cache(maxsize=1)
+def _template() -> _Template:
+    """Load and derive the static anatomy; takes a few seconds once per process."""
+    t1 = _load_mni("t1")
+    gm = _load_mni("gm")
+    wm = _load_mni("wm")
+    brain = (t1 > 0.02) | (gm + wm > 0.1)
+    # crop to the brain bounding box plus padding for skull and scalp
+    idx = np.argwhere(brain)
+    lo = idx.min(0) - _PAD_MM
+    hi = idx.max(0) + _PAD_MM + 1
+    shape = hi - lo
+    pad_lo = np.maximum(-lo, 0)
+    src_lo = np.maximum(lo, 0)
+    src_hi = np.minimum(hi, brain.shape)
+
+    def crop(a: np.ndarray, fill: float | bool = 0) -> np.ndarray:
+        out = np.full(tuple(shape), fill, dtype=a.dtype)
+        sl_src = tuple(slice(a_, b_) for a_, b_ in zip(src_lo, src_hi, strict=True))
+        sl_dst = tuple(
+            slice(p, p + (b_ - a_)) for p, a_, b_ in zip(pad_lo, src_lo, src_hi, strict=True)
+        )
+        out[sl_dst] = a[sl_src]
+        return out
+
+    brain = crop(brain, False)
+    gm = crop(gm)
+    wm = crop(wm)
+    s = gm + wm
+    over = s > 1.0
+    gm[over] /= s[over]
+    wm[over] /= s[over]
+    gm[~brain] = 0
+    wm[~brain] = 0
+    # the brainstem continues below the MNI field of view: extend the lowest slices a little so
+    # the foramen magnum region is not cut flat
+    csf_in_brain = np.clip(1.0 - gm - wm, 0.0, 1.0) * brain
+
+    # intracranial volume: brain + thin subarachnoid CSF
+    d_out_brain = _edt(~brain)
+    icv = d_out_brain <= 1.5
+    depth = _edt(icv)
+
+    # ventricles: deep, central CSF
+    vent_c = (csf_in_brain > 0.55) & (depth > 10)
+    xx = np.arange(brain.shape[2])[None, None, :]
+    # MNI (0,0,0) is voxel (72, 134, 98) in RAS (z, y, x); after the in-plane flips it is
+    # (72, 232 - 134, 196 - 98), then shifted by the crop.
+    mni_origin = np.array([72 - lo[0], (232 - 134) - lo[1], (196 - 98) - lo[2]], dtype=float)
+    vent_c &= np.abs(xx - mni_origin[2]) < 32
+    lab, n = ndi.label(vent_c)
+    if n:
+        sizes = ndi.sum(vent_c, lab, index=np.arange(1, n + 1))
+        keep = np.flatnonzero(sizes >= 150) + 1
+        vent = np.isin(lab, keep)
+    else:  # pragma: no cover - the MNI template always has ventricles
+        vent = vent_c
+    vent = ndi.binary_closing(vent, iterations=1) & brain
+    vent_sd = _edt(~vent) - _edt(vent)
+
+    sulc_src = csf_in_brain * (~vent)
+    sulc = ndi.gaussian_filter(sulc_src, 1.0).astype(np.float32)
+
+    # closed cranial cavity: fills the gaps between temporal lobes, brainstem and cerebellum at
+    # the skull base with bone (petrous ridges, clivus, sphenoid), like a real skull base
+    r = 9.0
+    dil = _edt(~icv) <= r
+    closed = _edt(dil) > r
+    closed |= icv
+    closed = ndi.binary_fill_holes(closed)
+    base = closed & ~icv
+    d_skull = _edt(~closed)
+
+    centre = np.array(np.argwhere(icv).mean(0), dtype=float)
+    log.debug("synth template ready: shape %s", brain.shape)
+    return _Template(
+        gm=gm,
+        wm=wm,
+        icv=icv,
+        vent=vent,
+        vent_sd=vent_sd.astype(np.float32),
+        sulc=sulc,
+        depth=depth,
+        d_skull=d_skull,
+        base=base,
+        centre=centre,
+        mni_origin=mni_origin,
+    )
+
+
+def _mni_to_index(tpl: _Template, x: float, y: float, z: float) -> np.ndarray:
+    """MNI (RAS mm) -> template (z, y, x) float index."""
+    return np.array([tpl.mni_origin[0] + z, tpl.mni_origin[1] - y, tpl.mni_origin[2] - x])
+
+
+# --------------------------------------------------------------------------------------------
+# Per-case anatomy
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Anatomy:
+    """Per-case tissue fields in template space, modified by normal variation and lesions."""
+
+    gm: np.ndarray
+    wm: np.ndarray
+    csf_extra: np.ndarray  # extra CSF (ventricle growth, sulcal opening), float32 [0,1]
+    overlays: list[tuple[tuple[slice, ...], np.ndarray, np.ndarray | float]] = field(
+        default_factory=list
+    )  # (box, alpha, hu) blended over the brain after composition
+    lesion: np.ndarray | None = None  # float32 fraction in template space
+    params: dict = field(default_factory=dict)
+
+
+def _box(centre: np.ndarray, half: np.ndarray | float, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    half = np.broadcast_to(np.asarray(half, dtype=float), (3,))
+    lo = np.maximum(np.floor(centre - half).astype(int), 0)
+    hi = np.minimum(np.ceil(centre + half).astype(int) + 1, shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+
+
+def _box_coords(box: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    z = np.arange(box[0].start, box[0].stop, dtype=np.float32)[:, None, None]
+    y = np.arange(box[1].start, box[1].stop, dtype=np.float32)[None, :, None]
+    x = np.arange(box[2].start, box[2].stop, dtype=np.float32)[None, None, :]
+    return z, y, x
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    """Zero-mean, unit-std smooth random field (for lobulated lesion borders, textures)."""
+    n = rng.standard_normal(shape).astype(np.float32)
+    n = ndi.gaussian_filter(n, sigma)
+    return n / max(float(n.std()), 1e-6)
+
+
+def _blob(
+    rng: np.random.Generator,
+    box: tuple[slice, ...],
+    centre: np.ndarray,
+    radii: np.ndarray,
+    irregularity: float = 0.25,
+    edge: float = 1.0,
+) -> np.ndarray:
+    """Soft ellipsoid with a lobulated border, as an alpha map over ``box``."""
+    z, y, x = _box_coords(box)
+    r = np.sqrt(
+        ((z - centre[0]) / radii[0]) ** 2
+        + ((y - centre[1]) / radii[1]) ** 2
+        + ((x - centre[2]) / radii[2]) ** 2
+    )
+    shape = tuple(s.stop - s.start for s in box)
+    if irregularity > 0:
+        r = r * (1.0 + irregularity * _smooth_noise(rng, shape, max(2.0, float(radii.min()) / 2)))
+    mean_r = float(np.mean(radii))
+    return np.clip((1.0 - r) * mean_r / edge + 0.5, 0.0, 1.0).astype(np.float32)
+
+
+def _push(anat: _Anatomy, tpl: _Template, centre: np.ndarray, radius: float, amp: float) -> None:
+    """Mass effect: push the brain radially away from ``centre`` (amp mm at the lesion).
+
+    The displacement fades with distance and towards the inner table, so the skull stays put
+    and the brain next to it is compressed (sulcal effacement, midline shift for big masses).
+    """
+    if amp <= 0:
+        return
+    box = _box(centre, radius * 3.0, tpl.gm.shape)
+    z, y, x = _box_coords(box)
+    dz, dy, dx = z - centre[0], y - centre[1], x - centre[2]
+    r = np.sqrt(dz * dz + dy * dy + dx * dx) + 1e-3
+    mag = amp * np.exp(-((r / (1.6 * radius)) ** 2)) * np.minimum(1.0, r / radius)
+    taper = np.clip(tpl.depth[box] / 6.0, 0.0, 1.0)
+    mag = mag * taper
+    shape = tuple(s.stop - s.start for s in box)
+    coords = np.stack(
+        [
+            np.broadcast_to(z - box[0].start - mag * dz / r, shape),
+            np.broadcast_to(y - box[1].start - mag * dy / r, shape),
+            np.broadcast_to(x - box[2].start - mag * dx / r, shape),
+        ]
+    )
+    for name in ("gm", "wm", "csf_extra"):
+        arr = getattr(anat, name)
+        arr[box] = ndi.map_coordinates(arr[box], coords, order=1, mode="nearest")
+
+
+def _sample_point(
+    rng: np.random.Generator, tpl: _Template, cond: np.ndarray, side: int | None = None
+) -> np.ndarray:
+    """Random template index where ``cond`` holds (optionally on one side: +1 left, -1 right)."""
+    if side is not None:
+        x = np.arange(cond.shape[2])[None, None, :]
+        cond = cond & ((x - tpl.mni_origin[2]) * side > 3)
+    idx = np.flatnonzero(cond)
+    if idx.size == 0:
+        raise RuntimeError("no candidate location for lesion")
+    return np.array(np.unravel_index(idx[rng.integers(idx.size)], cond.shape), dtype=float)
+
+
+# --------------------------------------------------------------------------------------------
+# Lesions (each adds overlays / modifies tissue and sets anat.lesion)
+# --------------------------------------------------------------------------------------------
+
+
+def _add_lesion_alpha(anat: _Anatomy, box: tuple[slice, ...], alpha: np.ndarray) -> None:
+    if anat.lesion is None:
+        anat.lesion = np.zeros(anat.gm.shape, dtype=np.float32)
+    np.maximum(anat.lesion[box], alpha, out=anat.lesion[box])
+
+
+def _lesion_atrophy(anat: _Anatomy, tpl: _Template, rng: np.random.Generator, subtle: bool) -> None:
+    grow = rng.uniform(2.5, 3.5) if subtle else rng.uniform(4.5, 8.0)
+    sulc = rng.uniform(0.12, 0.16) if subtle else rng.uniform(0.18, 0.28)
+    before = anat.csf_extra.copy()
+    _apply_csf_variation(
+        anat, tpl, anat.params["vent_grow"] + grow, anat.params["sulc_open"] + sulc
+    )
+    gained = anat.csf_extra - before
+    anat.lesion = np.clip((gained - 0.2) / 0.3, 0, 1).astype(np.float32)
+    anat.params.update(lesion_vent_grow_mm=grow, lesion_sulc_open=sulc)
+
+
+def _lesion_iph(anat: _Anatomy, tpl: _Template, rng: np.random.Generator, subtle: bool) -> None:
+    deep = rng.random() < 0.6
+    if deep:  # basal ganglia / thalamus: hypertensive bleed
+        cond = (tpl.gm > 0.5) & (tpl.depth > 28)
+    else:  # lobar
+        cond = (tpl.wm > 0.6) & (tpl.depth > 10) & (tpl.depth < 22)
+    c = _sample_point(rng, tpl, cond, side=int(rng.choice([-1, 1])))
+    rad = rng.uniform(3.0, 5.0) if subtle else rng.uniform(8.0, 20.0)
+    radii = rad * rng.uniform(0.7, 1.3, 3)
+    hu = rng.uniform(52, 60) if subtle else rng.uniform(60, 85)
+    if not subtle:
+        _push(anat, tpl, c, rad, rad * rng.uniform(0.25, 0.45))
+    box = _box(c, radii.max() * 2.2, tpl.gm.shape)
+    alpha = _blob(rng, box, c, radii, 0.2)
+    oed = _blob(rng, box, c, radii + rng.uniform(2, 5), 0.3) * 0.5
+    anat.overlays.append((box, oed, 15.0))
+    anat.overlays.append((box, alpha, hu))
+    _add_lesion_alpha(anat, box, alpha)
+    anat.params.update(lesion_centre=c.tolist(), lesion_radius_mm=rad, lesion_hu=hu, deep=deep)
+
+
+def _extra_axial(
+    anat: _Anatomy,
+    tpl: _Template,
+    rng: np.random.Generator,
+    *,
+    thickness: float,
+    extent: float,
+    hu: np.ndarray | float,
+    lens: bool,
+) -> np.ndarray:
+    """Collection between inner table and brain: crescent (subdural) or lens (epidural)."""
+    side = int(rng.choice([-1, 1]))
+    # a point on the convexity: ICV surface voxel, lateral, upper two thirds
+    x = np.arange(tpl.icv.shape[2])[None, None, :]
+    z = np.arange(tpl.icv.shape[0])[:, None, None]
+    surf = (tpl.depth > 0) & (tpl.depth < 1.5)
+    zc = tpl.mni_origin[0]
+    cond = surf & ((x - tpl.mni_origin[2]) * side > 45) & (z > zc - 10) & (z < zc + 55)
+    p = _sample_point(rng, tpl, cond)
+    box = _box(p, extent * 1.3 + thickness, tpl.gm.shape)
+    bz, by, bx = _box_coords(box)
+    dist = np.sqrt((bz - p[0]) ** 2 + (by - p[1]) ** 2 + (bx - p[2]) ** 2)
+    u = np.clip(1.0 - (dist / extent) ** 2, 0.0, 1.0)
+    prof = np.sqrt(u) if lens else u**0.35  # lens is convex; crescent is flatter and long
+    thk = thickness * prof
+    d = tpl.depth[box]
+    inside = tpl.icv[box]
+    xs = bx - tpl.mni_origin[2]
+    same_side = (xs * side) > 1.5  # does not cross the midline (falx)
+    alpha = np.clip(thk - d + 0.5, 0.0, 1.0) * inside * same_side * (thk > 0.3)
+    alpha = alpha.astype(np.float32)
+    if not np.any(alpha > 0.5):
+        alpha = (np.clip(thk - d + 1.5, 0.0, 1.0) * inside * same_side).astype(np.float32)
+    _push(anat, tpl, p, extent * 0.5, thickness * 0.6)
+    anat.overlays.append((box, alpha, hu))
+    _add_lesion_alpha(anat, box, alpha)
+    anat.params.update(lesion_centre=p.tolist(), lesion_thickness_mm=thickness, side=side)
+    return alpha
+
+
+def _lesion_sdh(anat: _Anatomy, tpl: _Template, rng: np.random.Generator, subtle: bool) -> None:
+    if subtle:
+        thickness = rng.uniform(3.0, 6.0)
+        hu = rng.uniform(36, 46)  # isodense (subacute) - the classic miss
+    else:
+        thickness = rng.uniform(6.0, 14.0)
+        hu = rng.uniform(58, 80)
+    _extra_axial(anat, tpl, rng, thickness=thickness, extent=rng.uniform(45, 70), hu=hu, lens=False)
+    anat.params["lesion_hu"] = hu
+
+
+def _lesion_edh(anat: _Anatomy, tpl: _Template, rng: np.random.Generator, subtle: bool) -> None:
+    thickness = rng.uniform(4.0, 7.0) if subtle else rng.uniform(9.0, 22.0)
+    hu = rng.uniform(55, 65) if subtle else rng.uniform(62, 88)
+    _extra_axial(anat, tpl, rng, thickness=thickness, extent=rng.uniform(22, 38), hu=hu, lens=True)
+    anat.params["lesion_hu"] = hu
+
+
+def _lesion_sah(anat: _Anatomy, tpl: _Template, rng: np.random.Generator, subtle: bool) -> None:
+    """Blood replacing CSF in sulci/cisterns (aneurysmal: basal; traumatic: convexity)."""
+    basal = (not subtle) and rng.random() < 0.6
+    if basal:
+        c = _mni_to_index(tpl, rng.uniform(-8, 8), rng.uniform(-10, 5), rng.uniform(-18, -8))
+        rad = rng.uniform(25, 35)
+    else:
+        cond = (tpl.depth > 3) & (tpl.depth < 10)
+        c = _sample_point(rng, tpl, cond, side=int(rng.choice([-1, 1])))
+        rad = rng.uniform(8, 14) if subtle else rng.uniform(15, 28)
+    box = _box(c, rad * 1.2, tpl.gm.shape)
+    bz, by, bx = _box_coords(box)
+    w = np.exp(-(((bz - c[0]) ** 2 + (by - c[1]) ** 2 + (bx - c[2]) ** 2) / (2 * (rad / 1.8) ** 2)))
+    csf = np.clip(1.0 - tpl.gm[box] - tpl.wm[box], 0, 1) * tpl.icv[box]
+    csf = np.maximum(csf, anat.csf_extra[box])
+    csf = csf * (tpl.vent_sd[box] > 1.5)  # not in the ventricles
+    alpha = (csf * np.clip(w * 1.6, 0, 1)).astype(np.float32)
+    hu = rng.uniform(48, 58) if subtle else rng.uniform(60, 80)
+    anat.overlays.append((box, alpha, hu))
+    _add_lesion_alpha(anat, box, np.where(alpha > 0.35, alpha, 0).astype(np.float32))
+    anat.params.update(lesion_centre=c.tolist(), basal=basal, lesion_hu=hu)
+
+
+def _lesion_ivh(anat: _Anatomy, tpl: _Template, rng: np.random.Generator, subtle: bool) -> None:
+    """Blood layering in the dependent (posterior, patient supine) parts of the ventricles."""
+    vent = np.clip(0.5 - tpl.vent_sd / 1.0, 0, 1)
+    vent = np.maximum(vent, anat.csf_extra * (tpl.vent_sd < 4))
+    idx = np.argwhere(tpl.vent)
+    lo, hi = idx.min(0), idx.max(0) + 1
+    box = tuple(slice(max(int(a) - 5, 0), int(b) + 5) for a, b in zip(lo, hi, strict=True))
+    v = vent[box]
+    by = np.arange(box[1].start, box[1].stop, dtype=np.float32)[None, :, None]
+    y_lo, y_hi = lo[1], hi[1]
+    # dependent level (fraction of the AP extent from posterior filled)
+    frac = rng.uniform(0.08, 0.14) if subtle else rng.uniform(0.2, 0.55)
+    level = y_hi - frac * (y_hi - y_lo)
+    dep = np.clip((by - level) / 1.5 + 0.5, 0, 1)
+    bx = np.arange(box[2].start, box[2].stop, dtype=np.float32)[None, None, :]
+    if subtle:  # one occipital horn only
+        side = int(rng.choice([-1, 1]))
+        dep = dep * ((bx - tpl.mni_origin[2]) * side > 0)
+    alpha = (v * dep).astype(np.float32)
+    hu = rng.uniform(50, 60) if subtle else rng.uniform(60, 80)
+    anat.overlays.append((box, alpha, hu))
+    _add_lesion_alpha(anat, box, alpha)
+    anat.params.update(lesion_hu=hu, fill_fraction=frac)
+
+
+def _lesion_territorial(
+    anat: _Anatomy, tpl: _Template, rng: np.random.Generator, subtle: bool
+) -> None:
+    """MCA/ACA/PCA territory wedge: cortex + white matter, hypodense, loses grey-white contrast."""
+    side = int(rng.choice([-1, 1]))
+    territory = str(rng.choice(["mca", "mca", "aca", "pca"]))
+    sx = -side  # MNI x is +right, template x index runs right -> left
+    apex = {
+        "mca": (sx * 22.0, 5.0, 2.0),
+        "aca": (sx * 6.0, 15.0, 15.0),
+        "pca": (sx * 12.0, -30.0, 0.0),
+    }[territory]
+    target = {
+        "mca": (sx * 65.0, rng.uniform(-25, 25), rng.uniform(0, 35)),
+        "aca": (sx * 10.0, rng.uniform(0, 40), rng.uniform(40, 65)),
+        "pca": (sx * 25.0, -85.0, rng.uniform(-5, 15)),
+    }[territory]
+    a = _mni_to_index(tpl, *apex)
+    t = _mni_to_index(tpl, *target)
+    axis = (t - a) / np.linalg.norm(t - a)
+    length = float(np.linalg.norm(t - a)) + 15
+    half_angle = math.radians(rng.uniform(12, 20) if subtle else rng.uniform(22, 38))
+    box = _box((a + t) / 2, length * 0.75 + 10, tpl.gm.shape)
+    bz, by, bx = _box_coords(box)
+    vz, vy, vx = bz - a[0], by - a[1], bx - a[2]
+    along = vz * axis[0] + vy * axis[1] + vx * axis[2]
+    dist = np.sqrt(vz * vz + vy * vy + vx * vx) + 1e-3
+    ang = np.arccos(np.clip(along / dist, -1, 1))
+    lobul = 1.0 + 0.15 * _smooth_noise(rng, ang.shape, 4.0)
+    cone = np.clip((half_angle * lobul - ang) / 0.08, 0, 1)
+    start = length * (0.55 if subtle else 0.25)
+    alpha = cone * np.clip((along - start) / 3.0, 0, 1)
+    tissue = tpl.gm[box] + tpl.wm[box]
+    xs = bx - tpl.mni_origin[2]
+    alpha = (alpha * np.clip(tissue * 1.3, 0, 1) * ((xs * side) > 1)).astype(np.float32)
+    if subtle:  # early: loss of grey-white differentiation, ~3-5 HU darker cortex
+        hu = rng.uniform(27, 31)
+    else:
+        hu = rng.uniform(14, 22)
+        _push(anat, tpl, (a + t) / 2, length * 0.3, rng.uniform(1.0, 3.0))
+    anat.overlays.append((box, alpha * 0.9, hu))
+    _add_lesion_alpha(anat, box, np.where(alpha > 0.5, alpha, 0).astype(np.float32))
+    anat.params.update(territory=territory, side=side, lesion_hu=hu)
+
+
+def _lesion_lacune(anat: _Anatomy, tpl: _Template, rng: np.random.Generator, subtle: bool) -> None:
+    n = 1 if subtle else int(rng.integers(1, 4))
+    cond = ((tpl.gm > 0.5) & (tpl.depth > 28)) | ((tpl.wm > 0.8) & (tpl.depth > 18))
+    cond &= tpl.vent_sd > 4
+    for _ in range(n):
+        c = _sample_point(rng, tpl, cond)
+        rad = rng.uniform(1.5, 2.5) if subtle else rng.uniform(2.5, 7.0)
+        radii = rad * rng.uniform(0.8, 1.3, 3)
+        box = _box(c, radii.max() * 2 + 2, tpl.gm.shape)
+        alpha = _blob(rng, box, c, radii, 0.1, edge=0.7)
+        hu = rng.uniform(14, 20) if subtle else rng.uniform(4, 14)
+        anat.overlays.append((box, alpha, hu))
+        _add_lesion_alpha(anat, box, alpha)
+    anat.params.update(n_lacunes=n)
+
+
+def _lesion_tumour(anat: _Anatomy, tpl: _Template, rng: np.random.Generator, subtle: bool) -> None:
+    cond = (tpl.wm > 0.5) & (tpl.depth > 12) & (tpl.vent_sd > 6)
+    c = _sample_point(rng, tpl, cond, side=int(rng.choice([-1, 1])))
+    rad = rng.uniform(5, 8) if subtle else rng.uniform(10, 22)
+    radii = rad * rng.uniform(0.8, 1.2, 3)
+    oedema_r = radii + (rng.uniform(3, 7) if subtle else rng.uniform(10, 25))
+    box = _box(c, oedema_r.max() * 1.6, tpl.gm.shape)
+    if not subtle:
+        _push(anat, tpl, c, rad, rad * rng.uniform(0.4, 0.7))
+    # vasogenic oedema: finger-like, spreads through white matter and spares the cortex
+    oed = _blob(rng, box, c, oedema_r, 0.35, edge=3.0)
+    oed = (oed * np.clip(tpl.wm[box] * 1.5, 0, 1)).astype(np.float32)
+    mass = _blob(rng, box, c, radii, 0.2, edge=1.5)
+    hu_oed = rng.uniform(16, 22)
+    hu_mass = rng.uniform(34, 46)
+    anat.overlays.append((box, oed * 0.95, hu_oed))
+    anat.overlays.append((box, mass, hu_mass))
+    if not subtle and rng.random() < 0.5:  # necrotic core
+        core = _blob(rng, box, c, radii * 0.5, 0.25, edge=1.0)
+        anat.overlays.append((box, core, rng.uniform(12, 22)))
+    if rng.random() < 0.25:  # calcification
+        calc = _blob(rng, box, c + rng.uniform(-rad / 2, rad / 2, 3), np.full(3, 1.5), 0.0, 0.6)
+        anat.overlays.append((box, calc, rng.uniform(150, 300)))
+    _add_lesion_alpha(anat, box, np.maximum(mass, np.where(oed > 0.5, oed, 0)))
+    anat.params.update(lesion_centre=c.tolist(), lesion_radius_mm=rad)
+
+
+def _lesion_cavernoma(
+    anat: _Anatomy, tpl: _Template, rng: np.random.Generator, subtle: bool
+) -> None:
+    cond = ((tpl.wm > 0.5) | (tpl.gm > 0.6)) & (tpl.depth > 8) & (tpl.vent_sd > 4)
+    c = _sample_point(rng, tpl, cond)
+    rad = rng.uniform(2.0, 3.0) if subtle else rng.uniform(4.0, 8.0)
+    radii = rad * rng.uniform(0.8, 1.2, 3)
+    box = _box(c, rad * 2.5 + 2, tpl.gm.shape)
+    alpha = _blob(rng, box, c, radii, 0.35, edge=0.8)  # "popcorn"
+    anat.overlays.append((box, alpha, rng.uniform(52, 62) if subtle else rng.uniform(62, 85)))
+    if not subtle:
+        n = int(rng.integers(1, 4))
+        for _ in range(n):
+            cc = c + rng.uniform(-rad * 0.5, rad * 0.5, 3)
+            calc = _blob(rng, box, cc, np.full(3, rng.uniform(0.8, 1.6)), 0.0, 0.5)
+            anat.overlays.append((box, calc, rng.uniform(120, 300)))
+    _add_lesion_alpha(anat, box, alpha)
+    anat.params.update(lesion_centre=c.tolist(), lesion_radius_mm=rad)
+
+
+def _lesion_aneurysm(
+    anat: _Anatomy, tpl: _Template, rng: np.random.Generator, subtle: bool
+) -> None:
+    """Unruptured saccular aneurysm: round, mildly hyperdense, in the basal cisterns/sylvian."""
+    site = str(rng.choice(["acom", "mca", "pcom", "basilar"]))
+    side = float(rng.choice([-1, 1]))
+    mni = {
+        "acom": (0.0, 12.0, -8.0),
+        "mca": (side * 38.0, 2.0, -8.0),
+        "pcom": (side * 12.0, -2.0, -12.0),
+        "basilar": (0.0, -12.0, -18.0),
+    }[site]
+    c = _mni_to_index(tpl, *(np.array(mni) + rng.uniform(-2, 2, 3)))
+    rad = rng.uniform(2.0, 3.0) if subtle else rng.uniform(4.0, 9.0)
+    box = _box(c, rad * 2 + 3, tpl.gm.shape)
+    alpha = _blob(rng, box, c, np.full(3, rad) * rng.uniform(0.9, 1.1, 3), 0.05, edge=0.8)
+    anat.overlays.append((box, alpha, rng.uniform(48, 56) if subtle else rng.uniform(55, 70)))
+    if not subtle and rng.random() < 0.35:  # mural calcification (rim)
+        rim = _blob(rng, box, c, np.full(3, rad + 0.8), 0.0, 0.7) - _blob(
+            rng, box, c, np.full(3, rad), 0.0, 0.7
+        )
+        rim = np.clip(rim, 0, 1) * (_smooth_noise(rng, rim.shape, 2.0) > 0.3)
+        anat.overlays.append((box, rim.astype(np.float32), rng.uniform(150, 350)))
+    _add_lesion_alpha(anat, box, alpha)
+    anat.params.update(site=site, lesion_radius_mm=rad)
+
+
+_LESIONS: dict[str, Callable[[_Anatomy, _Template, np.random.Generator, bool], None]] = {
+    "atrophy": _lesion_atrophy,
+    "intraparenchymal_haemorrhage": _lesion_iph,
+    "subdural_haematoma": _lesion_sdh,
+    "epidural_haematoma": _lesion_edh,
+    "subarachnoid_haemorrhage": _lesion_sah,
+    "intraventricular_haemorrhage": _lesion_ivh,
+    "territorial_ischaemia": _lesion_territorial,
+    "lacunar_ischaemia": _lesion_lacune,
+    "tumour": _lesion_tumour,
+    "cavernoma": _lesion_cavernoma,
+    "aneurysm": _lesion_aneurysm,
+}
+assert set(_LESIONS) == set(LESION_FAMILIES)
+
+
+# --------------------------------------------------------------------------------------------
+# Composition
+# --------------------------------------------------------------------------------------------
+
+
+def _apply_csf_variation(
+    anat: _Anatomy, tpl: _Template, vent_grow: float, sulc_open: float
+) -> None:
+    """Age-like CSF spaces: grow the ventricles by ``vent_grow`` mm, open the sulci."""
+    vent = np.clip(0.5 - (tpl.vent_sd - vent_grow) / 1.2, 0.0, 1.0)
+    # do not grow ventricles into the cortex
+    vent *= tpl.depth > 6
+    thr = 0.55 - sulc_open
+    sul = np.clip((tpl.sulc - thr) / 0.12, 0.0, 1.0) * (tpl.depth < 25) * tpl.icv
+    np.maximum(vent, sul, out=anat.csf_extra)
+
+
+def _compose_brain(anat: _Anatomy, tpl: _Template, hu_p: dict[str, float]) -> np.ndarray:
+    """Tissue fractions -> HU inside the cranial cavity (CSF elsewhere in it)."""
+    keep = 1.0 - anat.csf_extra
+    gm = anat.gm * keep
+    wm = anat.wm * keep
+    csf = 1.0 - gm - wm
+    hu = hu_p["csf"] * csf + hu_p["gm"] * gm + hu_p["wm"] * wm
+    return hu.astype(np.float32)
+
+
+def _normal_variants(anat: _Anatomy, tpl: _Template, rng: np.random.Generator) -> dict[str, bool]:
+    """Calcified choroid plexus / pineal / falx / basal ganglia: common in normals."""
+    found = {"choroid_calc": False, "pineal_calc": False, "falx_calc": False, "bg_calc": False}
+    if rng.random() < 0.5:
+        found["choroid_calc"] = True
+        for side in (-1, 1):
+            if rng.random() < 0.15:
+                continue
+            c = _mni_to_index(tpl, side * 27 + rng.uniform(-3, 3), -40 + rng.uniform(-4, 4), 16)
+            # snap to the nearest ventricle voxel (the atrium)
+            box = _box(c, 12, tpl.gm.shape)
+            v = np.argwhere(tpl.vent[box])
+            if v.size:
+                off = np.array([s.start for s in box])
+                cand = v + off
+                c = cand[np.argmin(np.sum((cand - c) ** 2, 1))].astype(float)
+            r = rng.uniform(1.5, 3.5)
+            b = _box(c, r * 2 + 2, tpl.gm.shape)
+            anat.overlays.append(
+                (b, _blob(rng, b, c, np.full(3, r), 0.3, 0.6), rng.uniform(120, 350))
+            )
+    if rng.random() < 0.45:
+        found["pineal_calc"] = True
+        c = _mni_to_index(tpl, rng.uniform(-1, 1), -30 + rng.uniform(-2, 2), 2 + rng.uniform(-2, 2))
+        r = rng.uniform(1.5, 3.0)
+        b = _box(c, r * 2 + 2, tpl.gm.shape)
+        anat.overlays.append((b, _blob(rng, b, c, np.full(3, r), 0.25, 0.6), rng.uniform(120, 400)))
+    if rng.random() < 0.07:
+        found["bg_calc"] = True
+        for side in (-1, 1):
+            c = _mni_to_index(tpl, side * 19, 0 + rng.uniform(-3, 3), 0 + rng.uniform(-2, 2))
+            r = rng.uniform(1.5, 3.0)
+            b = _box(c, r * 2 + 2, tpl.gm.shape)
+            anat.overlays.append(
+                (b, _blob(rng, b, c, np.full(3, r), 0.3, 0.6) * 0.8, rng.uniform(90, 200))
+            )
+    found["falx_calc"] = bool(rng.random() < 0.15)
+    return found
+
+
+@lru_cache(maxsize=1)
+def _falx_alpha() -> tuple[tuple[slice, ...], np.ndarray]:
+    """Falx cerebri: a thin midline sheet in the interhemispheric fissure above the callosum."""
+    tpl = _template()
+    xm = tpl.mni_origin[2]
+    box = (slice(0, tpl.gm.shape[0]), slice(0, tpl.gm.shape[1]), slice(int(xm) - 2, int(xm) + 3))
+    x = np.arange(box[2].start, box[2].stop, dtype=np.float32)[None, None, :]
+    sheet = np.clip(1.0 - np.abs(x - xm) / 0.9, 0, 1)
+    tissue = tpl.gm[box] + tpl.wm[box]
+    mid = tissue[:, :, 2:3]
+    fissure = (mid < 0.45) & tpl.icv[box][:, :, 2:3] & (tpl.vent_sd[box][:, :, 2:3] > 3)
+    z = np.arange(box[0].start, box[0].stop)[:, None, None]
+    fissure &= z > tpl.mni_origin[0] + 0  # above the AC-PC plane
+    # continuous from front to back: keep only where the fissure column reaches the vertex
+    alpha = (sheet * fissure).astype(np.float32)
+    return box, alpha
+
+
+def _skull_and_scalp(
+    hu: np.ndarray, tpl: _Template, rng: np.random.Generator, p: dict[str, float]
+) -> None:
+    """Fill everything outside the cranial cavity: bone (tables + diploe), scalp, air."""
+    d = tpl.d_skull
+    thick = p["skull_mm"]
+    # thinner temporal squama, thicker occiput: crude but makes the ring look real
+    shape = d.shape
+    z = np.arange(shape[0], dtype=np.float32)[:, None, None]
+    y = np.arange(shape[1], dtype=np.float32)[None, :, None]
+    x = np.arange(shape[2], dtype=np.float32)[None, None, :]
+    c = tpl.centre
+    lat = np.abs(x - c[2]) / 70.0
+    post = (y - c[1]) / 90.0
+    low = np.clip((tpl.mni_origin[0] + 30 - z) / 40.0, 0, 1)
+    t_field = thick * (1.0 - 0.35 * np.clip(lat * low * 2.5, 0, 1) + 0.25 * np.clip(post, 0, 1))
+    scalp = p["scalp_mm"] + 7.0 * np.clip(lat * 2 - 1.1, 0, 1) * np.clip(
+        (tpl.mni_origin[0] + 45 - z) / 30.0, 0, 1
+    )  # temporalis muscle
+    outside = ~tpl.icv
+    rel = d / t_field
+    bone = (d > 0) & (d <= t_field)
+    cort = p["bone_cortical"]
+    dip = p["bone_diploe"]
+    tex = _smooth_noise(rng, shape, 1.2)
+    table = np.clip(np.minimum(rel, 1 - rel) * t_field / 1.6, 0, 1)  # 0 at tables, 1 in diploe
+    bone_hu = cort + (dip - cort) * table + 120.0 * tex * table
+    base_hu = 0.5 * (cort + dip) + 200.0 * tex
+    r_scalp = d - t_field
+    in_scalp = (r_scalp > 0) & (r_scalp <= scalp)
+    # scalp: galea/muscle next to bone, fat in the middle, skin outside
+    sfrac = r_scalp / np.maximum(scalp, 1e-3)
+    fat = np.clip(1.0 - np.abs(sfrac - 0.55) / 0.3, 0, 1) * np.clip(1.3 - lat * 1.3, 0.2, 1)
+    scalp_hu = p["soft"] * (1 - fat) + p["fat"] * fat
+    out = np.full(shape, -1000.0, dtype=np.float32)
+    out = np.where(in_scalp, scalp_hu, out)
+    out = np.where(bone, bone_hu, out)
+    out = np.where(tpl.base, base_hu, out)
+    hu[outside] = out[outside]
+
+
+def _hu_params(rng: np.random.Generator) -> dict[str, float]:
+    wm = rng.uniform(22, 29)
+    return {
+        "csf": rng.uniform(3, 12),
+        "wm": wm,
+        "gm": wm + rng.uniform(8, 13),
+        "bone_cortical": rng.uniform(1300, 1800),
+        "bone_diploe": rng.uniform(550, 900),
+        "soft": rng.uniform(35, 55),
+        "fat": rng.uniform(-110, -70),
+        "skull_mm": rng.uniform(5.0, 8.0),
+        "scalp_mm": rng.uniform(4.0, 7.5),
+    }
+
+
+def _rotation(yaw: float, pitch: float, roll: float) -> np.ndarray:
+    """Rotation in (z, y, x) coordinates; angles in radians."""
+    cz, sz = math.cos(yaw), math.sin(yaw)  # about z (in-plane)
+    cy, sy = math.cos(pitch), math.sin(pitch)  # about x (nodding)
+    cx, sx = math.cos(roll), math.sin(roll)  # about y (tilt)
+    r_yaw = np.array([[1, 0, 0], [0, cz, -sz], [0, sz, cz]])
+    r_pitch = np.array([[cy, -sy, 0], [sy, cy, 0], [0, 0, 1]])
+    r_roll = np.array([[cx, 0, -sx], [0, 1, 0], [sx, 0, cx]])
+    return r_yaw @ r_pitch @ r_roll
+
+
+def _smooth_1d(rng: np.random.Generator, n: int, spacing: float, scale_mm: float) -> np.ndarray:
+    k = max(int(math.ceil(n * spacing / scale_mm)) + 2, 3)
+    knots = rng.standard_normal(k)
+    return np.interp(np.linspace(0, k - 1, n), np.arange(k), knots).astype(np.float32)
+
+
+def make_case(
+    seed: int, label: str = "normal", *, subtle: bool | None = None, matrix: int = 512
+) -> SynthCase:
+    """Build one synthetic head CT.
+
+    The same seed gives the same head (pose, shape, tissue, noise) whatever the label, so a
+    lesion can be compared with its own normal; the lesion draws from a separate stream.
+    """
+    if label != "normal" and label not in LESION_FAMILIES:
+        raise ValueError(f"unknown label {label!r}; expected 'normal' or one of {LESION_FAMILIES}")
+    ss = np.random.SeedSequence(int(seed))
+    rng_anat, rng_var, rng_les, rng_geo, rng_noise = (np.random.default_rng(s) for s in ss.spawn(5))
+    if subtle is None:
+        subtle = bool(label != "normal" and rng_les.random() < SUBTLE_PROBABILITY)
+    subtle = bool(subtle) and label != "normal"
+
+    tpl = _template()
+    hu_p = _hu_params(rng_anat)
+    vent_grow = float(rng_anat.uniform(-1.0, 2.5))
+    sulc_open = float(rng_anat.uniform(0.0, 0.12))
+    anat = _Anatomy(gm=tpl.gm.copy(), wm=tpl.wm.copy(), csf_extra=np.zeros_like(tpl.gm))
+    anat.params.update(vent_grow=vent_grow, sulc_open=sulc_open)
+    _apply_csf_variation(anat, tpl, vent_grow, sulc_open)
+    variants = _normal_variants(anat, tpl, rng_var)
+
+    if label != "normal":
+        _LESIONS[label](anat, tpl, rng_les, subtle)
+
+    hu = _compose_brain(anat, tpl, hu_p)
+    # falx: faint in most people, denser (calcified) in some
+    fbox, falx = _falx_alpha()
+    falx_hu = rng_var.uniform(120, 250) if variants["falx_calc"] else rng_var.uniform(45, 60)
+    hu[fbox] = hu[fbox] * (1 - falx * 0.8) + falx * 0.8 * falx_hu
+    for box, alpha, val in anat.overlays:
+        hu[box] = hu[box] * (1 - alpha) + alpha * val
+    _skull_and_scalp(hu, tpl, rng_anat, hu_p)
+    # smooth low-frequency inhomogeneity inside the brain (+-2 HU), like beam hardening residue
+    lesion_tpl = anat.lesion
+    del anat
+
+    # ---------------------------------------------------------------- scanner geometry
+    thickness = float(rng_geo.choice([2.5, 3.0, 4.0, 5.0, 5.0]))
+    fov = float(rng_geo.uniform(205.0, 256.0))
+    ps = fov / matrix
+    yaw = math.radians(rng_geo.uniform(-7, 7))
+    pitch = math.radians(rng_geo.uniform(-12, 10))
+    roll = math.radians(rng_geo.uniform(-5, 5))
+    scale = rng_geo.uniform(0.92, 1.08, 3) * rng_geo.uniform(0.95, 1.05)
+    shift = np.array(
+        [0.0, rng_geo.uniform(-12, 12) + 8.0, rng_geo.uniform(-10, 10)]
+    )  # head sits a bit posterior (headrest)
+    rot = _rotation(yaw, pitch, roll)
+    a_fwd = rot @ np.diag(scale)  # template mm (about centre) -> scanner mm
+    a_inv = np.linalg.inv(a_fwd)
+
+    # z extent: from just below the brain's lowest point to the vertex, in scanner space
+    head = tpl.d_skull <= 12.0  # skull + scalp envelope
+    pts = np.argwhere(head[::4, ::4, ::4]) * 4.0 - tpl.centre
+    zs = (pts @ a_fwd.T)[:, 0]
+    brain_pts = np.argwhere(tpl.icv[::4, ::4, ::4]) * 4.0 - tpl.centre
+    zb = (brain_pts @ a_fwd.T)[:, 0]
+    z_lo = float(zb.min()) - rng_geo.uniform(0.0, 6.0)
+    z_hi = float(zs.max()) + 2.0
+    n_slices = int(math.ceil((z_hi - z_lo) / thickness))
+    sub = max(int(math.ceil(thickness / 1.25)), 1)
+    z_centres = z_lo + (np.arange(n_slices) + 0.5) * thickness
+    z_sub = (z_centres[:, None] + ((np.arange(sub) + 0.5) / sub - 0.5)[None, :] * thickness).ravel()
+
+    # intermediate in-plane grid at 2x the output pixel size, cropped to the head
+    ip = 2.0 * ps
+    n_ip = matrix // 2
+    coords_ip = (np.arange(n_ip) - (n_ip - 1) / 2.0) * ip  # scanner mm, centred at FOV centre
+    yx = pts @ a_fwd.T
+    y_min, y_max = yx[:, 1].min() + shift[1] - 6, yx[:, 1].max() + shift[1] + 6
+    x_min, x_max = yx[:, 2].min() + shift[2] - 6, yx[:, 2].max() + shift[2] + 6
+    iy = np.flatnonzero((coords_ip >= y_min) & (coords_ip <= y_max))
+    ix = np.flatnonzero((coords_ip >= x_min) & (coords_ip <= x_max))
+    ys = coords_ip[iy] - shift[1]
+    xs = coords_ip[ix] - shift[2]
+
+    # elastic: sum of separable smooth random products (cheap, smooth, ~2 mm)
+    amp = rng_geo.uniform(1.0, 3.0)
+    disp = []
+    for _ in range(3):
+        f = np.zeros((len(z_sub), len(ys), len(xs)), dtype=np.float32)
+        for _k in range(2):
+            f += (
+                _smooth_1d(rng_geo, len(z_sub), thickness / sub, 60)[:, None, None]
+                * _smooth_1d(rng_geo, len(ys), ip, 60)[None, :, None]
+                * _smooth_1d(rng_geo, len(xs), ip, 60)[None, None, :]
+            )
+        disp.append(f * (amp / 1.5))
+    zz = z_sub.astype(np.float32)[:, None, None]
+    yy = ys.astype(np.float32)[None, :, None]
+    xx = xs.astype(np.float32)[None, None, :]
+    coords = np.empty((3, len(z_sub), len(ys), len(xs)), dtype=np.float32)
+    for k in range(3):
+        coords[k] = a_inv[k, 0] * zz + a_inv[k, 1] * yy + a_inv[k, 2] * xx + tpl.centre[k]
+        coords[k] += disp[k]
+    del disp
+    vol = ndi.map_coordinates(hu, coords, order=1, mode="constant", cval=-1000.0, prefilter=False)
+    vol = vol.reshape(n_slices, sub, len(iy), len(ix)).mean(1)
+    if lesion_tpl is not None:
+        les = ndi.map_coordinates(
+            lesion_tpl, coords, order=1, mode="constant", cval=0.0, prefilter=False
+        )
+        les = les.reshape(n_slices, sub, len(iy), len(ix)).mean(1)
+    else:
+        les = None
+    del coords, hu
+
+    # 2x in-plane upsample into the full matrix
+    out = np.full((n_slices, matrix, matrix), -1000.0, dtype=np.float32)
+    y0, x0 = int(iy[0]) * 2, int(ix[0]) * 2
+    up = ndi.zoom(vol, (1, 2, 2), order=1, mode="nearest", grid_mode=True)
+    out[:, y0 : y0 + up.shape[1], x0 : x0 + up.shape[2]] = up[:, : matrix - y0, : matrix - x0]
+    mask = np.zeros(out.shape, dtype=bool)
+    if les is not None:
+        lup = ndi.zoom(les, (1, 2, 2), order=1, mode="nearest", grid_mode=True)
+        m = lup >= 0.4
+        if not m.any() and lup.max() > 0:
+            m = lup >= 0.5 * lup.max()
+        mask[:, y0 : y0 + up.shape[1], x0 : x0 + up.shape[2]] = m[:, : matrix - y0, : matrix - x0]
+
+    # quantum noise, slightly correlated like a standard soft-tissue kernel
+    noise_sd = float(rng_noise.uniform(3.0, 6.0))
+    half = (n_slices, matrix // 2, matrix // 2)
+    n = rng_noise.standard_normal(half, dtype=np.float32)
+    n = ndi.zoom(n, (1, 2, 2), order=1, grid_mode=True, mode="reflect")
+    n *= noise_sd / max(float(n.std()), 1e-6)
+    out += n
+    np.clip(out, -1024.0, 3071.0, out=out)
+
+    meta = {
+        "thickness_mm": thickness,
+        "fov_mm": fov,
+        "pixel_mm": ps,
+        "noise_sd": noise_sd,
+        "pose_deg": [math.degrees(yaw), math.degrees(pitch), math.degrees(roll)],
+        "scale": scale.tolist(),
+        "shift_mm": shift.tolist(),
+        "elastic_mm": float(amp),
+        "z_first_mm": float(z_centres[0]),
+        "origin_mm": [
+            float(z_centres[0]),
+            float(-(matrix - 1) / 2.0 * ps),
+            float(-(matrix - 1) / 2.0 * ps),
+        ],
+        "hu": hu_p,
+        "vent_grow_mm": vent_grow,
+        "sulc_open": sulc_open,
+        "variants": variants,
+        "version": _VERSION,
+    }
+    return SynthCase(
+        hu=out,
+        spacing_mm=(thickness, ps, ps),
+        lesion_mask=mask,
+        label=label,
+        subtle=subtle,
+        seed=int(seed),
+        meta=meta,
+    )
+
+
+def make_dataset_plan(normals: int, abnormals: int, seed: int) -> list[tuple[int, str]]:
+    """Deterministic ``(case_seed, label)`` list: abnormals cycle through every family.
+
+    Case seeds come from a SeedSequence of ``seed`` so two plans with different seeds never
+    share heads, and the order is shuffled so a prefix of the plan is still a mixed set.
+    """
+    if normals < 0 or abnormals < 0:
+        raise ValueError("normals and abnormals must be >= 0")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED]))
+    labels = ["normal"] * normals + [
+        LESION_FAMILIES[i % len(LESION_FAMILIES)] for i in range(abnormals)
+    ]
+    order = rng.permutation(len(labels))
+    seeds = np.random.SeedSequence([int(seed), 0xCA5E]).generate_state(len(labels), np.uint32)
+    return [(int(seeds[i]), labels[j]) for i, j in enumerate(order)]

@@ -1,0 +1,324 @@
+"""DICOM series -> HU volume -> model inputs.
+
+Why a separate stage: the detector sees fixed-size, brain-windowed, head-centred axial slices,
+whatever the scanner's matrix, field of view, slice order, rescale or orientation flips were.
+Everything that can be wrong with a series (mixed series, missing pixels, gaps) is caught here
+and raised as a ``PreprocessError`` naming the stage, so the worker can record a clear
+"not assessable" reason instead of scoring garbage.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy import ndimage as ndi
+
+if TYPE_CHECKING:  # pragma: no cover
+    from model.synth import SynthCase
+
+log = logging.getLogger(__name__)
+
+#: Largest tolerated deviation of a slice gap from the median gap (fraction of the median).
+SPACING_TOLERANCE = 0.1
+#: Axial means the slice normal is within this many degrees of the scanner z axis.
+MAX_TILT_DEG = 35.0
+
+
+class PreprocessError(Exception):
+    """A series cannot be turned into model input; the message names the stage and the cause."""
+
+
+@dataclass
+class HUVolume:
+    """Axial CT volume in Hounsfield units, Z inferior->superior, rows anterior->posterior,
+    columns patient right->left (LPS, like a DICOM axial series with identity orientation)."""
+
+    hu: np.ndarray  # (Z, Y, X) float32
+    spacing_mm: tuple[float, float, float]  # (z, y, x)
+    sop_instance_uids: list[str | None]  # one per z slice (None for synthetic volumes)
+    series_instance_uid: str | None = None
+
+
+@dataclass
+class ModelInput:
+    """Fixed-size slices for the detector plus what is needed to map results back."""
+
+    x: np.ndarray  # (N, S, S) float32 in [0, 1], brain window
+    brain: np.ndarray  # (N, S, S) bool brain mask
+    slice_index: np.ndarray  # (N,) int: z index in the HUVolume of each kept slice
+    lesion: np.ndarray | None = None  # (N, S, S) bool when a lesion mask was given
+    hu: np.ndarray | None = None  # (N, S, S) float32 HU at model resolution (for baselines)
+    pixel_mm: float = 0.0  # in-plane spacing of the model grid
+    centre_yx_mm: tuple[float, float] = (0.0, 0.0)  # model-grid centre, mm from pixel (0, 0)
+
+
+# --------------------------------------------------------------------------------- reading
+
+
+def _f(ds: object, name: str, stage: str) -> object:
+    v = getattr(ds, name, None)
+    if v is None:
+        raise PreprocessError(f"{stage}: missing {name}")
+    return v
+
+
+def read_series(paths: Sequence[Path]) -> HUVolume:
+    """Read one axial CT series in any file order into a HU volume.
+
+    Slices are sorted by their position along the slice normal (not by InstanceNumber, which
+    scanners and routers get wrong), each slice's own rescale slope/intercept is applied, and
+    orientation flips are undone so the array is LPS. Mixed series, missing pixel data,
+    non-uniform gaps, duplicate positions and single files raise ``PreprocessError``.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    paths = [Path(p) for p in paths]
+    if len(paths) < 2:
+        raise PreprocessError(f"read: a volume needs at least 2 slices, got {len(paths)} file(s)")
+    datasets = []
+    for p in paths:
+        try:
+            ds = pydicom.dcmread(p)
+        except (InvalidDicomError, OSError, EOFError, ValueError) as e:
+            raise PreprocessError(f"read: {p.name} is not a readable DICOM file ({e})") from e
+        datasets.append((p, ds))
+
+    series = {str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in datasets}
+    if len(series) != 1:
+        raise PreprocessError(
+            f"read: files belong to {len(series)} different series (SeriesInstanceUID); "
+            "pass one series at a time"
+        )
+    series_uid = series.pop() or None
+
+    first = datasets[0][1]
+    iop = np.array([float(v) for v in _f(first, "ImageOrientationPatient", "geometry")])
+    if iop.shape != (6,):
+        raise PreprocessError("geometry: ImageOrientationPatient must have 6 values")
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    if np.linalg.norm(normal) < 0.5:
+        raise PreprocessError("geometry: degenerate ImageOrientationPatient")
+    normal /= np.linalg.norm(normal)
+    tilt = float(np.degrees(np.arccos(min(1.0, abs(normal[2])))))
+    if tilt > MAX_TILT_DEG:
+        raise PreprocessError(
+            f"geometry: not an axial series (slice normal {tilt:.0f} deg from the z axis)"
+        )
+    rows, cols = int(_f(first, "Rows", "read")), int(_f(first, "Columns", "read"))
+    spacing = [float(v) for v in _f(first, "PixelSpacing", "geometry")]
+
+    positions = []
+    for p, ds in datasets:
+        this_iop = np.array([float(v) for v in getattr(ds, "ImageOrientationPatient", [])])
+        if this_iop.shape != (6,) or not np.allclose(this_iop, iop, atol=1e-3):
+            raise PreprocessError(f"geometry: {p.name} has a different ImageOrientationPatient")
+        if int(getattr(ds, "Rows", -1)) != rows or int(getattr(ds, "Columns", -1)) != cols:
+            raise PreprocessError(f"read: {p.name} has a different matrix size")
+        if "PixelData" not in ds:
+            raise PreprocessError(f"pixels: {p.name} has no pixel data")
+        ipp = getattr(ds, "ImagePositionPatient", None)
+        if ipp is None or len(ipp) != 3:
+            raise PreprocessError(f"geometry: {p.name} has no ImagePositionPatient")
+        positions.append(float(np.dot([float(v) for v in ipp], normal)))
+    pos = np.array(positions)
+    order = np.argsort(pos, kind="stable")
+    pos = pos[order]
+    gaps = np.diff(pos)
+    if np.any(gaps < 1e-3):
+        raise PreprocessError("geometry: two or more slices share the same position")
+    dz = float(np.median(gaps))
+    if np.max(np.abs(gaps - dz)) > SPACING_TOLERANCE * dz + 1e-3:
+        raise PreprocessError(
+            f"geometry: non-uniform slice spacing (gaps {gaps.min():.2f}-{gaps.max():.2f} mm); "
+            "missing or extra slices?"
+        )
+
+    hu = np.empty((len(order), rows, cols), dtype=np.float32)
+    uids: list[str | None] = []
+    for k, i in enumerate(order):
+        p, ds = datasets[i]
+        try:
+            arr = ds.pixel_array
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a pixel-stage error
+            raise PreprocessError(f"pixels: cannot decode {p.name} ({e})") from e
+        if arr.shape != (rows, cols):
+            raise PreprocessError(f"pixels: {p.name} has pixel shape {arr.shape}")
+        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+        intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+        hu[k] = arr.astype(np.float32) * slope + intercept
+        uids.append(str(ds.SOPInstanceUID) if "SOPInstanceUID" in ds else None)
+
+    # sorted slices run along +normal; make Z superior, columns left and rows posterior (LPS)
+    if normal[2] < 0:
+        hu = hu[::-1]
+        uids = uids[::-1]
+    ax_r, ax_c = int(np.argmax(np.abs(row_dir))), int(np.argmax(np.abs(col_dir)))
+    if {ax_r, ax_c} != {0, 1}:
+        raise PreprocessError("geometry: image rows/columns are not along the patient x/y axes")
+    if ax_r == 1:  # columns run along y: transpose so that columns run along x
+        hu = hu.transpose(0, 2, 1)
+        spacing = spacing[::-1]
+        row_dir, col_dir = col_dir, row_dir
+    if row_dir[0] < 0:
+        hu = hu[:, :, ::-1]
+    if col_dir[1] < 0:
+        hu = hu[:, ::-1, :]
+    # PixelSpacing is (row spacing = between rows, column spacing = between columns)
+    vol = HUVolume(
+        hu=np.ascontiguousarray(hu, dtype=np.float32),
+        spacing_mm=(dz, float(spacing[0]), float(spacing[1])),
+        sop_instance_uids=uids,
+        series_instance_uid=series_uid,
+    )
+    log.debug("read series: %d slices, spacing %s", len(uids), vol.spacing_mm)
+    return vol
+
+
+def volume_from_case(case: SynthCase) -> HUVolume:
+    """Synthetic case -> HUVolume without a DICOM round trip (training in memory)."""
+    return HUVolume(
+        hu=np.asarray(case.hu, dtype=np.float32),
+        spacing_mm=tuple(float(s) for s in case.spacing_mm),  # type: ignore[arg-type]
+        sop_instance_uids=[None] * int(case.hu.shape[0]),
+        series_instance_uid=None,
+    )
+
+
+# ----------------------------------------------------------------------------- model input
+
+
+def _block_mean(a: np.ndarray, k: int) -> np.ndarray:
+    """Average k x k in-plane blocks (anti-aliasing before a big downsample, and cheap)."""
+    if k <= 1:
+        return a
+    z, y, x = a.shape
+    y2, x2 = (y // k) * k, (x // k) * k
+    return a[:, :y2, :x2].reshape(z, y2 // k, k, x2 // k, k).mean(axis=(2, 4), dtype=np.float32)
+
+
+def _head_centre(hu: np.ndarray, spacing_yx: tuple[float, float]) -> tuple[float, float]:
+    """Centre (mm from pixel 0,0) of the largest head blob in the axial projection.
+
+    Why the projection: one centre for the whole series keeps slices aligned with each other,
+    and the largest blob ignores the table and head-holder.
+    """
+    proj = (hu > -300.0).any(axis=0)
+    proj = ndi.binary_opening(proj, iterations=2)
+    lab, n = ndi.label(proj)
+    if n == 0:
+        raise PreprocessError("model input: no head found (nothing above -300 HU)")
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    cy, cx = ndi.center_of_mass(lab == int(np.argmax(sizes)))
+    return float(cy) * spacing_yx[0], float(cx) * spacing_yx[1]
+
+
+_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_PLANE[1] = ndi.generate_binary_structure(2, 1)
+
+
+def _brain_mask(hu: np.ndarray, pixel_mm: float) -> np.ndarray:
+    """Skull-stripped brain per slice: soft tissue inside the bone, largest blob, eroded a bit."""
+    bone = hu > 200.0
+    soft = (hu > -30.0) & (hu < 150.0)
+    soft &= ~ndi.binary_dilation(bone, structure=_PLANE, iterations=1)
+    # opening removes the thin scalp ring and bridges through the skull base foramina
+    it = max(1, round(2.5 / pixel_mm))
+    soft = ndi.binary_opening(soft, structure=_PLANE, iterations=it)
+    lab, n = ndi.label(soft, structure=_PLANE)
+    out = np.zeros(hu.shape, dtype=bool)
+    if n == 0:
+        return out
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    best = np.zeros(hu.shape[0], dtype=int)
+    best_size = np.zeros(hu.shape[0], dtype=int)
+    for lbl, sl in enumerate(ndi.find_objects(lab), start=1):
+        if sl is None:
+            continue
+        z = sl[0].start
+        if sizes[lbl] > best_size[z]:
+            best_size[z] = sizes[lbl]
+            best[z] = lbl
+    for z in range(hu.shape[0]):
+        if best[z]:
+            out[z] = ndi.binary_fill_holes(lab[z] == best[z])
+    er = max(1, round(1.5 / pixel_mm))
+    return ndi.binary_erosion(out, structure=_PLANE, iterations=er)
+
+
+def model_inputs(
+    vol: HUVolume,
+    *,
+    size: int = 128,
+    fov_mm: float = 200.0,
+    min_brain_fraction: float = 0.05,
+    lesion_mask: np.ndarray | None = None,
+    window: tuple[float, float] = (0.0, 80.0),
+) -> ModelInput:
+    """HU volume -> (N, size, size) brain-windowed, head-centred slices with brain masks.
+
+    The in-plane grid is ``fov_mm / size`` mm per pixel around the head centre, so every
+    scanner's field of view gives the model the same anatomy scale. Slices whose brain covers
+    less than ``min_brain_fraction`` of the frame (vertex, skull base) are dropped.
+    """
+    hu = vol.hu
+    if hu.ndim != 3 or hu.shape[0] < 1:
+        raise PreprocessError(f"model input: expected a (Z, Y, X) volume, got shape {hu.shape}")
+    if lesion_mask is not None and lesion_mask.shape != hu.shape:
+        raise PreprocessError(
+            f"model input: lesion mask shape {lesion_mask.shape} != volume {hu.shape}"
+        )
+    _, sy, sx = (float(s) for s in vol.spacing_mm)
+    px = fov_mm / size
+    cy, cx = _head_centre(hu, (sy, sx))
+
+    # cheap anti-aliasing: integer block mean to roughly the target spacing, then linear
+    k = max(1, int(np.floor(px / max(sy, sx) + 1e-6)))
+    small = _block_mean(hu, k)
+    lsmall = _block_mean(lesion_mask.astype(np.float32), k) if lesion_mask is not None else None
+    by, bx = sy * k, sx * k
+    grid = (np.arange(size, dtype=np.float64) - (size - 1) / 2.0) * px
+    # block j covers original pixels [j*k, j*k+k): its centre is at (j*k + (k-1)/2) * s
+    iy = (cy + grid) / by - (k - 1) / (2.0 * k)
+    ix = (cx + grid) / bx - (k - 1) / (2.0 * k)
+    nz = hu.shape[0]
+    zc = np.broadcast_to(np.arange(nz, dtype=np.float64)[:, None, None], (nz, size, size))
+    yc = np.broadcast_to(iy[None, :, None], (nz, size, size))
+    xc = np.broadcast_to(ix[None, None, :], (nz, size, size))
+    coords = np.stack([zc, yc, xc])
+    hu_m = ndi.map_coordinates(
+        small, coords, order=1, mode="constant", cval=-1000.0, prefilter=False
+    ).astype(np.float32)
+    brain = _brain_mask(hu_m, px)
+    frac = brain.mean(axis=(1, 2))
+    keep = np.flatnonzero(frac >= min_brain_fraction)
+    if keep.size == 0:
+        raise PreprocessError(
+            f"model input: no slice has at least {min_brain_fraction:.0%} brain "
+            f"(largest {frac.max():.1%}); not a head CT or the head is outside the field of view"
+        )
+    lo, hi = window
+    x = np.clip((hu_m[keep] - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    lesion = None
+    if lsmall is not None:
+        lm = ndi.map_coordinates(
+            lsmall, coords[:, keep], order=1, mode="constant", cval=0.0, prefilter=False
+        )
+        lesion = lm >= 0.5
+    return ModelInput(
+        x=x,
+        brain=brain[keep],
+        slice_index=keep.astype(int),
+        lesion=lesion,
+        hu=hu_m[keep],
+        pixel_mm=px,
+        centre_yx_mm=(cy, cx),
+    )
