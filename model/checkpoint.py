@@ -139,9 +139,9 @@ class Detector:
     # ------------------------------------------------------------------------------ raw scores
 
     @torch.inference_mode()
-    def raw_scores(self, x: np.ndarray, brain: np.ndarray, batch_size: int = 32
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Un-normalised (s_g, s_r, heatmap) for (N,S,S) inputs."""
+    def raw_scores(self, x: np.ndarray, brain: np.ndarray, batch_size: int = 32,
+                   hu: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Un-normalised (s_g, s_r, heatmap) for (N,S,S) inputs (``hu``: HU-threshold only)."""
         x = np.asarray(x, dtype=np.float32)
         brain = np.asarray(brain, dtype=bool)
         if x.ndim != 3 or x.shape != brain.shape:
@@ -156,19 +156,27 @@ class Detector:
         for s in range(0, n, batch_size):
             xb = torch.from_numpy(x[s:s + batch_size]).to(self.device)
             mb = torch.from_numpy(brain[s:s + batch_size]).to(self.device)
-            g, r, h = self._batch(xb, mb)
+            hb = None
+            if hu is not None and self.method == "hu_threshold":
+                hb = torch.from_numpy(np.asarray(hu[s:s + batch_size], np.float32)).to(self.device)
+            g, r, h = self._batch(xb, mb, hb)
             g_all[s:s + len(xb)] = g.float().cpu().numpy()
             r_all[s:s + len(xb)] = r.float().cpu().numpy()
             heat[s:s + len(xb)] = h.float().cpu().numpy()
         return g_all, r_all, heat
 
-    def _batch(self, xb: torch.Tensor, mb: torch.Tensor
+    def _batch(self, xb: torch.Tensor, mb: torch.Tensor, hb: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b = xb.shape[0]
         zeros = xb.new_zeros(b)
         if self.method == "hu_threshold":
-            hi, top = float(self.hu["hi"]), float(self.hu.get("top", 2.0))
-            m = ((xb > hi) & (xb < top) & mb).float()
+            if hb is not None and "hu_lo" in self.hu:
+                # hyperdense band in HU: above normal parenchyma, below calcification
+                lo, up = float(self.hu["hu_lo"]), float(self.hu["hu_hi"])
+                m = ((hb >= lo) & (hb <= up) & mb).float()
+            else:  # window units: saturated pixels (calcification, bone) are not counted
+                hi, top = float(self.hu["hi"]), float(self.hu.get("top", 2.0))
+                m = ((xb > hi) & (xb < top) & mb).float()
             heat = smooth(m, self.scoring.smooth_sigma) * mb
             return zeros, masked_stat(heat, mb, self.scoring), heat
         assert self.net is not None
@@ -203,14 +211,15 @@ class Detector:
         return np.asarray(score, np.float32), s_g, s_r
 
     def score(self, x: np.ndarray, brain: np.ndarray, lambda_: float = 0.5,
-              batch_size: int = 32) -> SliceScores:
+              batch_size: int = 32, *, hu: np.ndarray | None = None) -> SliceScores:
         """Score (N,S,S) brain-window slices in [0,1] with their brain masks.
 
-        Methods with a single term ignore ``lambda_`` (score = that term).
+        Methods with a single term ignore ``lambda_`` (score = that term). ``hu`` (N,S,S), the
+        slices in Hounsfield units, is used by the HU-threshold baseline only.
         """
         if not 0.0 <= lambda_ <= 1.0:
             raise ValueError(f"lambda must be in [0, 1], got {lambda_}")
-        g_raw, r_raw, heat = self.raw_scores(x, brain, batch_size)
+        g_raw, r_raw, heat = self.raw_scores(x, brain, batch_size, hu=hu)
         score, s_g, s_r = self.normalise(g_raw, r_raw, lambda_)
         return SliceScores(score=score, s_g=s_g, s_r=s_r, heatmap=heat)
 

@@ -91,11 +91,13 @@ class TrainConfig:
 
 @dataclass
 class SliceSet:
-    """Preprocessed slices: x (N,S,S) float32 in [0,1], brain (N,S,S) bool, series (N,) int."""
+    """Preprocessed slices: x (N,S,S) float32 in [0,1], brain (N,S,S) bool, series (N,) int,
+    optionally hu (N,S,S) Hounsfield units (used by the HU-threshold baseline only)."""
 
     x: np.ndarray
     brain: np.ndarray
     series: np.ndarray
+    hu: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -106,7 +108,8 @@ class SliceSet:
 
     def subset(self, series_ids: np.ndarray) -> SliceSet:
         keep = np.isin(self.series, series_ids)
-        return SliceSet(self.x[keep], self.brain[keep], self.series[keep])
+        return SliceSet(self.x[keep], self.brain[keep], self.series[keep],
+                        None if self.hu is None else self.hu[keep])
 
     def split(self, val_fraction: float, seed: int) -> tuple[SliceSet, SliceSet]:
         ids = np.unique(self.series)
@@ -305,7 +308,7 @@ def calibrate(ckpt: dict[str, Any], val: SliceSet, *, target_specificity: float 
     if len(val) == 0:
         log.warning("no validation slices: normalisation and thresholds left at defaults")
         return ckpt
-    g_raw, r_raw, heat = det.raw_scores(val.x, val.brain, batch_size)
+    g_raw, r_raw, heat = det.raw_scores(val.x, val.brain, batch_size, hu=val.hu)
     ckpt["norm"] = NormStats.fit(g_raw, r_raw).to_dict()
     det = Detector(ckpt, device=device)
     score, _, _ = det.normalise(g_raw, r_raw, lambda_)
@@ -327,12 +330,22 @@ def calibrate(ckpt: dict[str, Any], val: SliceSet, *, target_specificity: float 
     return ckpt
 
 
-def fit_hu_threshold(train: SliceSet, quantile: float = 0.995) -> dict[str, float]:
-    """Hyperdense threshold: the ``quantile`` of normal brain-pixel intensities (window units);
-    saturated pixels (>= 0.98, calcification and bone) are not counted as lesion."""
+def fit_hu_threshold(train: SliceSet, quantile: float = 0.995,
+                     calcification_hu: float = 100.0) -> dict[str, float]:
+    """Hyperdense threshold fitted on normal brain pixels: the ``quantile`` of their intensity.
+
+    In HU when the slices carry HU (band [q, 100 HU]: acute blood 50-90 HU, calcification above),
+    and in brain-window units as a fallback (saturated pixels >= 0.98 not counted).
+    """
     vox = train.x[train.brain]
-    hi = float(np.quantile(vox, quantile)) if vox.size else 0.8
-    return {"hi": hi, "top": 0.98, "quantile": quantile}
+    out = {"hi": float(np.quantile(vox, quantile)) if vox.size else 0.8, "top": 0.98,
+           "quantile": quantile}
+    if train.hu is not None:
+        hv = train.hu[train.brain]
+        if hv.size:
+            out["hu_lo"] = float(np.quantile(hv, quantile))
+            out["hu_hi"] = float(calcification_hu)
+    return out
 
 
 # --------------------------------------------------------------------------------------- driver

@@ -1,0 +1,323 @@
+"""Series-level inference: DICOM files -> preprocessing -> detector -> verdict.
+
+``score_series`` is what the queue worker and ``triage-agent score`` call. It never raises for a
+series it cannot read: it returns verdict ``not_assessable`` with the reason.
+
+The dataset helpers at the bottom (synthetic cases in memory, folders of DICOM series, .npz
+caches) serve ``triage-agent train`` and ``triage-agent evaluate``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.checkpoint import Detector
+from model.scoring import aggregate as aggregate_scores
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SeriesResult:
+    series_instance_uid: str | None
+    score: float | None
+    verdict: str  # "abnormal" | "normal" | "not_assessable"
+    threshold: float
+    reason: str | None
+    slices: list[tuple[str | None, float]]  # (sop_instance_uid, score) per kept slice
+    heatmaps: np.ndarray | None  # (N,S,S) float32
+    model_input: Any = None  # triage_agent.preprocess.ModelInput
+    timings: dict[str, float] = field(default_factory=dict)
+    s_g: list[float] = field(default_factory=list)
+    s_r: list[float] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "series_instance_uid": self.series_instance_uid,
+            "score": self.score,
+            "verdict": self.verdict,
+            "threshold": self.threshold,
+            "reason": self.reason,
+            "slices": [{"sop_instance_uid": u, "score": s} for u, s in self.slices],
+        }
+
+
+def _not_assessable(uid: str | None, threshold: float, reason: str, mi: Any = None,
+                    timings: dict[str, float] | None = None) -> SeriesResult:
+    return SeriesResult(uid, None, "not_assessable", threshold, reason, [], None, mi, timings or {})
+
+
+def score_model_input(
+    mi: Any,
+    detector: Detector,
+    *,
+    sop_instance_uids: Sequence[str | None] | None = None,
+    series_instance_uid: str | None = None,
+    lambda_: float = 0.5,
+    threshold: float | None = None,
+    aggregate: str = "max",
+    top_k: int = 3,
+    min_brain_slices: int = 5,
+    batch_size: int = 32,
+) -> SeriesResult:
+    """Score an already preprocessed series (``ModelInput``)."""
+    thr = float(detector.threshold_for(aggregate) if threshold is None else threshold)
+    n = int(mi.x.shape[0])
+    if n < min_brain_slices:
+        return _not_assessable(series_instance_uid, thr,
+                               f"only {n} slice(s) with enough brain (need {min_brain_slices})", mi)
+    t0 = time.perf_counter()
+    ss = detector.score(mi.x, mi.brain, lambda_=lambda_, batch_size=batch_size,
+                        hu=getattr(mi, "hu", None))
+    t_model = time.perf_counter() - t0
+    score = aggregate_scores(ss.score, aggregate, top_k)
+    uids = list(sop_instance_uids) if sop_instance_uids is not None else []
+    slices = []
+    for i, z in enumerate(np.asarray(mi.slice_index).tolist()):
+        uid = uids[z] if 0 <= z < len(uids) else None
+        slices.append((uid, float(ss.score[i])))
+    return SeriesResult(
+        series_instance_uid=series_instance_uid,
+        score=float(score),
+        verdict="abnormal" if score >= thr else "normal",
+        threshold=thr,
+        reason=None,
+        slices=slices,
+        heatmaps=ss.heatmap,
+        model_input=mi,
+        timings={"model_s": t_model},
+        s_g=[float(v) for v in ss.s_g],
+        s_r=[float(v) for v in ss.s_r],
+    )
+
+
+def score_series(
+    paths: Sequence[Path],
+    detector: Detector,
+    *,
+    lambda_: float = 0.5,
+    threshold: float | None = None,
+    aggregate: str = "max",
+    top_k: int = 3,
+    min_brain_slices: int = 5,
+    batch_size: int = 32,
+) -> SeriesResult:
+    """Read one DICOM series, preprocess it and score it.
+
+    ``threshold=None`` uses the threshold calibrated into the checkpoint for ``aggregate``.
+    """
+    from triage_agent.preprocess import PreprocessError, model_inputs, read_series
+
+    thr = float(detector.threshold_for(aggregate) if threshold is None else threshold)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    try:
+        vol = read_series([Path(p) for p in paths])
+    except PreprocessError as e:
+        return _not_assessable(None, thr, f"cannot read series: {e}", timings=timings)
+    t1 = time.perf_counter()
+    timings["read_s"] = t1 - t0
+    try:
+        mi = model_inputs(vol, size=detector.input_size)
+    except PreprocessError as e:
+        return _not_assessable(vol.series_instance_uid, thr, f"preprocessing failed: {e}",
+                               timings=timings)
+    t2 = time.perf_counter()
+    timings["preprocess_s"] = t2 - t1
+    res = score_model_input(
+        mi, detector, sop_instance_uids=vol.sop_instance_uids,
+        series_instance_uid=vol.series_instance_uid, lambda_=lambda_, threshold=thr,
+        aggregate=aggregate, top_k=top_k, min_brain_slices=min_brain_slices, batch_size=batch_size,
+    )
+    res.timings = {**timings, **res.timings, "total_s": time.perf_counter() - t0}
+    return res
+
+
+# ----------------------------------------------------------------------------- finding series
+
+
+def find_series(paths: Iterable[Path | str]) -> dict[str, list[Path]]:
+    """Files (recursively under folders) grouped by SeriesInstanceUID; non-DICOM files skipped."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    groups: dict[str, list[Path]] = defaultdict(list)
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file())
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {p}")
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            continue
+        uid = getattr(ds, "SeriesInstanceUID", None)
+        if uid:
+            groups[str(uid)].append(f)
+    return dict(groups)
+
+
+# ------------------------------------------------------------------------------ dataset helpers
+
+
+@dataclass
+class Case:
+    """One preprocessed series with its label (for training and evaluation)."""
+
+    case_id: str
+    label: str  # "normal" or a lesion family
+    subtle: bool
+    x: np.ndarray  # (N,S,S) float32
+    brain: np.ndarray  # (N,S,S) bool
+    lesion: np.ndarray | None  # (N,S,S) bool
+    hu: np.ndarray | None = None  # (N,S,S) HU at model resolution
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def abnormal(self) -> bool:
+        return self.label != "normal"
+
+
+def _save_case(path: Path, c: Case) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(
+        tmp, x=c.x.astype(np.float16), brain=c.brain,
+        lesion=c.lesion if c.lesion is not None else np.zeros((0,), bool),
+        has_lesion=np.array(c.lesion is not None), label=np.array(c.label),
+        hu=c.hu.astype(np.float16) if c.hu is not None else np.zeros((0,), np.float16),
+        subtle=np.array(c.subtle), case_id=np.array(c.case_id),
+    )
+    tmp.replace(path)
+
+
+def _load_case(path: Path) -> Case:
+    with np.load(path) as z:
+        lesion = z["lesion"] if bool(z["has_lesion"]) else None
+        hu = z["hu"].astype(np.float32) if "hu" in z.files and z["hu"].size else None
+        return Case(str(z["case_id"]), str(z["label"]), bool(z["subtle"]),
+                    z["x"].astype(np.float32), z["brain"].astype(bool), lesion, hu)
+
+
+def synthetic_case(seed: int, label: str, *, size: int = 128, matrix: int = 512,
+                   cache_dir: Path | None = None) -> Case:
+    """Generate one synthetic case in memory (cached as .npz under ``cache_dir``)."""
+    cache = None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / f"synth-{label}-seed{seed}-m{matrix}-s{size}.npz"
+        if cache.exists():
+            try:
+                return _load_case(cache)
+            except Exception as e:  # noqa: BLE001 - a broken cache entry is regenerated
+                log.warning("ignoring broken cache %s: %s", cache, e)
+    from model.synth import make_case
+    from triage_agent.preprocess import model_inputs, volume_from_case
+
+    sc = make_case(seed, label, matrix=matrix)
+    vol = volume_from_case(sc)
+    mi = model_inputs(vol, size=size, lesion_mask=sc.lesion_mask)
+    c = Case(f"synth-{seed}-{label}", sc.label, bool(sc.subtle), mi.x.astype(np.float32),
+             mi.brain.astype(bool), None if mi.lesion is None else mi.lesion.astype(bool),
+             getattr(mi, "hu", None))
+    if cache is not None:
+        _save_case(cache, c)
+    return c
+
+
+def synthetic_cases(normals: int, abnormals: int, seed: int, *, size: int = 128,
+                    matrix: int = 512, cache_dir: Path | None = None,
+                    progress: bool = True) -> list[Case]:
+    from model.synth import make_dataset_plan
+
+    plan = make_dataset_plan(normals, abnormals, seed)
+    it: Iterable[tuple[int, str]] = plan
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(plan, desc="synthetic cases", unit="case", mininterval=5.0)
+    return [synthetic_case(s, lab, size=size, matrix=matrix, cache_dir=cache_dir) for s, lab in it]
+
+
+def _read_mask(case_dir: Path, n_slices: int) -> np.ndarray | None:
+    """The lesion mask written by ``triage-agent synth`` next to the DICOM files, if any."""
+    for name in ("mask.npz", "lesion_mask.npz", "mask.npy", "lesion_mask.npy"):
+        p = case_dir / name
+        if p.exists():
+            if p.suffix == ".npy":
+                return np.load(p).astype(bool)
+            with np.load(p) as z:
+                key = "mask" if "mask" in z.files else ("lesion_mask" if "lesion_mask" in z.files
+                                                        else z.files[0])
+                return z[key].astype(bool)
+    for p in sorted(case_dir.glob("*mask*.nii*")):
+        import SimpleITK as sitk
+
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(p))).astype(bool)
+    return None
+
+
+def folder_cases(root: Path, *, size: int = 128, cache_dir: Path | None = None,
+                 labelled: bool = True, progress: bool = True) -> list[Case]:
+    """Cases from a folder: a ``labels.csv`` (as ``triage-agent synth`` writes) with one sub-folder
+    per case, or (``labelled=False``) any tree of DICOM series, all taken as normal."""
+    from triage_agent.preprocess import PreprocessError, model_inputs, read_series
+
+    root = Path(root)
+    rows: list[dict[str, str]] = []
+    lab_file = root / "labels.csv"
+    if lab_file.exists():
+        with open(lab_file, newline="") as f:
+            rows = list(csv.DictReader(f))
+        items = [(r.get("case_id") or r["series_instance_uid"], root / (r.get("case_id") or ""),
+                  r) for r in rows]
+    elif labelled:
+        raise FileNotFoundError(f"{lab_file} not found (a labelled set needs labels.csv)")
+    else:
+        items = [(uid, None, {"label": "normal", "series_instance_uid": uid, "files": files})
+                 for uid, files in find_series([root]).items()]  # type: ignore[misc]
+    it: Iterable[Any] = items
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(items, desc=f"reading {root.name}", unit="series", mininterval=5.0)
+    out: list[Case] = []
+    for case_id, case_dir, row in it:
+        key = hashlib.sha1(f"{root.resolve()}|{case_id}|{size}".encode()).hexdigest()[:16]
+        cache = Path(cache_dir) / f"dicom-{key}.npz" if cache_dir is not None else None
+        if cache is not None and cache.exists():
+            out.append(_load_case(cache))
+            continue
+        files = row.get("files") or sorted(f for f in Path(case_dir).rglob("*.dcm"))
+        try:
+            vol = read_series(files)
+        except PreprocessError as e:
+            log.warning("skipping %s: %s", case_id, e)
+            continue
+        mask = _read_mask(Path(case_dir), vol.hu.shape[0]) if case_dir is not None else None
+        if mask is not None and mask.shape != vol.hu.shape:
+            log.warning("%s: mask shape %s != volume %s; ignoring mask", case_id, mask.shape,
+                        vol.hu.shape)
+            mask = None
+        mi = model_inputs(vol, size=size, lesion_mask=mask)
+        label = (row.get("label") or "normal").strip()
+        subtle = str(row.get("subtle", "")).strip().lower() in ("1", "true", "yes")
+        c = Case(str(case_id), label, subtle, mi.x.astype(np.float32), mi.brain.astype(bool),
+                 None if mi.lesion is None else mi.lesion.astype(bool), getattr(mi, "hu", None))
+        if cache is not None:
+            _save_case(cache, c)
+        out.append(c)
+    return out
