@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from triage_agent.config import SeriesConfig
 from triage_agent.ingest import short_id
 from triage_agent.models import Event, Job, Series, SeriesState, Study, utcnow
+from triage_agent.receiver import IMAGE_SOP_CLASSES
 from triage_agent.selection import SeriesFacts, skip_reason
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ def complete_series(s: Session, series: Series, rules: SeriesConfig) -> None:
         orientation=series.orientation,
     )
     reason = skip_reason(facts, rules)
+    if series.sop_class_uid not in IMAGE_SOP_CLASSES:
+        # An admin-allowed non-CT SOP class: its instances are recorded, their pixels not kept.
+        reason = (reason or "not a CT image") + "; SOP class recorded only, pixel data not kept"
     study_uid = s.scalar(select(Study.study_instance_uid).where(Study.id == series.study_id))
     if reason is None:
         series.state = SeriesState.QUEUED

@@ -230,8 +230,8 @@ def _upsert_series(session: Session, info: InstanceInfo, ignored: bool) -> Serie
             series_number=info.series_number,
             slice_thickness_mm=info.slice_thickness_mm,
             orientation=info.orientation,
-            state=SeriesState.IGNORED if ignored else SeriesState.RECEIVING,
-            reason="SOP class kept as record only" if ignored else None,
+            state=SeriesState.RECEIVING,
+            reason=None,
             instance_count=0,
             first_received_at=now,
             last_received_at=now,
@@ -299,7 +299,7 @@ def persist(
                 "instance_count": Series.instance_count + 1,
                 "last_received_at": utcnow(),
             }
-            if series.state not in (SeriesState.RECEIVING, SeriesState.IGNORED):
+            if series.state != SeriesState.RECEIVING:
                 # Late slices: reopen; the next completion queues a re-run (a new generation).
                 values.update(state=SeriesState.RECEIVING, reason=None, completed_at=None)
                 s.execute(

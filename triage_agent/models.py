@@ -49,9 +49,8 @@ class SeriesState:
     SCORED = "scored"
     DELIVERED = "delivered"
     FAILED = "failed"
-    IGNORED = "ignored"  # a non-image SOP class the admin allowed; recorded, not kept
 
-    TERMINAL = frozenset({SKIPPED, SCORED, DELIVERED, FAILED, IGNORED})
+    TERMINAL = frozenset({SKIPPED, SCORED, DELIVERED, FAILED})
 
 
 class JobState:

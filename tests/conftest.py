@@ -1,0 +1,239 @@
+"""Fixtures: real peers (DCMTK, PostgreSQL) and the node as a subprocess on an ephemeral port."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None) if Path(
+    "/usr/lib/postgresql"
+).exists() else None
+
+
+def require_tool(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} not found: install the Debian package {package} (see .ci/run)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+
+
+class PgServer:
+    """A PostgreSQL server: $TRIAGE_TEST_PG_URL if set, else a private throw-away cluster."""
+
+    def __init__(self, base_url: str, proc_dir: Path | None = None) -> None:
+        self.base_url = base_url
+        self.proc_dir = proc_dir
+
+    def new_database(self) -> str:
+        import sqlalchemy as sa
+
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        eng = sa.create_engine(self.base_url, isolation_level="AUTOCOMMIT")
+        with eng.connect() as c:
+            c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        eng.dispose()
+        return self.base_url.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+    url = os.environ.get("TRIAGE_TEST_PG_URL")
+    if url:
+        yield PgServer(url)
+        return
+    if PG_BIN is None or not (PG_BIN / "initdb").exists():
+        pytest.fail("PostgreSQL not found: apt-get install postgresql, or set TRIAGE_TEST_PG_URL")
+    # pytest's temp dirs are private to root; the cluster needs a folder postgres can own.
+    top = Path(tempfile.mkdtemp(prefix="triage-pg-"))
+    data = top / "data"
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses root: run the cluster as the postgres user
+        shutil.chown(top, "postgres", "postgres")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*run_as, str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U",
+                    "postgres", "--no-sync"], check=True, capture_output=True)
+    port = free_port()
+    opts = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=on"
+    subprocess.run([*run_as, str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-w", "-l",
+                    str(data / "log"), "start"], check=True, capture_output=True)
+    try:
+        yield PgServer(f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres", data)
+    finally:
+        subprocess.run([*run_as, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate",
+                        "stop"], capture_output=True)
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'triage.db'}"
+    return request.getfixturevalue("pg_server").new_database()
+
+
+# ----------------------------------------------------------------------------- the node
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        for k, v in values.items():
+            lines.append(f"{k} = {json.dumps(v)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Node:
+    """`triage-agent serve` in a subprocess; logs go to ``log_path`` for PHI checks."""
+
+    def __init__(self, workdir: Path, db_url: str, **overrides: dict[str, Any]) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        sections: dict[str, dict[str, Any]] = {
+            "node": {"port": 0, "bind_address": "127.0.0.1", "ae_title": "TRIAGE"},
+            "storage": {"root": str(workdir / "storage")},
+            "database": {"url": db_url},
+            "series": {"quiet_period_s": 1.0, "sweep_interval_s": 0.2},
+            "worker": {"count": 0},
+        }
+        for k, v in overrides.items():
+            sections.setdefault(k, {}).update(v)
+        self.config = write_config(workdir / "agent.toml", sections)
+        self.db_url = db_url
+        self.log_path = workdir / "node.log"
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+
+    @property
+    def storage_root(self) -> Path:
+        return self.workdir / "storage"
+
+    def start(self, timeout_s: float = 60.0) -> Node:
+        log = open(self.log_path, "a")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "triage_agent.cli", "serve", "--config", str(self.config)],
+            stdout=subprocess.PIPE, stderr=log, text=True, cwd=self.workdir,
+        )
+        ready: list[str] = []
+
+        def read() -> None:
+            assert self.proc and self.proc.stdout
+            for line in self.proc.stdout:
+                if line.startswith("READY"):
+                    ready.append(line)
+                    return
+
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        t.join(timeout_s)
+        if not ready:
+            self.kill()
+            raise RuntimeError(f"node did not start:\n{self.log_path.read_text()[-3000:]}")
+        self.port = int(ready[0].split()[-1])
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        if self.proc is None:
+            return 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self.proc = None
+        return rc
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "triage_agent.cli", *args, "--config", str(self.config)],
+            capture_output=True, text=True, cwd=self.workdir, timeout=120,
+        )
+
+    def status(self) -> list[dict[str, Any]]:
+        r = self.cli("status", "--json")
+        assert r.returncode == 0, r.stderr
+        return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+
+    def wait_state(self, series_uid: str, states: set[str], timeout_s: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            for rec in self.status():
+                if rec["series_instance_uid"] == series_uid:
+                    last = rec
+                    if rec["state"] in states:
+                        return rec
+            time.sleep(0.3)
+        raise AssertionError(f"series never reached {states}; last: {last}")
+
+    def session(self) -> Any:
+        from triage_agent import db
+
+        return db.session_factory(db.make_engine(self.db_url))
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path, db_url: str) -> Iterator[Any]:
+    nodes: list[Node] = []
+
+    def make(**overrides: dict[str, Any]) -> Node:
+        n = Node(tmp_path / f"node{len(nodes)}", db_url, **overrides)
+        nodes.append(n)
+        return n
+
+    yield make
+    for n in nodes:
+        with contextlib.suppress(Exception):
+            n.stop(5)
+
+
+@pytest.fixture
+def node(node_factory: Any) -> Node:
+    return node_factory().start()
+
+
+def storescu(port: int, files: list[Path], *, called: str = "TRIAGE", calling: str = "MODALITY",
+             extra: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    exe = require_tool("storescu", "dcmtk")
+    return subprocess.run(
+        [exe, "-aec", called, "-aet", calling, *(extra or []), "127.0.0.1", str(port),
+         *map(str, files)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TCP_NODELAY": "1"},
+    )
+
+
+def files_under(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
