@@ -320,8 +320,8 @@ def _add_lesion_alpha(anat: _Anatomy, box: tuple[slice, ...], alpha: np.ndarray)
 
 
 def _lesion_atrophy(anat: _Anatomy, tpl: _Template, rng: np.random.Generator, subtle: bool) -> None:
-    grow = rng.uniform(2.5, 3.5) if subtle else rng.uniform(4.5, 8.0)
-    sulc = rng.uniform(0.12, 0.16) if subtle else rng.uniform(0.18, 0.28)
+    grow = rng.uniform(2.0, 3.0) if subtle else rng.uniform(3.0, 5.0)
+    sulc = rng.uniform(0.06, 0.09) if subtle else rng.uniform(0.09, 0.15)
     before = anat.csf_extra.copy()
     _apply_csf_variation(
         anat, tpl, anat.params["vent_grow"] + grow, anat.params["sulc_open"] + sulc
@@ -397,7 +397,7 @@ def _lesion_sdh(anat: _Anatomy, tpl: _Template, rng: np.random.Generator, subtle
         thickness = rng.uniform(3.0, 6.0)
         hu = rng.uniform(36, 46)  # isodense (subacute) - the classic miss
     else:
-        thickness = rng.uniform(6.0, 14.0)
+        thickness = rng.uniform(8.0, 18.0)
         hu = rng.uniform(58, 80)
     _extra_axial(anat, tpl, rng, thickness=thickness, extent=rng.uniform(45, 70), hu=hu, lens=False)
     anat.params["lesion_hu"] = hu
@@ -424,6 +424,7 @@ def _lesion_sah(anat: _Anatomy, tpl: _Template, rng: np.random.Generator, subtle
     bz, by, bx = _box_coords(box)
     w = np.exp(-(((bz - c[0]) ** 2 + (by - c[1]) ** 2 + (bx - c[2]) ** 2) / (2 * (rad / 1.8) ** 2)))
     csf = np.clip(1.0 - tpl.gm[box] - tpl.wm[box], 0, 1) * tpl.icv[box]
+    csf = np.maximum(csf, np.clip(tpl.sulc[box] * 2.5, 0, 1))  # blurred sulci in the template
     csf = np.maximum(csf, anat.csf_extra[box])
     csf = csf * (tpl.vent_sd[box] > 1.5)  # not in the ventricles
     alpha = (csf * np.clip(w * 1.6, 0, 1)).astype(np.float32)
@@ -619,8 +620,13 @@ def _apply_csf_variation(
 ) -> None:
     """Age-like CSF spaces: grow the ventricles by ``vent_grow`` mm, open the sulci."""
     vent = np.clip(0.5 - (tpl.vent_sd - vent_grow) / 1.2, 0.0, 1.0)
-    # do not grow ventricles into the cortex
+    # do not grow ventricles into the cortex, and keep the septum pellucidum
     vent *= tpl.depth > 6
+    if vent_grow > 0:
+        xs = slice(int(tpl.mni_origin[2]) - 1, int(tpl.mni_origin[2]) + 2)
+        vent[:, :, xs] = np.minimum(
+            vent[:, :, xs], tpl.vent[:, :, xs] & (tpl.vent_sd[:, :, xs] < -0.5)
+        )
     thr = 0.55 - sulc_open
     sul = np.clip((tpl.sulc - thr) / 0.12, 0.0, 1.0) * (tpl.depth < 25) * tpl.icv
     np.maximum(vent, sul, out=anat.csf_extra)
@@ -750,6 +756,19 @@ def _hu_params(rng: np.random.Generator) -> dict[str, float]:
     }
 
 
+def _jsonable(d: dict) -> dict:
+    """Plain-python copy of a parameter dict (numpy scalars/arrays -> float/list)."""
+    out: dict = {}
+    for k, v in d.items():
+        if isinstance(v, np.ndarray):
+            out[k] = v.tolist()
+        elif isinstance(v, np.generic):
+            out[k] = v.item()
+        else:
+            out[k] = v
+    return out
+
+
 def _rotation(yaw: float, pitch: float, roll: float) -> np.ndarray:
     """Rotation in (z, y, x) coordinates; angles in radians."""
     cz, sz = math.cos(yaw), math.sin(yaw)  # about z (in-plane)
@@ -805,6 +824,7 @@ def make_case(
     _skull_and_scalp(hu, tpl, rng_anat, hu_p)
     # smooth low-frequency inhomogeneity inside the brain (+-2 HU), like beam hardening residue
     lesion_tpl = anat.lesion
+    lesion_params = _jsonable(anat.params)
     del anat
 
     # ---------------------------------------------------------------- scanner geometry
@@ -920,6 +940,7 @@ def make_case(
         "sulc_open": sulc_open,
         "variants": variants,
         "version": _VERSION,
+        "anatomy": lesion_params,
     }
     return SynthCase(
         hu=out,
