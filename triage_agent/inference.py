@@ -10,6 +10,7 @@ caches) serve ``triage-agent train`` and ``triage-agent evaluate``.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import logging
 import time
@@ -213,12 +214,26 @@ def _load_case(path: Path) -> Case:
                     z["x"].astype(np.float32), z["brain"].astype(bool), lesion, hu)
 
 
+@functools.lru_cache(maxsize=1)
+def _data_code_tag() -> str:
+    """Short hash of the generator + preprocessing source: caches go stale when either changes."""
+    h = hashlib.sha1()
+    for mod in ("model.synth", "triage_agent.preprocess"):
+        import importlib
+
+        f = getattr(importlib.import_module(mod), "__file__", None)
+        if f:
+            h.update(Path(f).read_bytes())
+    return h.hexdigest()[:8]
+
+
 def synthetic_case(seed: int, label: str, *, size: int = 128, matrix: int = 512,
                    cache_dir: Path | None = None) -> Case:
     """Generate one synthetic case in memory (cached as .npz under ``cache_dir``)."""
     cache = None
     if cache_dir is not None:
-        cache = Path(cache_dir) / f"synth-{label}-seed{seed}-m{matrix}-s{size}.npz"
+        cache = (Path(cache_dir) /
+                 f"synth-{label}-seed{seed}-m{matrix}-s{size}-{_data_code_tag()}.npz")
         if cache.exists():
             try:
                 return _load_case(cache)
@@ -296,7 +311,8 @@ def folder_cases(root: Path, *, size: int = 128, cache_dir: Path | None = None,
         it = tqdm(items, desc=f"reading {root.name}", unit="series", mininterval=5.0)
     out: list[Case] = []
     for case_id, case_dir, row in it:
-        key = hashlib.sha1(f"{root.resolve()}|{case_id}|{size}".encode()).hexdigest()[:16]
+        key = hashlib.sha1(f"{root.resolve()}|{case_id}|{size}|{_data_code_tag()}".encode()
+                           ).hexdigest()[:16]
         cache = Path(cache_dir) / f"dicom-{key}.npz" if cache_dir is not None else None
         if cache is not None and cache.exists():
             out.append(_load_case(cache))

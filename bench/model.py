@@ -1,0 +1,158 @@
+"""Detector throughput on this machine, each figure next to a bare loop of the same network.
+
+    python bench/model.py [--threads 2] [--batch-size 32] [--steps 20] [--weights CKPT]
+
+Prints, in one run:
+
+* training slices/s of the real training step (``model.train.Trainer.step``: batch sampling,
+  flip augmentation, patch swap or random geometric transforms, loss, backward, Adam) for the
+  pretraining and the multitask phase, next to a bare forward/backward/Adam loop of the same
+  network on random tensors already in memory, and the ratio (1.0 = the data pipeline costs
+  nothing);
+* inference slices/s of ``Detector.score`` (all 20 test-time transforms + reconstruction +
+  residual maps + normalisation) next to the bare forward passes it needs (one decode pass and
+  20 encoder/head passes per slice) on random tensors, and the ratio;
+* wall time to score one 40-slice synthetic DICOM series end to end (``score_series``: read,
+  preprocess, model), with its parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import losses, pretext  # noqa: E402
+from model.checkpoint import Detector, load_detector, make_checkpoint  # noqa: E402
+from model.network import MultitaskVAE, NetConfig  # noqa: E402
+from model.train import Trainer, TrainConfig, random_slices  # noqa: E402
+
+
+def _time(fn, n: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+def bench_training(cfg_net: NetConfig, batch: int, steps: int) -> dict[str, float]:
+    data = random_slices(256, cfg_net.input_size, seed=0, n_series=8)
+    out: dict[str, float] = {}
+    # real step, both phases
+    cfg = TrainConfig(method="multitask", net=cfg_net, pretrain_steps=10**9, steps=0,
+                      batch_size=batch, ckpt_every=0)
+    tr = Trainer(cfg, data)
+    out["train_pretrain_slices_per_s"] = batch / _time(tr.step, steps)
+    tr.cfg.pretrain_steps = 0
+    out["train_multitask_slices_per_s"] = batch / _time(tr.step, steps)
+    # bare loop: same network, same losses, random tensors already in memory
+    net = MultitaskVAE(cfg_net).train()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    x = torch.rand(batch, 1, cfg_net.input_size, cfg_net.input_size)
+    lab = torch.randint(0, 20, (batch,))
+
+    def bare() -> None:
+        o = net(x)
+        t = losses.multitask_loss(o, x, lab, eps=0.05, beta=0.1)
+        opt.zero_grad(set_to_none=True)
+        t["loss"].backward()
+        opt.step()
+
+    out["train_bare_slices_per_s"] = batch / _time(bare, steps)
+    out["train_ratio_pretrain"] = out["train_pretrain_slices_per_s"] / out["train_bare_slices_per_s"]
+    out["train_ratio_multitask"] = out["train_multitask_slices_per_s"] / out["train_bare_slices_per_s"]
+    return out
+
+
+def bench_inference(det: Detector, batch: int, reps: int) -> dict[str, float]:
+    s = det.input_size
+    data = random_slices(batch * 2, s, seed=1)
+    n = len(data)
+    t = _time(lambda: det.score(data.x, data.brain, batch_size=batch), reps, warmup=1)
+    out = {"infer_slices_per_s": n / t}
+    net = det.net
+    assert net is not None
+    xb = torch.rand(batch, 1, s, s)
+    views = torch.rand(batch * pretext.N_TRANSFORMS, 1, s, s)
+
+    @torch.inference_mode()
+    def bare() -> None:
+        for _ in range(n // batch):
+            net(xb, sample=False, decode=True)
+            if det.uses["geo"]:
+                net(views, sample=False, decode=False)
+
+    out["infer_bare_slices_per_s"] = n / _time(bare, reps, warmup=1)
+    out["infer_ratio"] = out["infer_slices_per_s"] / out["infer_bare_slices_per_s"]
+    return out
+
+
+def bench_series(det: Detector, n_slices: int = 40, matrix: int = 512) -> dict[str, float]:
+    try:
+        from model.synth import make_case
+        from triage_agent.inference import score_series
+        from triage_agent.synth_dicom import write_case_dicom
+    except ImportError as e:  # pragma: no cover
+        return {"series_error": f"synthetic DICOM writer unavailable: {e}"}  # type: ignore[dict-item]
+    case = make_case(4242, "normal", matrix=matrix)
+    z = case.hu.shape[0]
+    a = max(0, (z - n_slices) // 2)
+    case.hu, case.lesion_mask = case.hu[a:a + n_slices], case.lesion_mask[a:a + n_slices]
+    with tempfile.TemporaryDirectory() as d:
+        paths = write_case_dicom(case, Path(d), write_mask=False)
+        score_series(paths, det)  # warm-up
+        t0 = time.perf_counter()
+        res = score_series(paths, det)
+        wall = time.perf_counter() - t0
+    return {"series_slices_in": len(paths), "series_slices_scored": len(res.slices),
+            "series_matrix": matrix, "series_wall_s": wall,
+            **{f"series_{k}": v for k, v in res.timings.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--weights", type=Path, default=None,
+                    help="checkpoint for inference (default: bundled; else untrained network)")
+    ap.add_argument("--no-series", action="store_true")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    try:
+        det = load_detector(a.weights, device="cpu")
+        if det.net is None:
+            raise RuntimeError("HU-threshold checkpoint has no network")
+    except Exception as e:  # noqa: BLE001
+        print(f"(no usable weights: {e}; timing an untrained network)", file=sys.stderr)
+        det = Detector(make_checkpoint("multitask", net=MultitaskVAE(NetConfig())), device="cpu")
+    cfg_net = det.net.cfg  # type: ignore[union-attr]
+    res: dict[str, object] = {"threads": a.threads, "batch_size": a.batch_size,
+                              "torch": str(torch.__version__), "method": det.method}
+    res.update(bench_training(NetConfig.from_dict({**cfg_net.to_dict(), "geo_head": True}),
+                              a.batch_size, a.steps))
+    res.update(bench_inference(det, a.batch_size, a.reps))
+    if not a.no_series:
+        res.update(bench_series(det))
+    w = max(len(k) for k in res)
+    for k, v in res.items():
+        print(f"{k:<{w}}  {v:.3f}" if isinstance(v, float) else f"{k:<{w}}  {v}")
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
