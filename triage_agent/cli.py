@@ -25,14 +25,18 @@ def _command_modules() -> list[str]:
     return ordered + sorted(found - set(ordered))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """All subcommands, or only ``only`` (saves importing torch for `status`, `serve`, ...)."""
     parser = argparse.ArgumentParser(
         prog="triage-agent",
         description="DICOM node that triages non-contrast head CT studies.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in _command_modules():
+    names = _command_modules()
+    if only is not None and only in names:
+        names = [only]
+    for name in names:
         importlib.import_module(f"triage_agent.commands.{name}").register(sub)
     return parser
 
@@ -58,7 +62,9 @@ def configure_logging(level: str = "INFO", verbose: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(first.replace("-", "_") if first else None)
     args = parser.parse_args(argv)
     configure_logging(verbose=args.verbose)
     try:
