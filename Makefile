@@ -1,0 +1,30 @@
+# Two commands on a fresh machine:  `make run` starts the agent, `make test` runs the test suite.
+VENV ?= .venv
+PYTHON ?= python3
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+.PHONY: install run test lint bench-ingest bench-model
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/triage-agent serve --config agent.toml
+
+test: $(STAMP)
+	$(VENV)/bin/pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+bench-ingest: $(STAMP)
+	$(VENV)/bin/python bench/ingest.py
+
+bench-model: $(STAMP)
+	$(VENV)/bin/python bench/model.py
