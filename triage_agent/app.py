@@ -41,16 +41,23 @@ class Model:
         def score(paths: Any) -> Any:
             return score_series(
                 paths, self.detector, lambda_=t.lambda_, threshold=t.threshold,
-                aggregate=t.aggregate, top_k=t.top_k,
+                aggregate=t.aggregate, top_k=t.top_k, batch_size=cfg.model.batch_size,
             )
 
         return score
 
 
+class StartupError(Exception):
+    """The node cannot start; the message says which setting or file to fix."""
+
+
 def load_model(cfg: AgentConfig) -> Model:
     from model.checkpoint import load_detector
 
-    det = load_detector(cfg.model.weights, device=cfg.model.device)
+    try:
+        det = load_detector(cfg.model.weights, device=cfg.model.device)
+    except Exception as e:
+        raise StartupError(f"cannot load the model ([model] weights): {e}") from e
     log.info("model %s %s loaded (weights %s)", det.name, det.version, det.weights_sha256[:12])
     return Model(det.name, det.version, det.weights_sha256, det)
 

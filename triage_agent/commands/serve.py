@@ -28,12 +28,12 @@ def run(args: argparse.Namespace, *, receiver: bool = True) -> int:
     if args.port is not None:
         cfg = cfg.model_copy(update={"node": cfg.node.model_copy(update={"port": args.port})})
     configure_logging(cfg.logging.level, getattr(args, "verbose", False))
-    from triage_agent.app import App
+    from triage_agent.app import App, StartupError
 
     try:
         app = App(cfg, run_receiver=receiver, worker_count=args.workers)
         app.start()
-    except DatabaseError as e:
+    except (DatabaseError, StartupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
     except OSError as e:

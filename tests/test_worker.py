@@ -1,0 +1,59 @@
+"""The queue worker runs the detector: storescu -> complete -> queued -> scored, visible in status."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+from sqlalchemy import select
+
+from model.checkpoint import load_detector
+from model.synth import make_case
+from tests.conftest import Node, storescu
+from tests.factories import make_series
+from tests.test_model_e2e import tiny_ckpt  # noqa: F401  (module-scoped fixture)
+from triage_agent.models import Job, Result, SliceScore
+from triage_agent.synth_dicom import write_case_dicom
+
+
+def test_worker_scores_series_and_status_shows_verdict(
+    node_factory, tiny_ckpt: Path, tmp_path: Path  # noqa: F811
+) -> None:
+    node: Node = node_factory(
+        worker={"count": 1, "poll_interval_s": 0.2}, model={"weights": str(tiny_ckpt)}
+    ).start()
+    head = write_case_dicom(make_case(11, "normal", matrix=128), tmp_path / "head")
+    noise = make_series(tmp_path / "noise", n=25, seed=12, size=64)  # no head in it
+    assert storescu(node.port, head + noise).returncode == 0
+    head_uid = pydicom.dcmread(head[0]).SeriesInstanceUID
+    noise_uid = pydicom.dcmread(noise[0]).SeriesInstanceUID
+
+    rec = node.wait_state(head_uid, {"scored"}, timeout_s=60)
+    det = load_detector(tiny_ckpt, device="cpu")
+    assert rec["verdict"] in ("normal", "abnormal")
+    assert isinstance(rec["score"], float)
+    assert (rec["verdict"] == "abnormal") == (rec["score"] > rec["threshold"])
+    with node.session()() as s:
+        res = s.scalars(select(Result).where(Result.verdict != "not_assessable")).one()
+        assert res.weights_sha256 == det.weights_sha256 and res.model_version == det.version
+        for key in ("last_instance_received", "series_complete", "job_claimed",
+                    "inference_done", "inference_s"):
+            assert key in res.timings
+        slices = s.scalars(select(SliceScore).where(SliceScore.result_id == res.id)).all()
+        sops = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in head}
+        assert slices and {sl.sop_instance_uid for sl in slices} <= sops
+        assert max(sl.score for sl in slices) == res.score
+
+    rec = node.wait_state(noise_uid, {"scored"}, timeout_s=60)
+    assert rec["verdict"] == "not_assessable" and rec["score"] is None
+    with node.session()() as s:
+        assert all(j.state == "done" and j.attempts == 1 for j in s.scalars(select(Job)))
+
+
+def test_serve_with_missing_weights_says_which_setting(node_factory, tmp_path: Path) -> None:
+    node: Node = node_factory(worker={"count": 1}, model={"weights": str(tmp_path / "no.pt")})
+    try:
+        node.start(timeout_s=30)
+        raise AssertionError("node started without its model")
+    except RuntimeError as e:
+        assert "[model] weights" in str(e) and "no.pt" in str(e)
