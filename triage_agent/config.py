@@ -199,6 +199,35 @@ class WorkerConfig(_Section):
     poll_interval_s: float = Field(1.0, gt=0)
 
 
+class OutputsConfig(_Section):
+    # SeriesDescription of the SR series; the verdict is appended ("AI TRIAGE REPORT: ABNORMAL").
+    sr_series_description: str = Field("AI TRIAGE REPORT", max_length=40)
+    # SeriesDescription of the heat-map series; "{verdict}" and "{score}" are filled in.
+    sc_series_description: str = Field("AI TRIAGE {verdict} {score}", max_length=48)
+    # Also send heat maps for studies judged normal (they are always sent for abnormal ones).
+    sc_for_normal: bool = False
+    # How many of the most suspicious slices the SR references and the heat-map series shows.
+    top_k_slices: int = Field(5, ge=1, le=50)
+    # Opacity of the heat map over the brain window, 0..1.
+    heatmap_opacity: float = Field(0.45, ge=0, le=1)
+    # Perceptually uniform matplotlib colormap for the heat map.
+    colormap: str = "inferno"
+    # Manufacturer written into the SR device observer and algorithm identification.
+    manufacturer: str = "triage-agent project"
+
+
+class DeliveryConfig(_Section):
+    # Attempts per object and destination before it is dead-lettered (transient failures only).
+    max_attempts: int = Field(8, ge=1)
+    # Exponential backoff: first retry after backoff_base_s, doubling, capped at backoff_cap_s.
+    backoff_base_s: float = Field(5.0, gt=0)
+    backoff_cap_s: float = Field(600.0, gt=0)
+    # How often the sender looks for due deliveries (seconds).
+    interval_s: float = Field(2.0, gt=0)
+    # Association/DIMSE timeouts towards destinations (seconds).
+    timeout_s: float = Field(30.0, gt=0)
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -213,6 +242,8 @@ class AgentConfig(_Section):
     triage: TriageConfig = TriageConfig()
     model: ModelConfig = ModelConfig()
     worker: WorkerConfig = WorkerConfig()
+    outputs: OutputsConfig = OutputsConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
     logging: LoggingConfig = LoggingConfig()
 
     # Relative paths in the file are resolved against the file's folder, so the agent behaves the
