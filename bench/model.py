@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import losses, pretext  # noqa: E402
 from model.checkpoint import Detector, load_detector, make_checkpoint  # noqa: E402
 from model.network import MultitaskVAE, NetConfig  # noqa: E402
-from model.train import Trainer, TrainConfig, random_slices  # noqa: E402
+from model.train import TrainConfig, Trainer, random_slices  # noqa: E402
 
 
 def _time(fn, n: int, warmup: int = 2) -> float:

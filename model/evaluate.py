@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import (
+    auc,
+    average_precision_score,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
 
 from model.checkpoint import DISPLAY_NAMES, Detector
 from model.scoring import aggregate
@@ -54,7 +60,7 @@ class EvalCase:
     def slice_labels(self) -> np.ndarray:
         if self.lesion is None or not self.abnormal:
             return np.zeros(len(self.x), bool)
-        return self.lesion.reshape(len(self.x), -1).any(1)
+        return np.asarray(self.lesion.reshape(len(self.x), -1).any(1), dtype=bool)
 
 
 # ------------------------------------------------------------------------------------- metrics

@@ -24,7 +24,6 @@ import argparse
 import io
 import json
 import logging
-import math
 import os
 import sys
 import time

@@ -293,6 +293,7 @@ def folder_cases(root: Path, *, size: int = 128, cache_dir: Path | None = None,
 
     root = Path(root)
     rows: list[dict[str, str]] = []
+    items: list[tuple[str, Path | None, dict[str, Any]]]
     lab_file = root / "labels.csv"
     if lab_file.exists():
         with open(lab_file, newline="") as f:
@@ -303,7 +304,7 @@ def folder_cases(root: Path, *, size: int = 128, cache_dir: Path | None = None,
         raise FileNotFoundError(f"{lab_file} not found (a labelled set needs labels.csv)")
     else:
         items = [(uid, None, {"label": "normal", "series_instance_uid": uid, "files": files})
-                 for uid, files in find_series([root]).items()]  # type: ignore[misc]
+                 for uid, files in find_series([root]).items()]
     it: Iterable[Any] = items
     if progress:
         from tqdm import tqdm

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None:
         cases = folder_cases(args.data, size=size, cache_dir=args.cache,
                              progress=not args.no_progress)
-        meta = {"source": str(args.data.resolve())}
+        meta: dict[str, Any] = {"source": str(args.data.resolve())}
     elif args.synthetic_normals is not None or args.synthetic_abnormals is not None:
         n, m = args.synthetic_normals or 0, args.synthetic_abnormals or 0
         cases = synthetic_cases(n, m, args.seed, size=size, matrix=args.matrix,
