@@ -18,6 +18,7 @@ from triage_agent import completion, db
 from triage_agent.config import AgentConfig
 from triage_agent.models import Event, Job, JobState
 from triage_agent.receiver import Receiver
+from triage_agent.sender import Sender
 from triage_agent.storage import Storage
 from triage_agent.worker import Worker, make_worker_id
 
@@ -113,6 +114,7 @@ class App:
     workers: list[Worker] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
     model: Model | None = None
+    sender: Sender | None = None
 
     def __post_init__(self) -> None:
         db.upgrade(self.cfg.database.url)
@@ -139,15 +141,27 @@ class App:
                 self.workers.append(w)
                 self.threads.append(t)
                 t.start()
+        self.scheduler = BackgroundScheduler(timezone="UTC")
+        self.scheduler.add_job(
+            self._sweep, "interval", seconds=self.cfg.series.sweep_interval_s,
+            id="completion-sweep", max_instances=1, coalesce=True,
+        )
+        self.sender = Sender(self.cfg, self.sessions, self.storage)
+        self.scheduler.add_job(
+            self._deliver, "interval", seconds=self.cfg.delivery.interval_s,
+            id="delivery", max_instances=1, coalesce=True,
+        )
+        self.scheduler.start()
         if self.run_receiver:
-            self.scheduler = BackgroundScheduler(timezone="UTC")
-            self.scheduler.add_job(
-                self._sweep, "interval", seconds=self.cfg.series.sweep_interval_s,
-                id="completion-sweep", max_instances=1, coalesce=True,
-            )
-            self.scheduler.start()
             self.receiver = Receiver(self.cfg, self.storage, self.sessions)
             self.receiver.start()
+
+    def _deliver(self) -> None:
+        try:
+            while self.sender.run_once():
+                pass
+        except Exception:
+            log.exception("delivery run failed; will retry on the next tick")
 
     def _sweep(self) -> None:
         try:

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from triage_agent import db
 from triage_agent.cli import add_config_argument
 from triage_agent.commands._common import config_or_exit
-from triage_agent.models import Job, Result, Series, Study
+from triage_agent.models import Delivery, Job, Output, Result, Series, Study
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +41,19 @@ def collect(sessions: Any, limit: int) -> list[dict[str, Any]]:
         job_counts = dict(
             s.execute(select(Job.series_id, func.count()).group_by(Job.series_id)).all()
         )
+        result_ids = [r.id for _, _, r in rows if r is not None]
+        deliveries: dict[int, list[dict[str, Any]]] = {}
+        if result_ids:
+            for d, kind, rid in s.execute(
+                select(Delivery, Output.kind, Output.result_id)
+                .join(Output, Output.id == Delivery.output_id)
+                .where(Output.result_id.in_(result_ids))
+                .order_by(Delivery.id)
+            ).all():
+                deliveries.setdefault(rid, []).append({
+                    "id": d.id, "object": kind, "destination": d.destination, "state": d.state,
+                    "attempts": d.attempts, "last_status": d.last_status, "error": d.last_error,
+                })
     out = []
     for series, study_uid, result in rows:
         rec: dict[str, Any] = {
@@ -57,7 +70,8 @@ def collect(sessions: Any, limit: int) -> list[dict[str, Any]]:
         }
         if result is not None:
             rec.update(score=result.score, verdict=result.verdict, threshold=result.threshold,
-                       model_version=result.model_version)
+                       priority=result.priority, model_version=result.model_version,
+                       deliveries=deliveries.get(result.id, []))
         out.append(rec)
     return out
 
@@ -93,6 +107,14 @@ def run(args: argparse.Namespace) -> int:
             sc = "-" if r["score"] is None else f"{r['score']:.3f}"
             detail = f"{r['verdict']} score {sc} (threshold {r['threshold']:.3f})" + (
                 f"; {r['reason']}" if r["reason"] else "")
+            if r["deliveries"]:
+                states: dict[str, int] = {}
+                for d in r["deliveries"]:
+                    states[d["state"]] = states.get(d["state"], 0) + 1
+                detail += "; deliveries " + ", ".join(f"{n} {k}" for k, n in sorted(states.items()))
+                dead = [d for d in r["deliveries"] if d["state"] == "dead"]
+                if dead:
+                    detail += f" (dead #{dead[0]['id']} to {dead[0]['destination']}: {dead[0]['error']})"
         print(f"{r['last_received_at'][:19]:20} ...{r['series_instance_uid'][-11:]:11} "
               f"{(r['series_description'] or '')[:24]:24} {r['instances']:>4} {r['state']:11} {detail}")
     return 0

@@ -1,0 +1,104 @@
+"""Turn a scored series into DICOM result objects (SR, heat-map SC) stored for delivery.
+
+UIDs come from ``uid_key`` = series UID + generation + weights hash, so a retried job rebuilds
+byte-for-byte the same identities and the PACS never sees a second report for one run; a re-run
+after late slices is a new generation and its SR references the one it supersedes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from triage_agent.config import AgentConfig
+from triage_agent.storage import Storage, uid_hash
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuiltOutput:
+    kind: str  # "sr" | "sc"
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    relpath: str
+
+
+def priority_for(score: float | None, cfg: AgentConfig) -> str:
+    """The first priority band (highest min_score first) the score reaches, else "routine"."""
+    if score is None:
+        return "routine"
+    for band in sorted(cfg.triage.priority_bands, key=lambda b: -b.min_score):
+        if score >= band.min_score:
+            return band.name
+    return "routine"
+
+
+def top_slices(slices: Sequence[tuple[str | None, float]], k: int) -> list[int]:
+    """Indices of the k highest-scoring slices that have a source SOP Instance UID."""
+    order = sorted((i for i, (uid, _) in enumerate(slices) if uid), key=lambda i: -slices[i][1])
+    return order[:k]
+
+
+def build_outputs(
+    *,
+    cfg: AgentConfig,
+    storage: Storage,
+    source_paths: Sequence[Path],
+    result: Any,  # triage_agent.inference.SeriesResult
+    model: Any,  # name, version, weights_sha256
+    uid_key: str,
+    supersedes_path: Path | None,
+    priority: str,
+) -> list[BuiltOutput]:
+    from triage_agent.outputs.common import AlgorithmInfo, TriageFinding
+    from triage_agent.outputs.sc import build_sc_series
+    from triage_agent.outputs.sr import build_sr
+
+    out_cfg = cfg.outputs
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in source_paths]
+    idx = top_slices(result.slices, out_cfg.top_k_slices)
+    finding = TriageFinding(
+        verdict=result.verdict,
+        score=result.score,
+        threshold=result.threshold,
+        priority=priority,
+        reason=result.reason,
+        top_slices=[(str(result.slices[i][0]), float(result.slices[i][1])) for i in idx],
+    )
+    algorithm = AlgorithmInfo(name=model.name, version=model.version,
+                              weights_sha256=model.weights_sha256,
+                              manufacturer=out_cfg.manufacturer)
+    supersedes = pydicom.dcmread(supersedes_path) if supersedes_path else None
+    built: list[tuple[str, Dataset]] = [(
+        "sr",
+        build_sr(headers, finding, algorithm, uid_key=uid_key,
+                 series_description=out_cfg.sr_series_description, supersedes=supersedes),
+    )]
+    want_sc = result.verdict == "abnormal" or (result.verdict == "normal" and out_cfg.sc_for_normal)
+    if want_sc and idx and result.model_input is not None and result.heatmaps is not None:
+        images = np.asarray(result.model_input.x)[idx]
+        heat = np.asarray(result.heatmaps)[idx]
+        for ds in build_sc_series(headers, finding, algorithm, images, heat, uid_key=uid_key,
+                                  series_description=out_cfg.sc_series_description,
+                                  opacity=out_cfg.heatmap_opacity, colormap=out_cfg.colormap):
+            built.append(("sc", ds))
+    outputs = []
+    for kind, ds in built:
+        rel = f"outputs/{uid_hash(str(ds.SOPInstanceUID))[:32]}.dcm"
+        from io import BytesIO
+
+        buf = BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        storage.write_atomic(rel, [buf.getvalue()])
+        outputs.append(BuiltOutput(kind, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                                   str(ds.SeriesInstanceUID), rel))
+    return outputs
