@@ -14,11 +14,9 @@ receivers rotates between runs to spread machine noise. Prints the median wall t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,25 +28,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.factories import make_series  # noqa: E402
+from tests.peers import Orthanc, free_port, wait_echo  # noqa: E402
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_echo(port: int, aet: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        r = subprocess.run(["echoscu", "-to", "2", "-aec", aet, "127.0.0.1", str(port)],
-                           capture_output=True)
-        if r.returncode == 0:
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"{aet} on port {port} never answered C-ECHO")
 
 
 class Receiver:
@@ -105,23 +87,15 @@ class StoreSCP(Receiver):
         wait_echo(self.port, self.aet)
 
 
-class Orthanc(Receiver):
+class OrthancRx(Receiver):
     name, aet = "orthanc", "ORTHANC"
 
     def start(self) -> None:
-        cfg = {
-            "Name": "bench", "StorageDirectory": str(self.work / "db"),
-            "IndexDirectory": str(self.work / "db"), "DicomAet": self.aet,
-            "DicomPort": self.port, "HttpPort": free_port(), "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
-            "SyncStorageArea": True, "StorageCompression": False, "Plugins": [],
-            "DicomAlwaysAllowStore": True, "DicomCheckModalityHost": False,
-        }
-        path = self.work / "orthanc.json"
-        path.write_text(json.dumps(cfg))
-        self.proc = subprocess.Popen(["Orthanc", str(path)], stdout=subprocess.DEVNULL,
-                                     stderr=open(self.work / "orthanc.log", "w"))  # noqa: SIM115
-        wait_echo(self.port, self.aet)
+        self.orthanc = Orthanc(self.work).start()
+        self.port = self.orthanc.port
+
+    def stop(self) -> None:
+        self.orthanc.stop()
 
 
 def send(rx: Receiver, files: list[Path]) -> float:
@@ -142,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     for tool in ("storescu", "storescp", "echoscu", "Orthanc"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: apt-get install dcmtk orthanc")
-    kinds = [Node, StoreSCP, Orthanc]
+    kinds = [Node, StoreSCP, OrthancRx]
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         root = Path(tmp)
         print(f"# ingest benchmark, {args.runs} runs per receiver, storescu with TCP_NODELAY=1")

@@ -1,0 +1,96 @@
+"""Real peers started on ephemeral loopback ports: Orthanc (a PACS) for tests and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_echo(port: int, aet: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        r = subprocess.run(["echoscu", "-to", "2", "-aec", aet, "127.0.0.1", str(port)],
+                           capture_output=True)
+        if r.returncode == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{aet} on port {port} never answered C-ECHO")
+
+
+class Orthanc:
+    """Orthanc with a temporary config: loopback HTTP, no auth, fsync'd storage, any AE may store.
+
+    ``stop()`` and ``start()`` keep the ports and the data, so a test can take the PACS down
+    during delivery and bring it back.
+    """
+
+    aet = "ORTHANC"
+
+    def __init__(self, work: Path) -> None:
+        if shutil.which("Orthanc") is None:
+            raise RuntimeError("Orthanc not found: apt-get install orthanc")
+        self.work = work
+        work.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.http_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        cfg = {
+            "Name": "test-pacs", "StorageDirectory": str(work / "db"),
+            "IndexDirectory": str(work / "db"), "DicomAet": self.aet, "DicomPort": self.port,
+            "HttpPort": self.http_port, "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+            "SyncStorageArea": True, "StorageCompression": False, "Plugins": [],
+            "DicomAlwaysAllowStore": True, "DicomCheckModalityHost": False,
+        }
+        self.config = work / "orthanc.json"
+        self.config.write_text(json.dumps(cfg))
+
+    def start(self) -> Orthanc:
+        self.proc = subprocess.Popen(["Orthanc", str(self.config)], stdout=subprocess.DEVNULL,
+                                     stderr=open(self.work / "orthanc.log", "a"))  # noqa: SIM115
+        wait_echo(self.port, self.aet)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as r:
+            data = r.read()
+        return json.loads(data) if data[:1] in (b"{", b"[") else data
+
+    def series_of_study(self, study_uid: str) -> list[dict[str, Any]]:
+        """MainDicomTags of every series Orthanc holds for a study, with their instance ids."""
+        out = []
+        for sid in self.get("/studies"):
+            study = self.get(f"/studies/{sid}")
+            if study["MainDicomTags"].get("StudyInstanceUID") != study_uid:
+                continue
+            for ser in study["Series"]:
+                info = self.get(f"/series/{ser}")
+                out.append({**info["MainDicomTags"], "Instances": info["Instances"]})
+        return out
+
+    def instance_file(self, instance_id: str) -> bytes:
+        data = self.get(f"/instances/{instance_id}/file")
+        assert isinstance(data, bytes)
+        return data
