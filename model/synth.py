@@ -227,7 +227,9 @@ def _build_template() -> _Template:
         return _ellipsoid_r(shape, mni(*xyz), (rxyz[2], rxyz[1], rxyz[0]))
 
     # intracranial volume: brain + thin subarachnoid CSF
-    icv = _edt(~brain) <= 1.5
+    # (a 6 mm closing keeps the basal cisterns and fissures as CSF instead of skull base)
+    d_out = _edt(~brain)
+    icv = (d_out <= 1.5) | (_edt(d_out <= 6.0) > 6.0)
     depth = _edt(icv)
 
     # ventricles: deep, central CSF

@@ -225,31 +225,45 @@ _PLANE[1] = ndi.generate_binary_structure(2, 1)
 
 
 def _brain_mask(hu: np.ndarray, pixel_mm: float) -> np.ndarray:
-    """Skull-stripped brain per slice: soft tissue inside the bone, largest blob, eroded a bit."""
-    bone = hu > 200.0
+    """Skull-stripped brain: soft tissue that never touches air or fat, the largest 3D blob of
+    it, holes filled, eroded a little.
+
+    Why these rules: scalp and face are soft tissue too, and thick slices blur the skull at the
+    vertex, so "inside the bone ring" alone leaks; but scalp, face and globes always touch air
+    or fat while the brain never does (bone and CSF lie between). 3D connectivity then drops the globes and
+    other islands, while keeping every piece of brain at the skull base (temporal lobes,
+    cerebellum) that connects through the brainstem.
+    """
+    bone = hu > 150.0
     soft = (hu > -30.0) & (hu < 150.0)
     soft &= ~ndi.binary_dilation(bone, structure=_PLANE, iterations=1)
-    # opening removes the thin scalp ring and bridges through the skull base foramina
     it = max(1, round(2.5 / pixel_mm))
     soft = ndi.binary_opening(soft, structure=_PLANE, iterations=it)
-    lab, n = ndi.label(soft, structure=_PLANE)
     out = np.zeros(hu.shape, dtype=bool)
+    # air and fat: scalp, face, globes and neck touch them, the brain does not (bone between)
+    near_low = ndi.binary_dilation(hu < -40.0, structure=_PLANE, iterations=2)
+    lab, n = ndi.label(soft, structure=_PLANE)
     if n == 0:
         return out
-    sizes = np.bincount(lab.ravel())
+    area = np.bincount(lab.ravel(), minlength=n + 1)
+    contact = np.bincount(lab[near_low].ravel(), minlength=n + 1)
+    ok = (contact <= np.maximum(3, 0.1 * area)) & (area >= 4)
+    ok[0] = False
+    cand = ok[lab]
+    lab3, n3 = ndi.label(cand)
+    if n3 == 0:
+        return out
+    sizes = np.bincount(lab3.ravel())
     sizes[0] = 0
-    best = np.zeros(hu.shape[0], dtype=int)
-    best_size = np.zeros(hu.shape[0], dtype=int)
-    for lbl, sl in enumerate(ndi.find_objects(lab), start=1):
-        if sl is None:
-            continue
-        z = sl[0].start
-        if sizes[lbl] > best_size[z]:
-            best_size[z] = sizes[lbl]
-            best[z] = lbl
-    for z in range(hu.shape[0]):
-        if best[z]:
-            out[z] = ndi.binary_fill_holes(lab[z] == best[z])
+    comp = lab3 == int(np.argmax(sizes))
+    for z in np.flatnonzero(comp.any(axis=(1, 2))):
+        out[z] = ndi.binary_fill_holes(comp[z])
+    # holes filled with bone (clinoids, petrous tips) are not brain; calcifications are
+    blab, nb = ndi.label(bone & out, structure=_PLANE)
+    if nb:
+        barea = np.bincount(blab.ravel())
+        barea[0] = 0
+        out &= ~(barea > max(6, round(20 / pixel_mm**2)))[blab]
     er = max(1, round(1.5 / pixel_mm))
     return ndi.binary_erosion(out, structure=_PLANE, iterations=er)
 
