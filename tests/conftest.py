@@ -99,12 +99,16 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 # ----------------------------------------------------------------------------- the node
 
 
-def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+def write_config(path: Path, sections: dict[str, dict[str, Any]],
+                 destinations: list[dict[str, Any]] | None = None) -> Path:
     lines = []
     for name, values in sections.items():
         lines.append(f"[{name}]")
         for k, v in values.items():
             lines.append(f"{k} = {json.dumps(v)}")
+    for dest in destinations or []:
+        lines.append("[[destinations]]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in dest.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -123,7 +127,10 @@ class Node:
             "worker": {"count": 0},
         }
         for k, v in overrides.items():
-            sections.setdefault(k, {}).update(v)
+            if v is not None:
+                sections.setdefault(k, {}).update(v)
+        self.sections = sections
+        self.destinations: list[dict[str, Any]] = []
         self.config = write_config(workdir / "agent.toml", sections)
         self.db_url = db_url
         self.log_path = workdir / "node.log"
@@ -133,6 +140,10 @@ class Node:
     @property
     def storage_root(self) -> Path:
         return self.workdir / "storage"
+
+    def add_destination(self, name: str, ae_title: str, host: str, port: int) -> None:
+        self.destinations.append({"name": name, "ae_title": ae_title, "host": host, "port": port})
+        write_config(self.config, self.sections, self.destinations)
 
     def start(self, timeout_s: float = 60.0) -> Node:
         log = open(self.log_path, "a")  # noqa: SIM115 - closed with the process

@@ -37,7 +37,7 @@ def test_worker_scores_series_and_status_shows_verdict(
         res = s.scalars(select(Result).where(Result.verdict != "not_assessable")).one()
         assert res.weights_sha256 == det.weights_sha256 and res.model_version == det.version
         for key in ("last_instance_received", "series_complete", "job_claimed",
-                    "inference_done", "inference_s"):
+                    "inference_done", "inference_s", "outputs_built"):
             assert key in res.timings
         slices = s.scalars(select(SliceScore).where(SliceScore.result_id == res.id)).all()
         sops = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in head}

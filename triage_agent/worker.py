@@ -18,19 +18,22 @@ from typing import Any, Protocol
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from triage_agent import queue
+from triage_agent import publish, queue
 from triage_agent.config import AgentConfig
 from triage_agent.ingest import short_id
 from triage_agent.models import (
+    Delivery,
     Event,
     Instance,
     Job,
+    Output,
     Result,
     Series,
     SeriesState,
     SliceScore,
     utcnow,
 )
+from triage_agent.sender import destination_key
 from triage_agent.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -119,6 +122,15 @@ class Worker:
                 t0 = time.perf_counter()
                 result = self.scorer(paths)
                 infer_s = time.perf_counter() - t0
+                inference_done = utcnow()
+            priority = publish.priority_for(result.score, self.cfg)
+            t1 = time.perf_counter()
+            outputs = publish.build_outputs(
+                cfg=self.cfg, storage=self.storage, source_paths=paths, result=result,
+                model=self.model, uid_key=f"{series_uid}/{generation}/{self.model.weights_sha256}",
+                supersedes_path=self._previous_sr(series_id, generation), priority=priority,
+            )
+            outputs_s = time.perf_counter() - t1
         except PermanentJobError as e:
             self._fail(job_id, str(e), permanent=True)
             return True
@@ -131,8 +143,10 @@ class Worker:
             "last_instance_received": _iso(last_received),
             "series_complete": _iso(completed),
             "job_claimed": _iso(claimed_at),
-            "inference_done": _iso(utcnow()),
+            "inference_done": _iso(inference_done),
             "inference_s": round(infer_s, 4),
+            "outputs_s": round(outputs_s, 4),
+            "outputs_built": _iso(utcnow()),
             **{k: round(float(v), 4) for k, v in (result.timings or {}).items()},
         }
         with self.sessions() as s, s.begin():
@@ -151,9 +165,20 @@ class Worker:
                 model_version=self.model.version,
                 weights_sha256=self.model.weights_sha256,
                 timings=timings,
+                priority=priority,
             )
             s.add(row)
             s.flush()
+            deliver = self.cfg.triage.mode == "active"
+            for o in outputs:
+                orow = Output(result_id=row.id, kind=o.kind, sop_class_uid=o.sop_class_uid,
+                              sop_instance_uid=o.sop_instance_uid,
+                              series_instance_uid=o.series_instance_uid, path=o.relpath)
+                s.add(orow)
+                s.flush()
+                if deliver:
+                    s.add_all(Delivery(output_id=orow.id, destination=destination_key(d))
+                              for d in self.cfg.destinations)
             s.add_all(
                 SliceScore(result_id=row.id, sop_instance_uid=uid, slice_index=i, score=float(sc))
                 for i, (uid, sc) in enumerate(result.slices)
@@ -165,6 +190,20 @@ class Worker:
         log.info("job %d: %s (score %s)", job_id, result.verdict,
                  "-" if result.score is None else f"{result.score:.3f}")
         return True
+
+    def _previous_sr(self, series_id: int, generation: int) -> Path | None:
+        """The SR of the latest earlier generation of this series, which a re-run supersedes."""
+        with self.sessions() as s:
+            rel = s.scalar(
+                select(Output.path)
+                .join(Result, Result.id == Output.result_id)
+                .join(Job, Job.id == Result.job_id)
+                .where(Result.series_id == series_id, Output.kind == "sr",
+                       Job.generation < generation)
+                .order_by(Job.generation.desc())
+                .limit(1)
+            )
+        return self.storage.abspath(rel) if rel else None
 
     def _series_files(self, s: Session, series_id: int) -> tuple[list[Path], str, Any, Any]:
         series = s.get(Series, series_id)
