@@ -1,0 +1,180 @@
+"""Shared pieces of the SR and secondary-capture writers.
+
+Why a module of its own: the worker hands the same finding and algorithm description to both
+writers, and both must agree on how a verdict is spelled in a worklist column, how UIDs are
+derived (so a retried job re-creates the *same* objects and the PACS de-duplicates them) and
+which source images a finding may reference.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import pydicom
+from pydicom.uid import generate_uid
+
+log = logging.getLogger(__name__)
+
+#: Verdicts the detector can return, in the spelling the worker stores.
+VERDICTS: tuple[str, ...] = ("abnormal", "normal", "not_assessable")
+
+#: Root under which every UID of an output object is derived. pydicom's own root: the project
+#: has no registered root of its own; a site that has one can pass ``prefix=`` to ``derive_uid``.
+UID_PREFIX = "1.2.826.0.1.3680043.8.498."
+
+#: Longest value of a LO attribute (SeriesDescription).
+LO_MAX = 64
+
+
+class OutputError(ValueError):
+    """An output object cannot be built from the given inputs; the message says which input."""
+
+
+@dataclass(frozen=True)
+class AlgorithmInfo:
+    """Provenance written into every output, so a reader can tell which model made a claim."""
+
+    name: str
+    version: str
+    weights_sha256: str
+    manufacturer: str
+
+
+@dataclass(frozen=True)
+class TriageFinding:
+    """What the detector concluded about one series (the worker's result row, DICOM-free)."""
+
+    verdict: str  # "abnormal" | "normal" | "not_assessable"
+    score: float | None  # None when not assessable
+    threshold: float
+    priority: str  # e.g. "urgent" | "high" | "routine" (from score bands)
+    reason: str | None  # e.g. why not assessable
+    # (SOP Instance UID of a source image, slice score), most suspicious first
+    top_slices: list[tuple[str, float]] = field(default_factory=list)
+
+
+def derive_uid(*parts: str, prefix: str = UID_PREFIX) -> str:
+    """Deterministic UID from ``parts``: the same job always names its objects the same way.
+
+    A worker that crashes after sending an SR and retries must not create a second SR in the
+    PACS; deriving the UID from the job key (instead of drawing a random one) makes the retry
+    overwrite (or be ignored as) the same instance.
+    """
+    if not parts:
+        raise OutputError("derive_uid needs at least one part")
+    return str(generate_uid(prefix=prefix, entropy_srcs=["triage-agent-output", *map(str, parts)]))
+
+
+def verdict_label(verdict: str) -> str:
+    """Upper-case verdict as shown in worklist columns ("NOT ASSESSABLE")."""
+    return verdict.replace("_", " ").upper()
+
+
+def format_score(score: float | None) -> str:
+    """Score with two decimals, or "NA" when the series could not be assessed."""
+    return "NA" if score is None else f"{score:.2f}"
+
+
+def clip_lo(text: str) -> str:
+    """Trim a text to the 64 characters a LO attribute (SeriesDescription) holds."""
+    text = " ".join(text.split())
+    if len(text) > LO_MAX:
+        log.warning("series description trimmed to %d characters", LO_MAX)
+    return text[:LO_MAX]
+
+
+def validate_finding(finding: TriageFinding) -> None:
+    """Reject findings that would produce a self-contradictory report.
+
+    A "normal" SR without a score, or a "not assessable" one with a score, would mislead a
+    reader more than no SR at all; say which field is wrong instead.
+    """
+    if finding.verdict not in VERDICTS:
+        raise OutputError(f"finding.verdict must be one of {VERDICTS}, got {finding.verdict!r}")
+    if finding.verdict == "not_assessable":
+        if finding.score is not None:
+            raise OutputError("finding.score must be None when the verdict is not_assessable")
+    elif finding.score is None:
+        raise OutputError(f"finding.score is required for verdict {finding.verdict!r}")
+    if not finding.priority:
+        raise OutputError("finding.priority must be a non-empty band name")
+    uids = [uid for uid, _ in finding.top_slices]
+    if len(set(uids)) != len(uids):
+        raise OutputError("finding.top_slices lists the same SOP Instance UID twice")
+
+
+def validate_algorithm(algorithm: AlgorithmInfo) -> None:
+    """Provenance is mandatory: a report without a model version cannot be audited."""
+    for name in ("name", "version", "weights_sha256", "manufacturer"):
+        if not str(getattr(algorithm, name) or "").strip():
+            raise OutputError(f"algorithm.{name} must not be empty")
+
+
+def index_source(source: Sequence[pydicom.Dataset]) -> dict[str, pydicom.Dataset]:
+    """Map SOP Instance UID -> header, checking that all headers are one series of one study.
+
+    Outputs copy patient and study attributes from the source; mixing studies would file the
+    report under the wrong patient, the worst thing an output writer can do.
+    """
+    if len(source) == 0:
+        raise OutputError("source must contain at least one image header")
+    studies = {str(getattr(ds, "StudyInstanceUID", "")) for ds in source}
+    series = {str(getattr(ds, "SeriesInstanceUID", "")) for ds in source}
+    if len(studies) != 1 or "" in studies:
+        raise OutputError(f"source headers belong to {len(studies)} studies; pass one series")
+    if len(series) != 1 or "" in series:
+        raise OutputError(f"source headers belong to {len(series)} series; pass one series")
+    by_uid: dict[str, pydicom.Dataset] = {}
+    for ds in source:
+        for kw in ("SOPInstanceUID", "SOPClassUID"):
+            if kw not in ds:
+                raise OutputError(f"a source header has no {kw}")
+        by_uid[str(ds.SOPInstanceUID)] = ds
+    return by_uid
+
+
+def sorted_source(source: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """Source headers in a stable order (by SOP Instance UID), so two builds from the same
+    headers in a different arrival order produce byte-identical evidence sequences."""
+    return sorted(source, key=lambda ds: str(ds.SOPInstanceUID))
+
+
+def top_slice_headers(
+    finding: TriageFinding, by_uid: dict[str, pydicom.Dataset]
+) -> list[tuple[pydicom.Dataset, float]]:
+    """Resolve the finding's top slices to source headers; an unknown UID is an error because
+    a reference to an image the PACS does not hold is a dangling link in the report."""
+    out = []
+    for uid, slice_score in finding.top_slices:
+        ds = by_uid.get(str(uid))
+        if ds is None:
+            raise OutputError(
+                "finding.top_slices references an image that is not in the source series"
+            )
+        out.append((ds, float(slice_score)))
+    return out
+
+
+def split_datetime(when: datetime | None) -> tuple[str, str]:
+    """DICOM DA and TM strings for ``when`` (now when None)."""
+    when = when or datetime.now()
+    return when.strftime("%Y%m%d"), when.strftime("%H%M%S")
+
+
+def pin_times(ds: pydicom.Dataset, when: datetime | None) -> None:
+    """Replace the creation timestamps highdicom stamps with ``when`` (when given).
+
+    With all dates pinned, a rebuilt object is byte-identical to the first build, which makes a
+    retried delivery a true duplicate rather than a conflicting version of the same UID.
+    """
+    if when is None:
+        return
+    day, time = split_datetime(when)
+    ds.InstanceCreationDate = day
+    ds.InstanceCreationTime = time
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = when.strftime("%Y%m%d%H%M%S")
