@@ -1,0 +1,144 @@
+"""End-to-end latency: series complete / last instance -> results delivered to a real PACS.
+
+Starts Orthanc and the node (SQLite, bundled model, one worker), sends N synthetic head-CT series
+with DCMTK storescu, waits until every series is delivered, and prints p50/p95 of
+  delivered - series complete          (what the node adds after the quiet period)
+  delivered - last instance received   (what a radiologist waits, quiet period included)
+next to the bare model time (read + preprocess + score, in-process) for the same series measured
+in the same run, and the overhead ratio (delivered - complete) / bare model time.
+
+    python bench/e2e.py [--series 6] [--matrix 512] [--quiet 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.peers import Orthanc, free_port, wait_echo  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--series", type=int, default=6)
+    ap.add_argument("--matrix", type=int, default=512)
+    ap.add_argument("--quiet", type=float, default=2.0, help="[series] quiet_period_s")
+    ap.add_argument("--seed", type=int, default=500)
+    args = ap.parse_args(argv)
+
+    from model.synth import LESION_FAMILIES, make_case
+    from triage_agent.synth_dicom import write_case_dicom
+
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
+        root = Path(tmp)
+        print(f"# generating {args.series} synthetic series ({args.matrix}x{args.matrix})",
+              flush=True)
+        series_files = []
+        for i in range(args.series):
+            label = "normal" if i % 2 == 0 else LESION_FAMILIES[i % len(LESION_FAMILIES)]
+            case = make_case(args.seed + i, label, matrix=args.matrix)
+            series_files.append(write_case_dicom(case, root / f"case{i}"))
+        pacs = Orthanc(root / "orthanc").start()
+        port = free_port()
+        cfg = root / "agent.toml"
+        cfg.write_text(
+            f'[node]\nport = {port}\nbind_address = "127.0.0.1"\n'
+            f'[storage]\nroot = "{root / "storage"}"\n'
+            f'[database]\nurl = "sqlite:///{root / "triage.db"}"\n'
+            f"[series]\nquiet_period_s = {args.quiet}\nsweep_interval_s = 0.2\n"
+            "[worker]\ncount = 1\npoll_interval_s = 0.1\n"
+            "[delivery]\ninterval_s = 0.2\n"
+            f'[[destinations]]\nname = "pacs"\nae_title = "{pacs.aet}"\nhost = "127.0.0.1"\n'
+            f"port = {pacs.port}\n"
+        )
+        node = subprocess.Popen(
+            [sys.executable, "-m", "triage_agent.cli", "serve", "--config", str(cfg)],
+            stdout=subprocess.DEVNULL, stderr=open(root / "node.log", "w"),  # noqa: SIM115
+        )
+        try:
+            wait_echo(port, "TRIAGE", timeout_s=120)
+            print("# sending", flush=True)
+            for files in series_files:
+                subprocess.run(["storescu", "-aec", "TRIAGE", "127.0.0.1", str(port),
+                                *map(str, files)], check=True, capture_output=True,
+                               env={**os.environ, "TCP_NODELAY": "1"})
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                out = subprocess.run(
+                    [sys.executable, "-m", "triage_agent.cli", "status", "--json", "--config",
+                     str(cfg)], capture_output=True, text=True).stdout
+                recs = [json.loads(x) for x in out.splitlines() if x.strip()]
+                if len(recs) == args.series and all(
+                        r["state"] in ("delivered", "failed") for r in recs):
+                    break
+                time.sleep(1)
+            else:
+                sys.exit("not everything was delivered within 10 minutes; see node.log")
+        finally:
+            node.terminate()
+            node.wait(60)
+            pacs.stop()
+
+        from sqlalchemy import func, select
+
+        from triage_agent import db
+        from triage_agent.models import Delivery, Output, Result, Series
+
+        engine = db.make_engine(f"sqlite:///{root / 'triage.db'}")
+        after_complete, after_last = [], []
+        with db.session_factory(engine)() as s:
+            rows = s.execute(
+                select(Series.completed_at, Series.last_received_at, Series.state,
+                       func.max(Delivery.delivered_at))
+                .join(Result, Result.series_id == Series.id)
+                .join(Output, Output.result_id == Result.id)
+                .join(Delivery, Delivery.output_id == Output.id)
+                .group_by(Series.id)
+            ).all()
+        engine.dispose()
+        for completed, last, state, delivered in rows:
+            if state != "delivered" or delivered is None:
+                continue
+            after_complete.append((delivered - completed).total_seconds())
+            after_last.append((delivered - last).total_seconds())
+
+        from model.checkpoint import load_detector
+        from triage_agent.inference import score_series
+
+        det = load_detector(None, device="auto")
+        score_series(series_files[0], det)  # warm-up
+        bare = []
+        for files in series_files:
+            t0 = time.perf_counter()
+            score_series(files, det)
+            bare.append(time.perf_counter() - t0)
+
+    print(f"delivered series: {len(after_complete)}/{args.series} "
+          f"(quiet period {args.quiet:g} s, {args.matrix}x{args.matrix})")
+    print(f"{'':32} {'p50 s':>7} {'p95 s':>7}")
+    print(f"{'delivered - series complete':32} {pct(after_complete, .5):7.2f} "
+          f"{pct(after_complete, .95):7.2f}")
+    print(f"{'delivered - last instance':32} {pct(after_last, .5):7.2f} {pct(after_last, .95):7.2f}")
+    print(f"{'bare model time (same series)':32} {pct(bare, .5):7.2f} {pct(bare, .95):7.2f}")
+    print(f"overhead ratio p50 (delivered - complete) / bare model = "
+          f"{statistics.median(after_complete) / statistics.median(bare):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
