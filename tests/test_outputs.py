@@ -266,6 +266,8 @@ def test_sr_site_priority_band_uses_declared_private_code(
         ({"verdict": "maybe"}, "verdict"),
         ({"score": None}, "score is required"),
         ({"top_slices": [("1.2.3.4", 1.0)]}, "not in the source"),
+        ({"score": float("nan")}, "finite"),
+        ({"threshold": None}, "threshold"),
     ],
 )
 def test_sr_rejects_inconsistent_findings(

@@ -9,6 +9,7 @@ which source images a finding may reference.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -94,6 +95,12 @@ def validate_finding(finding: TriageFinding) -> None:
     """
     if finding.verdict not in VERDICTS:
         raise OutputError(f"finding.verdict must be one of {VERDICTS}, got {finding.verdict!r}")
+    if not isinstance(finding.threshold, int | float) or not math.isfinite(finding.threshold):
+        raise OutputError(f"finding.threshold must be a finite number, got {finding.threshold!r}")
+    if finding.score is not None and not math.isfinite(finding.score):
+        raise OutputError(f"finding.score must be finite or None, got {finding.score!r}")
+    if any(not math.isfinite(float(s)) for _, s in finding.top_slices):
+        raise OutputError("finding.top_slices holds a non-finite slice score")
     if finding.verdict == "not_assessable":
         if finding.score is not None:
             raise OutputError("finding.score must be None when the verdict is not_assessable")
@@ -175,6 +182,9 @@ def pin_times(ds: pydicom.Dataset, when: datetime | None) -> None:
     day, time = split_datetime(when)
     ds.InstanceCreationDate = day
     ds.InstanceCreationTime = time
+    if "DateOfSecondaryCapture" in ds:
+        ds.DateOfSecondaryCapture = day
+        ds.TimeOfSecondaryCapture = time
     for item in ds.get("ContributingEquipmentSequence", []):
         if "ContributionDateTime" in item:
             item.ContributionDateTime = when.strftime("%Y%m%d%H%M%S")

@@ -304,6 +304,7 @@ def build_sc_series(
         # General Series Laterality is 2C on BodyPartExamined; a head is not a paired organ
         sc.BodyPartExamined = str(getattr(ref, "BodyPartExamined", "") or "HEAD")
         pin_times(sc, content_datetime)
+        sc.ConversionType = "WSD"  # made by a workstation, not captured from a video interface
         sc.BurnedInAnnotation = "YES"
         sc.RecognizableVisualFeatures = "NO"
         sc.LossyImageCompression = "00"

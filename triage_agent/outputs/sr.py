@@ -261,7 +261,10 @@ def build_sr(
             )
         )
     day, time = split_datetime(content_datetime)
-    description = clip_lo(f"{series_description}: {verdict_label(finding.verdict)}")
+    prefix = series_description.strip()
+    description = clip_lo(
+        f"{prefix}: {verdict_label(finding.verdict)}" if prefix else verdict_label(finding.verdict)
+    )
     try:
         sr = hd.sr.Comprehensive3DSR(
             evidence=evidence,
