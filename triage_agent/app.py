@@ -157,6 +157,7 @@ class App:
             self.receiver.start()
 
     def _deliver(self) -> None:
+        assert self.sender is not None
         try:
             while self.sender.run_once():
                 pass

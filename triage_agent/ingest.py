@@ -10,10 +10,10 @@ import hashlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -277,7 +277,7 @@ def persist(
     with sessions() as s, s.begin():
         series = _upsert_series(s, info, ignored)
         ins = _insert(s)
-        inserted = s.execute(
+        inserted = cast(CursorResult[Any], s.execute(
             ins(Instance)
             .values(
                 sop_instance_uid=info.sop_instance_uid,
@@ -293,7 +293,7 @@ def persist(
                 received_at=utcnow(),
             )
             .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-        ).rowcount
+        )).rowcount
         if inserted:
             values: dict[str, Any] = {
                 "instance_count": Series.instance_count + 1,
@@ -359,18 +359,18 @@ def _file_preamble(info: InstanceInfo) -> bytes:
     Depends only on the SOP class/instance and transfer syntax, so the same dataset from two
     senders gives byte-identical files and one digest.
     """
-    from io import BytesIO
-
     from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import UID
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = info.sop_class_uid
-    meta.MediaStorageSOPInstanceUID = info.sop_instance_uid
-    meta.TransferSyntaxUID = info.transfer_syntax_uid
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.MediaStorageSOPClassUID = UID(info.sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(info.sop_instance_uid)
+    meta.TransferSyntaxUID = UID(info.transfer_syntax_uid)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = "TRIAGE_AGENT_01"
-    buf = BytesIO()
+    buf = DicomBytesIO()
     buf.write(b"\0" * 128 + b"DICM")
     write_file_meta_info(buf, meta, enforce_standard=True)
     return buf.getvalue()

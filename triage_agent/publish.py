@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -87,15 +88,13 @@ def build_outputs(
     if want_sc and idx and result.model_input is not None and result.heatmaps is not None:
         images = np.asarray(result.model_input.x)[idx]
         heat = np.asarray(result.heatmaps)[idx]
-        for ds in build_sc_series(headers, finding, algorithm, images, heat, uid_key=uid_key,
+        for sc in build_sc_series(headers, finding, algorithm, images, heat, uid_key=uid_key,
                                   series_description=out_cfg.sc_series_description,
                                   opacity=out_cfg.heatmap_opacity, colormap=out_cfg.colormap):
-            built.append(("sc", ds))
+            built.append(("sc", sc))
     outputs = []
     for kind, ds in built:
         rel = f"outputs/{uid_hash(str(ds.SOPInstanceUID))[:32]}.dcm"
-        from io import BytesIO
-
         buf = BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         storage.write_atomic(rel, [buf.getvalue()])

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+from typing import Any, cast
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import CursorResult, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from triage_agent.models import Job, JobState, Series, SeriesState, utcnow
@@ -62,7 +63,7 @@ def renew(session: Session, job_id: int, worker_id: str, lease_s: float) -> bool
         .where(Job.id == job_id, Job.worker_id == worker_id, Job.state == JobState.RUNNING)
         .values(lease_until=utcnow() + dt.timedelta(seconds=lease_s))
     )
-    return bool(res.rowcount)
+    return bool(cast(CursorResult[Any], res).rowcount)
 
 
 def complete(session: Session, job: Job, series_state: str = SeriesState.SCORED) -> None:

@@ -88,9 +88,9 @@ def send_files(
     except (OSError, ssl.SSLError) as e:
         return [SendOutcome(TRANSIENT, None, f"cannot connect: {e}")] * len(files)
     if assoc.is_rejected:
-        rsp = assoc.acceptor.primitive
-        result = getattr(rsp, "result", None)
-        why = f"association rejected (result {result}, reason {getattr(rsp, 'diagnostic', '?')})"
+        rej = assoc.acceptor.primitive
+        result = getattr(rej, "result", None)
+        why = f"association rejected (result {result}, reason {getattr(rej, 'diagnostic', '?')})"
         kind = PERMANENT if result == 1 else TRANSIENT
         return [SendOutcome(kind, None, why)] * len(files)
     if not assoc.is_established:
