@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,13 @@ def build_outputs(
     uid_key: str,
     supersedes_path: Path | None,
     priority: str,
+    content_datetime: datetime | None = None,
 ) -> list[BuiltOutput]:
+    """Build, write (atomically) and describe the SR and, where wanted, the heat-map series.
+
+    ``content_datetime`` should be fixed per generation (the series' completion time) so that a
+    retried job writes byte-identical objects, not just the same UIDs.
+    """
     from triage_agent.outputs.common import AlgorithmInfo, TriageFinding
     from triage_agent.outputs.sc import build_sc_series
     from triage_agent.outputs.sr import build_sr
@@ -82,7 +89,8 @@ def build_outputs(
     built: list[tuple[str, Dataset]] = [(
         "sr",
         build_sr(headers, finding, algorithm, uid_key=uid_key,
-                 series_description=out_cfg.sr_series_description, supersedes=supersedes),
+                 series_description=out_cfg.sr_series_description, supersedes=supersedes,
+                 content_datetime=content_datetime),
     )]
     want_sc = result.verdict == "abnormal" or (result.verdict == "normal" and out_cfg.sc_for_normal)
     if want_sc and idx and result.model_input is not None and result.heatmaps is not None:
@@ -90,7 +98,9 @@ def build_outputs(
         heat = np.asarray(result.heatmaps)[idx]
         for sc in build_sc_series(headers, finding, algorithm, images, heat, uid_key=uid_key,
                                   series_description=out_cfg.sc_series_description,
-                                  opacity=out_cfg.heatmap_opacity, colormap=out_cfg.colormap):
+                                  opacity=out_cfg.heatmap_opacity, colormap=out_cfg.colormap,
+                                  pixel_spacing_mm=getattr(result.model_input, "pixel_mm", None)
+                                  or None, content_datetime=content_datetime):
             built.append(("sc", sc))
     outputs = []
     for kind, ds in built:

@@ -129,6 +129,7 @@ class Worker:
                 cfg=self.cfg, storage=self.storage, source_paths=paths, result=result,
                 model=self.model, uid_key=f"{series_uid}/{generation}/{self.model.weights_sha256}",
                 supersedes_path=self._previous_sr(series_id, generation), priority=priority,
+                content_datetime=completed,
             )
             outputs_s = time.perf_counter() - t1
         except PermanentJobError as e:
