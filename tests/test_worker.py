@@ -12,7 +12,7 @@ from model.synth import make_case
 from tests.conftest import Node, storescu
 from tests.factories import make_series
 from tests.test_model_e2e import tiny_ckpt  # noqa: F401  (module-scoped fixture)
-from triage_agent.models import Job, Result, SliceScore
+from triage_agent.models import Job, Output, Result, SliceScore
 from triage_agent.synth_dicom import write_case_dicom
 
 
@@ -57,3 +57,55 @@ def test_serve_with_missing_weights_says_which_setting(node_factory, tmp_path: P
         raise AssertionError("node started without its model")
     except RuntimeError as e:
         assert "[model] weights" in str(e) and "no.pt" in str(e)
+
+
+def test_late_slices_give_a_superseding_sr(node_factory, tiny_ckpt: Path, tmp_path: Path) -> None:  # noqa: F811
+    node: Node = node_factory(
+        worker={"count": 1, "poll_interval_s": 0.2}, model={"weights": str(tiny_ckpt)},
+        series={"min_slices": 10},
+    ).start()
+    files = sorted(write_case_dicom(make_case(13, "normal", matrix=128), tmp_path / "head"))
+    uid = pydicom.dcmread(files[0]).SeriesInstanceUID
+    assert storescu(node.port, files[:-4]).returncode == 0
+    node.wait_state(uid, {"scored"}, timeout_s=60)
+    assert storescu(node.port, files[-4:]).returncode == 0
+    node.wait_state(uid, {"receiving", "queued", "processing"}, timeout_s=10)
+    node.wait_state(uid, {"scored"}, timeout_s=60)
+    with node.session()() as s:
+        srs = s.execute(
+            select(Output, Job.generation).join(Result, Result.id == Output.result_id)
+            .join(Job, Job.id == Result.job_id).where(Output.kind == "sr").order_by(Job.generation)
+        ).all()
+    assert [g for _, g in srs] == [1, 2]
+    first, second = (pydicom.dcmread(node.storage_root / o.path) for o, _ in srs)
+    assert first.SOPInstanceUID != second.SOPInstanceUID
+    refs = [r.ReferencedSOPInstanceUID for st in second.PredecessorDocumentsSequence
+            for se in st.ReferencedSeriesSequence for r in se.ReferencedSOPSequence]
+    assert refs == [first.SOPInstanceUID]
+
+
+def test_rebuilding_outputs_of_a_job_gives_identical_objects(tiny_ckpt: Path, tmp_path: Path) -> None:  # noqa: F811
+    import datetime as dt
+
+    from triage_agent.app import Model
+    from triage_agent.config import AgentConfig
+    from triage_agent.inference import score_series
+    from triage_agent.publish import build_outputs
+    from triage_agent.storage import Storage
+
+    det = load_detector(tiny_ckpt, device="cpu")
+    files = write_case_dicom(make_case(14, "subdural_haematoma", matrix=128), tmp_path / "h")
+    res = score_series(files, det, threshold=-1e9)  # force "abnormal" so the SC path runs too
+    assert res.verdict == "abnormal"
+    model = Model(det.name, det.version, det.weights_sha256, det)
+    when = dt.datetime(2026, 11, 26, 12, 0, 0)
+    built = []
+    for run in range(2):
+        storage = Storage(tmp_path / f"st{run}")
+        outs = build_outputs(cfg=AgentConfig(), storage=storage, source_paths=files, result=res,
+                             model=model, uid_key="1.2.3/1/abc", supersedes_path=None,
+                             priority="urgent", content_datetime=when)
+        built.append([(o.kind, o.sop_instance_uid, (storage.root / o.relpath).read_bytes())
+                      for o in outs])
+    assert [k for k, _, _ in built[0]] == ["sr"] + ["sc"] * 5
+    assert built[0] == built[1]
