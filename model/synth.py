@@ -236,6 +236,13 @@ def _build_template() -> _Template:
     vent_c = (csf_in_brain > 0.55) & (depth > 10)
     xx = np.arange(shape[2])[None, None, :]
     vent_c &= np.abs(xx - mni_origin[2]) < 32
+    # on the midline only the third ventricle is ventricle; the rest is fissure and cistern
+    zi = np.arange(shape[0], dtype=np.float32)[:, None, None]
+    yi = np.arange(shape[1], dtype=np.float32)[None, :, None]
+    y_mni = mni_origin[1] - yi
+    z_mni = zi - mni_origin[0]
+    third = (y_mni > -28) & (y_mni < 4) & (z_mni > -12) & (z_mni < 14)
+    vent_c &= ~((np.abs(xx - mni_origin[2]) < 3.5) & ~third)
     lab, n = ndi.label(vent_c)
     sizes = ndi.sum(vent_c, lab, index=np.arange(1, n + 1))
     vent = np.isin(lab, np.flatnonzero(sizes >= 150) + 1)
@@ -255,8 +262,6 @@ def _build_template() -> _Template:
     env[:zb] = env[zb]
     d_skull = _edt(~env)
 
-    zi = np.arange(shape[0], dtype=np.float32)[:, None, None]
-    yi = np.arange(shape[1], dtype=np.float32)[None, :, None]
     c = np.array(np.argwhere(icv).mean(0), dtype=float)
     lat = np.abs(xx - c[2]) / 70.0
     post = (yi - c[1]) / 90.0
@@ -473,8 +478,8 @@ def _add_lesion_alpha(anat: _Anatomy, box: tuple[slice, ...], alpha: np.ndarray)
 
 
 def _lesion_atrophy(anat: _Anatomy, tpl: _Template, rng: np.random.Generator, subtle: bool) -> None:
-    grow = rng.uniform(2.0, 3.0) if subtle else rng.uniform(3.0, 5.0)
-    sulc = rng.uniform(0.06, 0.09) if subtle else rng.uniform(0.09, 0.15)
+    grow = rng.uniform(1.2, 2.0) if subtle else rng.uniform(2.0, 3.5)
+    sulc = rng.uniform(0.05, 0.08) if subtle else rng.uniform(0.08, 0.13)
     before = anat.csf_extra.copy()
     _apply_csf_variation(
         anat, tpl, anat.params["vent_grow"] + grow, anat.params["sulc_open"] + sulc
@@ -566,21 +571,24 @@ def _lesion_edh(anat: _Anatomy, tpl: _Template, rng: np.random.Generator, subtle
 def _lesion_sah(anat: _Anatomy, tpl: _Template, rng: np.random.Generator, subtle: bool) -> None:
     """Blood replacing CSF in sulci/cisterns (aneurysmal: basal; traumatic: convexity)."""
     basal = (not subtle) and rng.random() < 0.6
-    if basal:
-        c = _mni_to_index(tpl, rng.uniform(-8, 8), rng.uniform(-10, 5), rng.uniform(-18, -8))
-        rad = rng.uniform(25, 35)
+    if basal:  # suprasellar, ambient and sylvian cisterns: flat and wide
+        c = _mni_to_index(tpl, rng.uniform(-6, 6), rng.uniform(-8, 6), rng.uniform(-14, -6))
+        rad = rng.uniform(28, 40)
+        radii = np.array([rng.uniform(7, 10), rad, rad])
     else:
         cond = (tpl.depth > 3) & (tpl.depth < 10)
         c = _sample_point(rng, tpl, cond, side=int(rng.choice([-1, 1])))
         rad = rng.uniform(8, 14) if subtle else rng.uniform(15, 28)
-    box = _box(c, rad * 1.2, tpl.gm.shape)
+        radii = np.full(3, rad)
+    box = _box(c, radii * 1.3, tpl.gm.shape)
     bz, by, bx = _box_coords(box)
-    w = np.exp(-(((bz - c[0]) ** 2 + (by - c[1]) ** 2 + (bx - c[2]) ** 2) / (2 * (rad / 1.8) ** 2)))
+    q = ((bz - c[0]) / radii[0]) ** 2 + ((by - c[1]) / radii[1]) ** 2
+    w = np.exp(-1.62 * (q + ((bx - c[2]) / radii[2]) ** 2))
     csf = np.clip(1.0 - tpl.gm[box] - tpl.wm[box], 0, 1) * tpl.icv[box]
     csf = np.maximum(csf, np.clip(tpl.sulc[box] * 2.5, 0, 1))  # blurred sulci in the template
     csf = np.maximum(csf, anat.csf_extra[box])
     csf = csf * (tpl.vent_sd[box] > 1.5)  # not in the ventricles
-    alpha = (csf * np.clip(w * 1.6, 0, 1)).astype(np.float32)
+    alpha = (csf * np.clip(w * 2.2, 0, 1)).astype(np.float32)
     hu = rng.uniform(48, 58) if subtle else rng.uniform(60, 80)
     anat.overlays.append((box, alpha, hu))
     _add_lesion_alpha(anat, box, np.where(alpha > 0.35, alpha, 0).astype(np.float32))
@@ -881,7 +889,9 @@ def _skull_and_scalp(
     val[base] = (0.5 * (cort + dip) + 250.0 * tex)[base]
     fd = tpl.outer_depth
     face = cls == _CLS_FACE
-    ffat = np.clip(1.0 - np.abs(fd - 5.0) / 3.0, 0, 1)
+    # subcutaneous fat under the skin, and irregular deep fat planes between the muscles
+    ffat = np.clip((fd - 1.5) / 1.0, 0, 1) * np.clip((9.0 - fd) / 1.5, 0, 1)
+    ffat = np.maximum(ffat, np.clip((tex - 0.9) / 0.4, 0, 1) * np.clip((fd - 10.0) / 3.0, 0, 1))
     val[face] = (p["soft"] * (1 - ffat) + p["fat"] * ffat + 4.0 * tex)[face]
     val[cls == _CLS_AIR] = -1000.0
     val[cls == _CLS_ORBIT_FAT] = p["fat"] - 10.0
@@ -899,11 +909,11 @@ def _hu_params(rng: np.random.Generator) -> dict[str, float]:
         "csf": rng.uniform(3, 12),
         "wm": wm,
         "gm": rng.uniform(max(35.0, wm + 8.0), 44.0),
-        "bone_cortical": rng.uniform(1300, 1800),
-        "bone_diploe": rng.uniform(550, 900),
+        "bone_cortical": rng.uniform(1700, 2300),
+        "bone_diploe": rng.uniform(600, 1000),
         "soft": rng.uniform(35, 55),
         "fat": rng.uniform(-110, -70),
-        "skull_mm": rng.uniform(5.0, 8.0),
+        "skull_mm": rng.uniform(5.5, 8.5),
         "globe": rng.uniform(8, 20),
         "lens": rng.uniform(70, 110),
         "scalp_mm": rng.uniform(4.0, 7.5),
@@ -997,7 +1007,7 @@ def make_case(
 
     tpl = _template()
     hu_p = _hu_params(rng_anat)
-    vent_grow = float(rng_anat.uniform(-1.0, 2.5))
+    vent_grow = float(rng_anat.uniform(-1.0, 1.5))
     sulc_open = float(rng_anat.uniform(0.0, 0.12))
     anat = _Anatomy(gm=tpl.gm.copy(), wm=tpl.wm.copy(), csf_extra=np.zeros_like(tpl.gm))
     anat.params.update(vent_grow=vent_grow, sulc_open=sulc_open)

@@ -140,8 +140,11 @@ def test_model_inputs_head_centred(case: SynthCase) -> None:
                        vol.sop_instance_uids)  # fmt: skip
     a = model_inputs(vol)
     b = model_inputs(shifted)
-    assert np.array_equal(a.slice_index, b.slice_index)
-    assert np.mean(np.abs(a.x - b.x)) < 0.02
+    common, ia, ib = np.intersect1d(a.slice_index, b.slice_index, return_indices=True)
+    assert len(common) >= 0.9 * max(len(a.slice_index), len(b.slice_index))
+    assert np.mean(np.abs(a.x[ia] - b.x[ib])) < 0.02
+    inter = (a.brain[ia] & b.brain[ib]).sum()
+    assert inter / max(a.brain[ia].sum(), 1) > 0.9
 
 
 def test_model_inputs_errors() -> None:

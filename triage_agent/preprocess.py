@@ -224,6 +224,12 @@ _PLANE = np.zeros((3, 3, 3), dtype=bool)
 _PLANE[1] = ndi.generate_binary_structure(2, 1)
 
 
+def _PLANE_DISK(r: int) -> np.ndarray:  # noqa: N802 - constant-like helper
+    """In-plane disk footprint of radius ``r`` pixels for 3D (Z, Y, X) filters."""
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    return (yy * yy + xx * xx <= r * r)[None]
+
+
 def _brain_mask(hu: np.ndarray, pixel_mm: float) -> np.ndarray:
     """Skull-stripped brain: soft tissue that never touches air or fat, the largest 3D blob of
     it, holes filled, eroded a little.
@@ -247,15 +253,26 @@ def _brain_mask(hu: np.ndarray, pixel_mm: float) -> np.ndarray:
         return out
     area = np.bincount(lab.ravel(), minlength=n + 1)
     contact = np.bincount(lab[near_low].ravel(), minlength=n + 1)
-    ok = (contact <= np.maximum(3, 0.1 * area)) & (area >= 4)
+    # ring-based: what fraction of the tissue around each blob is air or fat
+    grown = ndi.grey_dilation(lab, footprint=_PLANE_DISK(3))
+    ring = (grown > 0) & (lab == 0)
+    ring_n = np.bincount(grown[ring].ravel(), minlength=n + 1)
+    ring_low = np.bincount(grown[ring & (hu < -40.0)].ravel(), minlength=n + 1)
+    low_frac = ring_low / np.maximum(ring_n, 1)
+    ok = (contact <= np.maximum(3, 0.1 * area)) & (low_frac <= 0.22) & (area >= 4)
     ok[0] = False
     cand = ok[lab]
-    lab3, n3 = ndi.label(cand)
+    # a one-voxel 3D erosion cuts thin contacts (face under the frontal lobe, thick slices),
+    # then the largest blob is grown back inside the candidates
+    core = ndi.binary_erosion(cand)
+    lab3, n3 = ndi.label(core)
     if n3 == 0:
-        return out
+        lab3, n3 = ndi.label(cand)
+        if n3 == 0:
+            return out
     sizes = np.bincount(lab3.ravel())
     sizes[0] = 0
-    comp = lab3 == int(np.argmax(sizes))
+    comp = ndi.binary_dilation(lab3 == int(np.argmax(sizes)), iterations=2, mask=cand)
     for z in np.flatnonzero(comp.any(axis=(1, 2))):
         out[z] = ndi.binary_fill_holes(comp[z])
     # holes filled with bone (clinoids, petrous tips) are not brain; calcifications are
