@@ -125,6 +125,7 @@ class Node:
             "database": {"url": db_url},
             "series": {"quiet_period_s": 1.0, "sweep_interval_s": 0.2},
             "worker": {"count": 0},
+            "http": {"port": 0},
         }
         for k, v in overrides.items():
             if v is not None:
@@ -166,7 +167,9 @@ class Node:
         if not ready:
             self.kill()
             raise RuntimeError(f"node did not start:\n{self.log_path.read_text()[-3000:]}")
-        self.port = int(ready[0].split()[-1])
+        words = ready[0].split()
+        self.port = int(words[words.index("port") + 1])
+        self.http_port = int(words[words.index("http") + 1]) if "http" in words else 0
         return self
 
     def stop(self, timeout_s: float = 30.0) -> int:

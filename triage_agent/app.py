@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -11,10 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from prometheus_client import REGISTRY
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from triage_agent import completion, db
+from triage_agent import completion, db, metrics
 from triage_agent.config import AgentConfig
 from triage_agent.models import Event, Job, JobState
 from triage_agent.receiver import Receiver
@@ -60,6 +62,7 @@ def load_model(cfg: AgentConfig) -> Model:
     except Exception as e:
         raise StartupError(f"cannot load the model ([model] weights): {e}") from e
     log.info("model %s %s loaded (weights %s)", det.name, det.version, det.weights_sha256[:12])
+    metrics.MODEL_INFO.labels(det.name, det.version, det.weights_sha256).set(1)
     return Model(det.name, det.version, det.weights_sha256, det)
 
 
@@ -115,6 +118,7 @@ class App:
     threads: list[threading.Thread] = field(default_factory=list)
     model: Model | None = None
     sender: Sender | None = None
+    web: Any = None
 
     def __post_init__(self) -> None:
         db.upgrade(self.cfg.database.url)
@@ -122,6 +126,8 @@ class App:
         db.check_connection(self.engine)
         self.sessions = db.session_factory(self.engine)
         self.storage = Storage(self.cfg.storage.root, self.cfg.storage.high_water_percent)
+        with contextlib.suppress(ValueError):  # already registered (several Apps in one process)
+            REGISTRY.register(metrics.DatabaseCollector(self.sessions))
 
     def start(self) -> None:
         removed = self.storage.clean_tmp()
@@ -155,6 +161,11 @@ class App:
         if self.run_receiver:
             self.receiver = Receiver(self.cfg, self.storage, self.sessions)
             self.receiver.start()
+        if self.cfg.http.enabled:
+            from triage_agent.web import WebServer
+
+            self.web = WebServer(self)
+            self.web.start()
 
     def _deliver(self) -> None:
         assert self.sender is not None
@@ -170,8 +181,45 @@ class App:
         except Exception:
             log.exception("completion sweep failed; will retry on the next tick")
 
+    # Sections a SIGHUP applies; the others (ports, database, storage, model) need a restart.
+    RELOADABLE = ("triage", "destinations", "delivery", "outputs", "security", "series", "logging")
+
+    def reload(self, new: AgentConfig) -> list[str]:
+        """Apply reloadable settings from ``new`` without dropping associations.
+
+        Returns the sections that changed; sections that would need a restart are logged and
+        left as they are.
+        """
+        old = self.cfg
+        changed = [k for k in AgentConfig.model_fields if getattr(old, k) != getattr(new, k)]
+        ignored = [k for k in changed if k not in self.RELOADABLE]
+        applied = [k for k in changed if k in self.RELOADABLE]
+        if ignored:
+            log.warning("reload: %s changed but need(s) a restart; kept as they were",
+                        ", ".join(ignored))
+        cfg = old.model_copy(update={k: getattr(new, k) for k in applied})
+        self.cfg = cfg
+        if self.receiver is not None:
+            self.receiver.cfg = cfg  # read per association: new allow-lists apply to the next one
+        if self.sender is not None:
+            self.sender.cfg = cfg
+        scorer = self.model.scorer(cfg) if self.model is not None else None
+        for w in self.workers:
+            w.cfg = cfg
+            if scorer is not None:
+                w.scorer = scorer
+        if applied:
+            log.info("reload: applied %s", ", ".join(applied))
+            with self.sessions() as s, s.begin():
+                s.add(Event(kind="config_reloaded",
+                            detail="applied: " + ", ".join(applied)
+                            + ("; needs restart: " + ", ".join(ignored) if ignored else "")))
+        return applied
+
     def stop(self, grace_s: float = 30.0) -> None:
         """Stop taking associations, let in-flight ones finish, stop scheduler and workers."""
+        if self.web is not None:
+            self.web.stop()
         if self.receiver is not None:
             self.receiver.stop()
             deadline = time.monotonic() + grace_s

@@ -48,11 +48,32 @@ def add_config_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def configure_logging(level: str = "INFO", verbose: bool = False) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line for log collectors (same fields as the text format)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        obj = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            obj["exception"] = self.formatException(record.exc_info)
+        return json.dumps(obj)
+
+
+def configure_logging(level: str = "INFO", verbose: bool = False, fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter() if fmt == "json"
+        else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    )
     logging.basicConfig(
         level=logging.DEBUG if verbose else getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[handler],
         force=True,
     )
     # pynetdicom logs request identifiers (patient names/IDs) at INFO/DEBUG; keep it at WARNING.

@@ -228,8 +228,27 @@ class DeliveryConfig(_Section):
     timeout_s: float = Field(30.0, gt=0)
 
 
+class HttpConfig(_Section):
+    enabled: bool = True
+    # Loopback by default: the status page shows study details; expose it deliberately.
+    bind_address: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    # Show patient name and ID on the status page (admins only; off by default).
+    show_patient_identifiers: bool = False
+    # Rows on the status page.
+    page_size: int = Field(50, ge=1, le=1000)
+
+    @field_validator("bind_address")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # "text" for people, "json" (one object per line) for log collectors.
+    format: Literal["text", "json"] = "text"
 
 
 class AgentConfig(_Section):
@@ -244,6 +263,7 @@ class AgentConfig(_Section):
     worker: WorkerConfig = WorkerConfig()
     outputs: OutputsConfig = OutputsConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
 
     # Relative paths in the file are resolved against the file's folder, so the agent behaves the

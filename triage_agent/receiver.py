@@ -31,7 +31,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from triage_agent import ingest
+from triage_agent import ingest, metrics
 from triage_agent.config import AgentConfig
 from triage_agent.storage import Storage, StorageFullError
 
@@ -146,15 +146,16 @@ def handle_requested(event: Any, rx: Receiver) -> None:
     address = str(event.assoc.requestor.address)
     sec = rx.cfg.security
     reject: tuple[int, int, int] | None = None
-    why = ""
+    why = label = ""
     if called != rx.cfg.node.ae_title:
-        reject, why = (0x01, 0x01, 0x07), f"called AE title {called!r} is not ours"
+        reject, label, why = (1, 1, 7), "called_ae", f"called AE title {called!r} is not ours"
     elif not sec.calling_ae_allowed(calling):
-        reject, why = (0x01, 0x01, 0x03), f"calling AE title {calling!r} not allowed"
+        reject, label, why = (1, 1, 3), "calling_ae", f"calling AE title {calling!r} not allowed"
     elif not sec.address_allowed(address):
-        reject, why = (0x01, 0x01, 0x01), f"source address {address} not allowed"
+        reject, label, why = (1, 1, 1), "source_address", f"source address {address} not allowed"
     if reject is None:
         return
+    metrics.ASSOCIATIONS.labels("rejected", label).inc()
     event.assoc.acse.send_reject(*reject)
     log.warning("association rejected: %s", why)
     ingest.audit(rx.sessions, "association_rejected", calling_ae=calling, source_address=address,
@@ -163,6 +164,7 @@ def handle_requested(event: Any, rx: Receiver) -> None:
 
 def handle_accepted(event: Any, rx: Receiver) -> None:
     calling, address = _peer(event)
+    metrics.ASSOCIATIONS.labels("accepted", "").inc()
     log.info("association accepted from %s at %s", calling, address)
     ingest.audit(rx.sessions, "association_accepted", calling_ae=calling, source_address=address)
 
@@ -187,6 +189,7 @@ def handle_store(event: Any, rx: Receiver) -> Dataset | int:
     ts = str(event.context.transfer_syntax)
 
     def refuse(status: int, comment: str, kind: str = "store_failed") -> Dataset:
+        metrics.INSTANCES.labels(f"0x{status:04X}").inc()
         log.warning("C-STORE refused (0x%04X): %s", status, comment)
         ingest.audit(rx.sessions, kind, calling_ae=calling, source_address=address,
                      sop_instance_uid=sop_uid if valid_uid(sop_uid) else None, status=status,
@@ -219,5 +222,6 @@ def handle_store(event: Any, rx: Receiver) -> Dataset | int:
         return refuse(Status.OUT_OF_RESOURCES, f"storage error: {e.strerror or e}")
     except SQLAlchemyError as e:
         return refuse(Status.OUT_OF_RESOURCES, f"database error: {e.__class__.__name__}")
+    metrics.INSTANCES.labels(outcome).inc()
     log.debug("instance %s: %s", info.log_id, outcome)
     return Status.SUCCESS

@@ -22,6 +22,7 @@ from pynetdicom import AE
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from triage_agent import metrics
 from triage_agent.config import AgentConfig, DestinationConfig
 from triage_agent.models import (
     Delivery,
@@ -188,6 +189,9 @@ class Sender:
                     continue
                 d.last_status = out.status
                 d.lease_until = None
+                metrics.DELIVERIES.labels(
+                    "delivered" if out.kind == DELIVERED else
+                    "dead" if out.kind == PERMANENT or d.attempts >= max_attempts else "retry").inc()
                 if out.kind == DELIVERED:
                     d.state = DeliveryState.DELIVERED
                     d.delivered_at = utcnow()
@@ -232,6 +236,8 @@ def update_series_delivery_state(s: Session, result_id: int) -> None:
     if all(st == DeliveryState.DELIVERED for st in states):
         if series.state != SeriesState.DELIVERED:
             series.state, series.reason = SeriesState.DELIVERED, None
+            metrics.LAST_INSTANCE_TO_DELIVERED.observe(
+                max(0.0, (utcnow() - series.last_received_at).total_seconds()))
             s.add(Event(kind="series_delivered", series_instance_uid=series.series_instance_uid,
                         detail=f"{len(states)} object-destination pair(s) delivered"))
     elif any(st == DeliveryState.DEAD for st in states):

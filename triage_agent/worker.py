@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from triage_agent import publish, queue
+from triage_agent import metrics, publish, queue
 from triage_agent.config import AgentConfig
 from triage_agent.ingest import short_id
 from triage_agent.models import (
@@ -188,6 +188,14 @@ class Worker:
             s.add(Event(kind="series_scored", series_instance_uid=series_uid,
                         detail=f"job {job_id} generation {generation}: {result.verdict}"
                         + (f" score {result.score:.3f}" if result.score is not None else "")))
+        metrics.INFERENCE_SECONDS.observe(infer_s)
+        metrics.STAGE_SECONDS.labels("outputs").observe(outputs_s)
+        if completed is not None:
+            metrics.STAGE_SECONDS.labels("complete_to_claimed").observe(
+                max(0.0, (claimed_at - completed).total_seconds()))
+        for stage in ("read", "preprocess", "model"):
+            if f"{stage}_s" in (result.timings or {}):
+                metrics.STAGE_SECONDS.labels(stage).observe(float(result.timings[f"{stage}_s"]))
         log.info("job %d: %s (score %s)", job_id, result.verdict,
                  "-" if result.score is None else f"{result.score:.3f}")
         return True

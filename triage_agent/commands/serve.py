@@ -27,7 +27,7 @@ def run(args: argparse.Namespace, *, receiver: bool = True) -> int:
     cfg = config_or_exit(args.config)
     if args.port is not None:
         cfg = cfg.model_copy(update={"node": cfg.node.model_copy(update={"port": args.port})})
-    configure_logging(cfg.logging.level, getattr(args, "verbose", False))
+    configure_logging(cfg.logging.level, getattr(args, "verbose", False), cfg.logging.format)
     from triage_agent.app import App, StartupError
 
     try:
@@ -45,13 +45,37 @@ def run(args: argparse.Namespace, *, receiver: bool = True) -> int:
         log.info("received %s, shutting down", signal.Signals(signum).name)
         stop.set()
 
+    reload_requested = threading.Event()
+
+    def on_hup(_signum: int, _frame: object) -> None:
+        reload_requested.set()
+        stop.set()  # wake the main loop; it re-arms after reloading
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    if receiver and app.receiver is not None:
-        # A line tests and wrappers can wait for; the port matters when 0 (ephemeral) was asked.
-        print(f"READY {cfg.node.ae_title} port {app.receiver.port}", flush=True)
-    else:
-        print("READY worker", flush=True)
-    stop.wait()
+    signal.signal(signal.SIGHUP, on_hup)
+    # A line tests and wrappers can wait for; ports matter when 0 (ephemeral) was asked.
+    ready = "READY " + (f"{cfg.node.ae_title} port {app.receiver.port}" if app.receiver else "worker")
+    if app.web is not None:
+        ready += f" http {app.web.port}"
+    print(ready, flush=True)
+    while True:
+        stop.wait()
+        if not reload_requested.is_set():
+            break
+        reload_requested.clear()
+        stop.clear()
+        _reload(app, args.config)
     app.stop()
     return 0
+
+
+def _reload(app: object, path: str) -> None:
+    from triage_agent.config import ConfigError, load_config
+
+    try:
+        new = load_config(path)
+    except ConfigError as e:
+        log.error("reload refused, configuration unchanged: %s", e)
+        return
+    app.reload(new)  # type: ignore[attr-defined]

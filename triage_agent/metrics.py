@@ -1,0 +1,79 @@
+"""Prometheus metrics. Labels carry outcomes and reasons, never UIDs or patient identifiers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from triage_agent.models import Delivery, Job, JobState, Series
+
+STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
+
+ASSOCIATIONS = Counter(
+    "triage_associations_total", "Associations by outcome and rejection reason",
+    ["outcome", "reason"],
+)
+INSTANCES = Counter(
+    "triage_instances_received_total",
+    "C-STORE requests by outcome (stored, duplicate, quarantined, or a failure status)",
+    ["outcome"],
+)
+STAGE_SECONDS = Histogram(
+    "triage_stage_seconds",
+    "Seconds spent in each pipeline stage (complete->claimed, read, preprocess, model, outputs)",
+    ["stage"], buckets=STAGE_BUCKETS,
+)
+INFERENCE_SECONDS = Histogram(
+    "triage_inference_seconds", "Seconds to read, preprocess and score one series",
+    buckets=STAGE_BUCKETS,
+)
+LAST_INSTANCE_TO_DELIVERED = Histogram(
+    "triage_last_instance_to_delivered_seconds",
+    "Seconds from the last instance of a series received to all its results delivered",
+    buckets=STAGE_BUCKETS,
+)
+DELIVERIES = Counter(
+    "triage_deliveries_total", "Delivery attempts by outcome (delivered, retry, dead)",
+    ["outcome"],
+)
+MODEL_INFO = Gauge(
+    "triage_model_info", "The loaded detector (value 1)", ["name", "version", "weights_sha256"],
+)
+
+
+class DatabaseCollector(Collector):
+    """Series by state, queue depth and pending deliveries, read from the database at scrape."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+
+    def collect(self) -> Iterator[Any]:
+        series = GaugeMetricFamily("triage_series", "Series by state", labels=["state"])
+        queue = GaugeMetricFamily("triage_queue_depth", "Jobs queued or running",
+                                  labels=["state"])
+        deliveries = GaugeMetricFamily("triage_delivery_rows", "Deliveries (object x destination) by state",
+                                       labels=["state"])
+        try:
+            with self.sessions() as s:
+                for state, n in s.execute(select(Series.state, func.count())
+                                          .group_by(Series.state)):
+                    series.add_metric([state], n)
+                for state, n in s.execute(
+                        select(Job.state, func.count())
+                        .where(Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+                        .group_by(Job.state)):
+                    queue.add_metric([state], n)
+                for state, n in s.execute(select(Delivery.state, func.count())
+                                          .group_by(Delivery.state)):
+                    deliveries.add_metric([state], n)
+        except Exception:  # a scrape must not fail because the database blinked
+            return
+        yield series
+        yield queue
+        yield deliveries

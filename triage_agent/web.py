@@ -1,0 +1,206 @@
+"""A small read-only HTTP server inside ``serve``: health, readiness, metrics, status page.
+
+Loopback by default. The status page hides patient identifiers unless an admin enables
+``[http] show_patient_identifiers``; nothing here can change state.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import select
+
+from triage_agent import db
+from triage_agent.commands.status import collect
+from triage_agent.models import Output, Result, Series, Study
+
+log = logging.getLogger(__name__)
+
+
+class WebServer:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        cfg = app.cfg.http
+        handler = type("Handler", (_Handler,), {"app": app})
+        self.httpd = ThreadingHTTPServer((cfg.bind_address, cfg.port), handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    def start(self) -> None:
+        self.thread.start()
+        log.info("HTTP status on http://%s:%d/", self.app.cfg.http.bind_address, self.port)
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def readiness(app: Any) -> tuple[bool, dict[str, str]]:
+    checks: dict[str, str] = {}
+    try:
+        db.check_connection(app.engine)
+        checks["database"] = "ok"
+    except db.DatabaseError as e:
+        checks["database"] = str(e)
+    try:
+        app.storage.check_space()
+        checks["storage"] = "ok"
+    except OSError as e:
+        checks["storage"] = str(e)
+    wanted = app.workers or app.cfg.worker.count
+    checks["model"] = "ok" if (app.model is not None or not wanted) else "not loaded"
+    return all(v == "ok" for v in checks.values()), checks
+
+
+class _Handler(BaseHTTPRequestHandler):
+    app: Any
+    server_version = "triage-agent"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("http %s", format % args)
+
+    def _send(self, code: int, body: bytes, ctype: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", "default-src 'self'; style-src 'unsafe-inline'")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        path = self.path.split("?", 1)[0]
+        try:
+            if path == "/healthz":
+                self._send(200, b'{"status": "ok"}\n', "application/json")
+            elif path == "/readyz":
+                ok, checks = readiness(self.app)
+                body = json.dumps({"ready": ok, "checks": checks}).encode() + b"\n"
+                self._send(200 if ok else 503, body, "application/json")
+            elif path == "/metrics":
+                self._send(200, generate_latest(), CONTENT_TYPE_LATEST)
+            elif path in ("/", "/index.html"):
+                self._send(200, render_page(self.app).encode(), "text/html; charset=utf-8")
+            elif path.startswith("/thumb/") and path.endswith(".png"):
+                png = thumbnail(self.app, path[len("/thumb/"):-len(".png")])
+                if png is None:
+                    self._send(404, b"not found\n", "text/plain")
+                else:
+                    self._send(200, png, "image/png")
+            else:
+                self._send(404, b"not found\n", "text/plain")
+        except Exception:
+            log.exception("http handler failed for %s", path)
+            self._send(500, b"internal error\n", "text/plain")
+
+
+def thumbnail(app: Any, key: str) -> bytes | None:
+    """A small PNG of the first heat-map image of a series' latest result."""
+    if not key.isdigit():
+        return None
+    with app.sessions() as s:
+        rel = s.scalar(
+            select(Output.path).join(Result, Result.id == Output.result_id)
+            .where(Result.series_id == int(key), Output.kind == "sc")
+            .order_by(Result.id.desc(), Output.id).limit(1)
+        )
+    if rel is None:
+        return None
+    import pydicom
+    from PIL import Image
+
+    ds = pydicom.dcmread(app.storage.abspath(rel))
+    img = Image.fromarray(ds.pixel_array)
+    img.thumbnail((160, 160))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#1b1b1b;background:#fafafa}
+h1{font-size:1.3em;margin:0 0 .2em} .sub{color:#555;margin-bottom:1em}
+table{border-collapse:collapse;width:100%;background:#fff}
+th,td{padding:.35em .6em;border-bottom:1px solid #e3e3e3;text-align:left;vertical-align:middle}
+th{background:#f0f0f0;font-weight:600} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.abnormal{color:#b00020;font-weight:700} .normal{color:#1b5e20} .not_assessable{color:#8a6d00}
+.pill{display:inline-block;padding:.05em .5em;border-radius:1em;background:#eee;font-size:.85em}
+.urgent{background:#b00020;color:#fff} .high{background:#e65100;color:#fff}
+img{height:64px;border-radius:3px} .uid{font-family:monospace;color:#555}
+.banner{background:#fff3cd;border:1px solid #e0c36a;padding:.4em .8em;margin-bottom:1em}
+"""
+
+
+def render_page(app: Any) -> str:
+    cfg = app.cfg
+    rows = collect(app.sessions, cfg.http.page_size)
+    show_phi = cfg.http.show_patient_identifiers
+    patients: dict[str, tuple[str, str]] = {}
+    series_ids: dict[str, int] = {}
+    with app.sessions() as s:
+        uids = [r["series_instance_uid"] for r in rows]
+        for sid, suid, name, pid in s.execute(
+            select(Series.id, Series.series_instance_uid, Study.patient_name, Study.patient_id)
+            .join(Study, Study.id == Series.study_id)
+            .where(Series.series_instance_uid.in_(uids))
+        ):
+            series_ids[suid] = sid
+            patients[suid] = (name or "", pid or "")
+    e = html.escape
+    out = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        "<meta http-equiv='refresh' content='10'><title>triage-agent status</title>",
+        f"<style>{STYLE}</style></head><body>",
+        f"<h1>triage-agent &mdash; {e(cfg.node.ae_title)}</h1>",
+        f"<div class='sub'>mode {e(cfg.triage.mode)}; model "
+        f"{e(app.model.name + ' ' + app.model.version) if app.model else 'not loaded'}; "
+        f"{len(cfg.destinations)} destination(s); refreshes every 10 s</div>",
+        "<div class='banner'>AI triage &mdash; not for diagnosis. "
+        "Scores rank studies for reading order only.</div>",
+        "<table><thead><tr><th>last received (UTC)</th><th>patient</th><th>series</th>"
+        "<th>slices</th><th>state</th><th>verdict</th><th>score</th><th>priority</th>"
+        "<th>delivery</th><th>heat map</th></tr></thead><tbody>",
+    ]
+    for r in rows:
+        suid = r["series_instance_uid"]
+        name, pid = patients.get(suid, ("", ""))
+        patient = f"{e(name)}<br><span class='uid'>{e(pid)}</span>" if show_phi else "hidden"
+        verdict = r.get("verdict") or ""
+        score = "" if r.get("score") is None else f"{r['score']:.3f}"
+        prio = r.get("priority") or ""
+        dels = r.get("deliveries") or []
+        dstates: dict[str, int] = {}
+        for d in dels:
+            dstates[d["state"]] = dstates.get(d["state"], 0) + 1
+        delivery = ", ".join(f"{n} {k}" for k, n in sorted(dstates.items())) or "&ndash;"
+        thumb = ""
+        if verdict == "abnormal" and suid in series_ids:
+            thumb = f"<img alt='heat map' src='/thumb/{series_ids[suid]}.png'>"
+        pill = f"<span class='pill {e(prio)}'>{e(prio)}</span>" if prio else ""
+        reason = f"<br><small>{e(r['reason'])}</small>" if r.get("reason") else ""
+        out.append(
+            f"<tr><td>{e(r['last_received_at'][:19])}</td><td>{patient}</td>"
+            f"<td>{e(r.get('series_description') or '')}<br>"
+            f"<span class='uid'>&hellip;{e(suid[-12:])}</span></td>"
+            f"<td class='num'>{r['instances']}</td><td>{e(r['state'])}{reason}</td>"
+            f"<td class='{e(verdict)}'>{e(verdict.replace('_', ' '))}</td>"
+            f"<td class='num'>{score}</td>"
+            f"<td>{pill}</td>"
+            f"<td>{delivery}</td><td>{thumb}</td></tr>"
+        )
+    if not rows:
+        out.append("<tr><td colspan='10'>no series received yet</td></tr>")
+    out.append("</tbody></table></body></html>")
+    return "".join(out)
