@@ -100,15 +100,17 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def write_config(path: Path, sections: dict[str, dict[str, Any]],
-                 destinations: list[dict[str, Any]] | None = None) -> Path:
+                 destinations: list[dict[str, Any]] | None = None,
+                 hl7_destinations: list[dict[str, Any]] | None = None) -> Path:
     lines = []
     for name, values in sections.items():
         lines.append(f"[{name}]")
         for k, v in values.items():
             lines.append(f"{k} = {json.dumps(v)}")
-    for dest in destinations or []:
-        lines.append("[[destinations]]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in dest.items()]
+    for table, entries in (("destinations", destinations), ("hl7_destinations", hl7_destinations)):
+        for dest in entries or []:
+            lines.append(f"[[{table}]]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in dest.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -132,6 +134,7 @@ class Node:
                 sections.setdefault(k, {}).update(v)
         self.sections = sections
         self.destinations: list[dict[str, Any]] = []
+        self.hl7_destinations: list[dict[str, Any]] = []
         self.config = write_config(workdir / "agent.toml", sections)
         self.db_url = db_url
         self.log_path = workdir / "node.log"
@@ -144,7 +147,11 @@ class Node:
 
     def add_destination(self, name: str, ae_title: str, host: str, port: int) -> None:
         self.destinations.append({"name": name, "ae_title": ae_title, "host": host, "port": port})
-        write_config(self.config, self.sections, self.destinations)
+        write_config(self.config, self.sections, self.destinations, self.hl7_destinations)
+
+    def add_hl7_destination(self, name: str, host: str, port: int) -> None:
+        self.hl7_destinations.append({"name": name, "host": host, "port": port, "timeout_s": 5})
+        write_config(self.config, self.sections, self.destinations, self.hl7_destinations)
 
     def start(self, timeout_s: float = 60.0) -> Node:
         log = open(self.log_path, "a")  # noqa: SIM115 - closed with the process

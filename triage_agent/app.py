@@ -182,7 +182,7 @@ class App:
             log.exception("completion sweep failed; will retry on the next tick")
 
     # Sections a SIGHUP applies; the others (ports, database, storage, model) need a restart.
-    RELOADABLE = ("triage", "destinations", "delivery", "outputs", "security", "series", "logging")
+    RELOADABLE = ("triage", "destinations", "hl7_destinations", "delivery", "outputs", "security", "series", "logging")
 
     def reload(self, new: AgentConfig) -> list[str]:
         """Apply reloadable settings from ``new`` without dropping associations.

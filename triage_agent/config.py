@@ -163,6 +163,19 @@ class DestinationConfig(_Section):
     _ae = field_validator("ae_title")(_check_ae_title)
 
 
+class HL7DestinationConfig(_Section):
+    """A RIS that receives an HL7 v2 ORU^R01 per result over MLLP."""
+
+    name: str = Field(min_length=1, max_length=32)
+    host: str
+    port: int = Field(ge=1, le=65535)
+    sending_application: str = "TRIAGE_AGENT"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    timeout_s: float = Field(10.0, gt=0)
+
+
 class PriorityBand(_Section):
     name: str
     min_score: float
@@ -258,6 +271,7 @@ class AgentConfig(_Section):
     database: DatabaseConfig = DatabaseConfig()
     series: SeriesConfig = SeriesConfig()
     destinations: list[DestinationConfig] = Field(default_factory=list)
+    hl7_destinations: list[HL7DestinationConfig] = Field(default_factory=list)
     triage: TriageConfig = TriageConfig()
     model: ModelConfig = ModelConfig()
     worker: WorkerConfig = WorkerConfig()
@@ -265,6 +279,17 @@ class AgentConfig(_Section):
     delivery: DeliveryConfig = DeliveryConfig()
     http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _unique_destination_names(self) -> AgentConfig:
+        for field_name, names in (
+            ("destinations", [d.name or f"{d.ae_title}@{d.host}:{d.port}" for d in self.destinations]),
+            ("hl7_destinations", [d.name for d in self.hl7_destinations]),
+        ):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{field_name}: names must be unique (repeated: {', '.join(dupes)})")
+        return self
 
     # Relative paths in the file are resolved against the file's folder, so the agent behaves the
     # same whatever directory systemd or a shell starts it from.

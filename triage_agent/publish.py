@@ -19,7 +19,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from triage_agent.config import AgentConfig
+from triage_agent.config import AgentConfig, HL7DestinationConfig
 from triage_agent.storage import Storage, uid_hash
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ class BuiltOutput:
     sop_instance_uid: str
     series_instance_uid: str
     relpath: str
+    destination: str | None = None  # set for per-destination objects (HL7 messages)
 
 
 def priority_for(score: float | None, cfg: AgentConfig) -> str:
@@ -48,6 +49,33 @@ def top_slices(slices: Sequence[tuple[str | None, float]], k: int) -> list[int]:
     """Indices of the k highest-scoring slices that have a source SOP Instance UID."""
     order = sorted((i for i, (uid, _) in enumerate(slices) if uid), key=lambda i: -slices[i][1])
     return order[:k]
+
+
+def _build_hl7(dest: HL7DestinationConfig, storage: Storage, header: Dataset, result: Any,
+               model: Any, priority: str, *, sr_uid: str,
+               observed_at: datetime | None) -> BuiltOutput:
+    """One ORU^R01 per result and RIS (MSH names the receiver); the control id is fixed by the
+    SR UID, so a retry resends the same message and the RIS can recognise it."""
+    from triage_agent.hl7 import HL7Destination, ResultNotice, build_oru, control_id_for
+
+    control_id = control_id_for(sr_uid)
+    notice = ResultNotice(
+        message_control_id=control_id,
+        patient_id=str(header.get("PatientID", "")) or None,
+        patient_name=str(header.get("PatientName", "")) or None,
+        accession_number=str(header.get("AccessionNumber", "")) or None,
+        study_instance_uid=str(header.StudyInstanceUID),
+        series_instance_uid=str(header.SeriesInstanceUID),
+        verdict=result.verdict, score=result.score, threshold=result.threshold,
+        priority=priority, model_name=model.name, model_version=model.version,
+        observed_at=observed_at or datetime.utcnow(),
+    )
+    message = build_oru(notice, HL7Destination(**dest.model_dump()))
+    key = f"{control_id}-{uid_hash(dest.name)[:8]}"
+    rel = f"outputs/{key}.hl7"
+    storage.write_atomic(rel, [message])
+    return BuiltOutput("hl7", "HL7v2-ORU^R01", key, str(header.SeriesInstanceUID), rel,
+                       destination=dest.name)
 
 
 def build_outputs(
@@ -103,6 +131,10 @@ def build_outputs(
                                   or None, content_datetime=content_datetime):
             built.append(("sc", sc))
     outputs = []
+    for dest in cfg.hl7_destinations:
+        outputs.append(_build_hl7(dest, storage, headers[0], result, model, priority,
+                                  sr_uid=str(built[0][1].SOPInstanceUID),
+                                  observed_at=content_datetime))
     for kind, ds in built:
         rel = f"outputs/{uid_hash(str(ds.SOPInstanceUID))[:32]}.dcm"
         buf = BytesIO()

@@ -23,7 +23,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage_agent import metrics
-from triage_agent.config import AgentConfig, DestinationConfig
+from triage_agent.config import AgentConfig, DestinationConfig, HL7DestinationConfig
 from triage_agent.models import (
     Delivery,
     DeliveryState,
@@ -42,8 +42,22 @@ log = logging.getLogger(__name__)
 DELIVERED, TRANSIENT, PERMANENT = "delivered", "transient", "permanent"
 
 
+HL7_PREFIX = "hl7:"
+
+
 def destination_key(dest: DestinationConfig) -> str:
     return dest.name or f"{dest.ae_title}@{dest.host}:{dest.port}"
+
+
+def hl7_destination_key(dest: HL7DestinationConfig) -> str:
+    return HL7_PREFIX + dest.name
+
+
+def _send_hl7(dest: HL7DestinationConfig, files: list[Path]) -> list[SendOutcome]:
+    from triage_agent.hl7 import HL7Destination, send_mllp
+
+    target = HL7Destination(**dest.model_dump())
+    return [send_mllp(target, f.read_bytes()) for f in files]
 
 
 def classify_status(status: int) -> str:
@@ -141,7 +155,9 @@ class Sender:
     def run_once(self, limit: int = 50) -> int:
         """Claim due deliveries, send them grouped by destination; returns how many were tried."""
         now = utcnow()
-        dests = {destination_key(d): d for d in self.cfg.destinations}
+        dests: dict[str, DestinationConfig | HL7DestinationConfig] = {
+            destination_key(d): d for d in self.cfg.destinations}
+        dests.update({hl7_destination_key(d): d for d in self.cfg.hl7_destinations})
         lease = dt.timedelta(seconds=self.cfg.delivery.timeout_s * 4 + 60)
         with self.sessions() as s, s.begin():
             stmt = (
@@ -171,7 +187,10 @@ class Sender:
                 existing = [(i, p) for i, p in items if p.exists()]
                 gone = [(i, p) for i, p in items if not p.exists()]
                 outcomes_by_id = {i: SendOutcome(PERMANENT, None, "output file missing") for i, _ in gone}
-                if existing:
+                if existing and isinstance(dest, HL7DestinationConfig):
+                    sent = _send_hl7(dest, [p for _, p in existing])
+                    outcomes_by_id.update({i: o for (i, _), o in zip(existing, sent, strict=True)})
+                elif existing:
                     sent = send_files(dest, [p for _, p in existing], calling_ae=self.cfg.node.ae_title,
                                       timeout_s=self.cfg.delivery.timeout_s)
                     outcomes_by_id.update({i: o for (i, _), o in zip(existing, sent, strict=True)})

@@ -33,7 +33,7 @@ from triage_agent.models import (
     SliceScore,
     utcnow,
 )
-from triage_agent.sender import destination_key
+from triage_agent.sender import HL7_PREFIX, destination_key
 from triage_agent.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,11 @@ class Worker:
                               series_instance_uid=o.series_instance_uid, path=o.relpath)
                 s.add(orow)
                 s.flush()
-                if deliver:
+                if not deliver:
+                    continue
+                if o.kind == "hl7":
+                    s.add(Delivery(output_id=orow.id, destination=HL7_PREFIX + str(o.destination)))
+                else:
                     s.add_all(Delivery(output_id=orow.id, destination=destination_key(d))
                               for d in self.cfg.destinations)
             s.add_all(
