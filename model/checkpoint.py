@@ -170,13 +170,16 @@ class Detector:
         b = xb.shape[0]
         zeros = xb.new_zeros(b)
         if self.method == "hu_threshold":
+            pre = float(self.hu.get("presmooth", 0.0))  # denoise before thresholding
             if hb is not None and "hu_lo" in self.hu:
                 # hyperdense band in HU: above normal parenchyma, below calcification
                 lo, up = float(self.hu["hu_lo"]), float(self.hu["hu_hi"])
-                m = ((hb >= lo) & (hb <= up) & mb).float()
+                v = smooth(hb, pre)
+                m = ((v >= lo) & (v <= up) & mb).float()
             else:  # window units: saturated pixels (calcification, bone) are not counted
                 hi, top = float(self.hu["hi"]), float(self.hu.get("top", 2.0))
-                m = ((xb > hi) & (xb < top) & mb).float()
+                v = smooth(xb, pre)
+                m = ((v > hi) & (v < top) & mb).float()
             heat = smooth(m, self.scoring.smooth_sigma) * mb
             return zeros, masked_stat(heat, mb, self.scoring), heat
         assert self.net is not None

@@ -329,18 +329,31 @@ def calibrate(ckpt: dict[str, Any], val: SliceSet, *, target_specificity: float 
     return ckpt
 
 
-def fit_hu_threshold(train: SliceSet, quantile: float = 0.995,
-                     calcification_hu: float = 100.0) -> dict[str, float]:
-    """Hyperdense threshold fitted on normal brain pixels: the ``quantile`` of their intensity.
+def fit_hu_threshold(train: SliceSet, quantile: float = 0.995, calcification_hu: float = 100.0,
+                     presmooth: float = 1.0) -> dict[str, float]:
+    """Hyperdense threshold fitted on normal brain pixels.
 
-    In HU when the slices carry HU (band [q, 100 HU]: acute blood 50-90 HU, calcification above),
-    and in brain-window units as a fallback (saturated pixels >= 0.98 not counted).
+    The slices are first denoised (Gaussian, ``presmooth`` pixels); the lower bound is the
+    ``quantile`` of the normal brain pixels below calcification density. In HU when the slices
+    carry HU (band [q, 100 HU]: acute blood is 50-90 HU, calcification above), else in
+    brain-window units with saturated pixels (>= 0.98) excluded.
     """
-    vox = train.x[train.brain]
-    out = {"hi": float(np.quantile(vox, quantile)) if vox.size else 0.8, "top": 0.98,
-           "quantile": quantile}
+    from model.scoring import smooth
+
+    def smoothed(a: np.ndarray) -> np.ndarray:
+        out = np.empty(a.shape, np.float32)
+        for s in range(0, len(a), 256):
+            out[s:s + 256] = smooth(torch.from_numpy(np.asarray(a[s:s + 256], np.float32)),
+                                    presmooth).numpy()
+        return out
+
+    vx = smoothed(train.x)[train.brain]
+    vx = vx[vx < 0.98]
+    out = {"hi": float(np.quantile(vx, quantile)) if vx.size else 0.8, "top": 0.98,
+           "quantile": quantile, "presmooth": presmooth}
     if train.hu is not None:
-        hv = train.hu[train.brain]
+        hv = smoothed(train.hu)[train.brain]
+        hv = hv[hv < calcification_hu]
         if hv.size:
             out["hu_lo"] = float(np.quantile(hv, quantile))
             out["hu_hi"] = float(calcification_hu)
