@@ -130,10 +130,30 @@ def _edt(mask: np.ndarray) -> np.ndarray:
     return ndi.distance_transform_edt(mask).astype(np.float32)
 
 
+def _template_key() -> str:
+    """Hash of the code that builds the template, so an edited builder never reads a stale
+    cache written by an older version (other processes share the cache folder)."""
+    import hashlib
+    import inspect
+
+    src = "".join(
+        inspect.getsource(f) for f in (_build_template, _edt, _ellipsoid_r, _smooth_noise)
+    )
+    src += repr((_PAD, _VERSION))
+    for kind in ("t1", "gm", "wm"):
+        p = _mni_dir() / f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz"
+        src += f"{kind}:{p.stat().st_size}"
+    return hashlib.sha1(src.encode()).hexdigest()[:12]
+
+
 def _cache_path() -> Path | None:
+    """``$TRIAGE_SYNTH_CACHE`` or ``~/.cache/triage-agent``; set the variable to ``off`` to
+    disable the on-disk cache."""
     root = os.environ.get("TRIAGE_SYNTH_CACHE")
+    if root and root.lower() in ("off", "0", "none", "false"):
+        return None
     base = Path(root) if root else Path.home() / ".cache" / "triage-agent"
-    return base / f"synth-template-v{_VERSION}.npz"
+    return base / f"synth-template-{_template_key()}.npz"
 
 
 @lru_cache(maxsize=1)
@@ -163,6 +183,9 @@ def _template() -> _Template:
                     small[k] = v
             np.savez(tmp, **small)
             os.replace(tmp, path)
+            for old in path.parent.glob("synth-template-*.npz"):  # older builders' caches
+                if old != path and ".tmp." not in old.name:
+                    old.unlink(missing_ok=True)
         except OSError as e:
             log.info("synth template not cached (%s)", e)
     # round-trip through float16 so cached and fresh templates give identical cases
@@ -420,7 +443,8 @@ def _blob(
     )
     shape = tuple(s.stop - s.start for s in box)
     if irregularity > 0:
-        r = r * (1.0 + irregularity * _smooth_noise(rng, shape, max(2.0, float(radii.min()) / 2)))
+        wobble = irregularity * _smooth_noise(rng, shape, max(2.0, float(radii.min()) / 2))
+        r = r * np.clip(1.0 + wobble, 0.6, 1.6)
     mean_r = float(np.mean(radii))
     return np.clip((1.0 - r) * mean_r / edge + 0.5, 0.0, 1.0).astype(np.float32)
 
@@ -527,7 +551,8 @@ def _extra_axial(
     z = np.arange(tpl.icv.shape[0])[:, None, None]
     surf = (tpl.depth > 0) & (tpl.depth < 1.5)
     zc = tpl.mni_origin[0]
-    cond = surf & ((x - tpl.mni_origin[2]) * side > 45) & (z > zc - 10) & (z < zc + 55)
+    lo_z = zc + (5 if lens else 0)  # convexity, above the middle cranial fossa
+    cond = surf & ((x - tpl.mni_origin[2]) * side > 40) & (z > lo_z) & (z < zc + 55)
     p = _sample_point(rng, tpl, cond)
     box = _box(p, extent * 1.3 + thickness, tpl.gm.shape)
     bz, by, bx = _box_coords(box)
@@ -641,24 +666,24 @@ def _lesion_territorial(
     t = _mni_to_index(tpl, *target)
     axis = (t - a) / np.linalg.norm(t - a)
     length = float(np.linalg.norm(t - a)) + 15
-    half_angle = math.radians(rng.uniform(12, 20) if subtle else rng.uniform(22, 38))
+    half_angle = math.radians(rng.uniform(15, 25) if subtle else rng.uniform(22, 38))
     box = _box((a + t) / 2, length * 0.75 + 10, tpl.gm.shape)
     bz, by, bx = _box_coords(box)
     vz, vy, vx = bz - a[0], by - a[1], bx - a[2]
     along = vz * axis[0] + vy * axis[1] + vx * axis[2]
     dist = np.sqrt(vz * vz + vy * vy + vx * vx) + 1e-3
     ang = np.arccos(np.clip(along / dist, -1, 1))
-    lobul = 1.0 + 0.15 * _smooth_noise(rng, ang.shape, 4.0)
+    lobul = np.clip(1.0 + 0.15 * _smooth_noise(rng, ang.shape, 4.0), 0.6, 1.4)
     cone = np.clip((half_angle * lobul - ang) / 0.08, 0, 1)
-    start = length * (0.55 if subtle else 0.25)
+    start = length * (0.4 if subtle else 0.25)
     alpha = cone * np.clip((along - start) / 3.0, 0, 1)
     tissue = tpl.gm[box] + tpl.wm[box]
     xs = bx - tpl.mni_origin[2]
     alpha = (alpha * np.clip(tissue * 1.3, 0, 1) * ((xs * side) > 1)).astype(np.float32)
     if subtle:  # early: loss of grey-white differentiation, ~3-5 HU darker cortex
         hu = rng.uniform(27, 31)
-    else:
-        hu = rng.uniform(14, 22)
+    else:  # established (hours to days): clearly hypodense, still denser than CSF
+        hu = rng.uniform(17, 23)
         _push(anat, tpl, (a + t) / 2, length * 0.3, rng.uniform(1.0, 3.0))
     anat.overlays.append((box, alpha * 0.9, hu))
     _add_lesion_alpha(anat, box, np.where(alpha > 0.5, alpha, 0).astype(np.float32))
@@ -969,24 +994,29 @@ def _up2(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _warp_sparse(field_tpl: np.ndarray, coords: np.ndarray) -> np.ndarray:
-    """Like map_coordinates(order=1, cval=0) but only where ``field_tpl`` is non-zero (lesions
-    are small: this saves most of a second per case)."""
-    nz = np.argwhere(field_tpl > 0)
-    out = np.zeros(coords.shape[1:], dtype=np.float32)
+def _warp_sparse(
+    fields: list[np.ndarray], support: np.ndarray, coords: np.ndarray
+) -> list[np.ndarray]:
+    """Like map_coordinates(order=1, cval=0) for each field, but only inside the bounding box
+    of ``support > 0`` (lesions are small: this saves most of a second per case)."""
+    outs = [np.zeros(coords.shape[1:], dtype=np.float32) for _ in fields]
+    nz = np.argwhere(support > 0)
     if nz.size == 0:
-        return out
-    lo = nz.min(0) - 1
-    hi = nz.max(0) + 2
+        return outs
+    lo = np.maximum(nz.min(0) - 1, 0)
+    hi = np.minimum(nz.max(0) + 2, support.shape)
     sel = np.ones(coords.shape[1:], dtype=bool)
     for k in range(3):
         sel &= (coords[k] >= lo[k]) & (coords[k] <= hi[k] - 1)
     if not sel.any():
-        return out
-    crop = field_tpl[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))]
+        return outs
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
     pts = np.stack([coords[k][sel] - lo[k] for k in range(3)])
-    out[sel] = ndi.map_coordinates(crop, pts, order=1, mode="constant", cval=0.0, prefilter=False)
-    return out
+    for f, out in zip(fields, outs, strict=True):
+        crop = np.asarray(f[box], dtype=np.float32)
+        out[sel] = ndi.map_coordinates(crop, pts, order=1, mode="constant", cval=0.0,
+                                       prefilter=False)  # fmt: skip
+    return outs
 
 
 def make_case(
@@ -1094,7 +1124,10 @@ def make_case(
     vol = vol.reshape(n_slices, sub, len(iy), len(ix)).mean(1)
     les = None
     if lesion_tpl is not None:
-        les = _warp_sparse(lesion_tpl, coords).reshape(n_slices, sub, len(iy), len(ix)).mean(1)
+        les, les_icv = (
+            w.reshape(n_slices, sub, len(iy), len(ix)).mean(1)
+            for w in _warp_sparse([lesion_tpl, tpl.icv], lesion_tpl, coords)
+        )
     del coords, hu
 
     # 2x in-plane upsample into the full matrix
@@ -1105,7 +1138,9 @@ def make_case(
     mask = np.zeros(out.shape, dtype=bool)
     if les is not None:
         lup = _up2(les)
-        m = lup >= 0.4
+        # voxels mostly inside the cranial cavity: a thin haematoma's partial-volume skull
+        # is not lesion
+        m = (lup >= 0.4) & (_up2(les_icv) >= 0.7)
         if not m.any() and lup.max() > 0:
             m = lup >= 0.5 * lup.max()
         mask[:, y0 : y0 + up.shape[1], x0 : x0 + up.shape[2]] = m[:, : matrix - y0, : matrix - x0]

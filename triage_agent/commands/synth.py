@@ -17,6 +17,8 @@ from collections import Counter
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 LABEL_COLUMNS = (
@@ -54,7 +56,71 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="force subtle / obvious lesions (default: drawn per case)",
     )
     p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument(
+        "--preview",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="also write a brain-window montage of the first 16 cases to PNG",
+    )
     p.set_defaults(func=run)
+
+
+def preview_slice(hu: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The most telling axial slice of a case, cropped to the head: the slice with the most
+    lesion, or for a normal the level of the lateral ventricles (~55 % up the series)."""
+    area = mask.sum(axis=(1, 2))
+    z = int(np.argmax(area)) if area.any() else int(round(0.55 * (hu.shape[0] - 1)))
+    sl = hu[z]
+    head = sl > -300
+    if head.any():
+        ys, xs = np.nonzero(head)
+        m = max(4, sl.shape[0] // 50)
+        y0, y1 = max(ys.min() - m, 0), min(ys.max() + m + 1, sl.shape[0])
+        x0, x1 = max(xs.min() - m, 0), min(xs.max() + m + 1, sl.shape[1])
+    else:
+        y0, y1, x0, x1 = 0, sl.shape[0], 0, sl.shape[1]
+    return sl[y0:y1, x0:x1].astype(np.float32), mask[z, y0:y1, x0:x1], z
+
+
+def render_preview(
+    tiles: list[tuple[np.ndarray, np.ndarray, str]],
+    path: Path,
+    *,
+    ncols: int = 4,
+    outline: bool = True,
+    title: str | None = None,
+) -> Path:
+    """Montage of (slice HU, lesion mask, caption) tiles in a W80/L40 brain window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(tiles)
+    ncols = max(1, min(ncols, n))
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.5 * nrows), squeeze=False)
+    fig.patch.set_facecolor("black")
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (sl, m, caption) in zip(axes.flat, tiles, strict=False):
+        ax.imshow(sl, cmap="gray", vmin=0, vmax=80, interpolation="bilinear")
+        if outline and m.any():
+            ax.contour(m, levels=[0.5], colors="red", linewidths=0.7)
+        ax.set_title(caption, color="white", fontsize=9)
+    if title:
+        fig.suptitle(title, color="white", fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90, facecolor="black")
+    plt.close(fig)
+    return path
+
+
+def caption(label: str, subtle: bool, thickness: float) -> str:
+    return f"{label.replace('_', ' ')}{' (subtle)' if subtle else ''}\n{thickness:g} mm"
 
 
 def _plan(args: argparse.Namespace) -> list[tuple[str, int, str]]:
@@ -75,8 +141,8 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, int, str]]:
     return [(f"case{i:0{width}d}-{lab}", s, lab) for i, (s, lab) in enumerate(plan)]
 
 
-def _one(job: tuple[str, int, str, str, int, str]) -> dict[str, object]:
-    case_id, seed, label, out, matrix, subtle_opt = job
+def _one(job: tuple[str, int, str, str, int, str, bool]) -> dict[str, object]:
+    case_id, seed, label, out, matrix, subtle_opt, want_preview = job
     from model.synth import make_case
     from triage_agent.synth_dicom import synthetic_patient, uid_for, write_case_dicom
 
@@ -86,7 +152,12 @@ def _one(job: tuple[str, int, str, str, int, str]) -> dict[str, object]:
     name, pid = synthetic_patient(seed)
     paths = write_case_dicom(case, Path(out) / case_id, patient_name=name, patient_id=pid)
     key = (case.seed, case.label, bool(case.subtle))
+    preview = None
+    if want_preview:
+        sl, m, _ = preview_slice(case.hu, case.lesion_mask)
+        preview = (sl, m, caption(case.label, case.subtle, case.spacing_mm[0]))
     return {
+        "_preview": preview,
         "case_id": case_id,
         "series_instance_uid": uid_for("series", *key, 2),
         "study_instance_uid": uid_for("study", *key),
@@ -111,7 +182,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(cid, s, lab, str(out), args.matrix, args.subtle) for cid, s, lab in plan]
+    jobs = [
+        (cid, s, lab, str(out), args.matrix, args.subtle, args.preview is not None and i < 16)
+        for i, (cid, s, lab) in enumerate(plan)
+    ]
     t0 = time.perf_counter()
     rows: list[dict[str, object]] = []
     bar = tqdm(total=len(jobs), desc="synth", unit="case")
@@ -142,4 +216,8 @@ def run(args: argparse.Namespace) -> int:
     for lab, n in sorted(counts.items()):
         print(f"  {lab:32s} {n}")
     print(f"labels: {out / 'labels.csv'}")
+    if args.preview is not None:
+        tiles = [r["_preview"] for r in rows if r.get("_preview") is not None]
+        render_preview(tiles, args.preview)  # type: ignore[arg-type]
+        print(f"preview: {args.preview}")
     return 0
