@@ -90,6 +90,7 @@ def render_preview(
     ncols: int = 4,
     outline: bool = True,
     title: str | None = None,
+    dpi: int = 90,
 ) -> Path:
     """Montage of (slice HU, lesion mask, caption) tiles in a W80/L40 brain window."""
     import matplotlib
@@ -114,7 +115,7 @@ def render_preview(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90, facecolor="black")
+    fig.savefig(path, dpi=dpi, facecolor="black")
     plt.close(fig)
     return path
 
@@ -221,3 +222,26 @@ def run(args: argparse.Namespace) -> int:
         render_preview(tiles, args.preview)  # type: ignore[arg-type]
         print(f"preview: {args.preview}")
     return 0
+
+
+def write_examples(path: Path, *, outline: bool = True, dpi: int = 72) -> Path:
+    """Regenerate the README picture (``docs/synth_examples.png``): three normals (with their
+    calcified variants named), every lesion family, and two subtle presentations."""
+    from model.synth import LESION_FAMILIES, make_case
+
+    specs: list[tuple[int, str, bool | None]] = [(1001, "normal", None), (1002, "normal", None),
+                                                 (1003, "normal", None)]  # fmt: skip
+    specs += [(2000 + i, f, False) for i, f in enumerate(LESION_FAMILIES)]
+    specs += [(3001, "subdural_haematoma", True), (3002, "territorial_ischaemia", True)]
+    tiles = []
+    for seed, label, subtle in specs:
+        c = make_case(seed, label, subtle=subtle)
+        sl, m, _ = preview_slice(c.hu, c.lesion_mask)
+        cap = caption(c.label, c.subtle, c.spacing_mm[0])
+        if label == "normal":
+            calc = [k.removesuffix("_calc") for k, on in c.meta["variants"].items() if on]
+            extra = f" (calcified {', '.join(calc)})" if calc else ""
+            cap = f"normal{extra}\n{c.spacing_mm[0]:g} mm"
+        tiles.append((sl, m, cap))
+    title = "Synthetic non-contrast head CT (W80/L40) - development and demo data only"
+    return render_preview(tiles, path, ncols=4, outline=outline, title=title, dpi=dpi)
