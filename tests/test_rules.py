@@ -128,3 +128,24 @@ def test_each_job_claimed_once_by_concurrent_workers(sessions) -> None:  # type:
     for t in threads:
         t.join()
     assert sorted(claimed) == ids
+
+
+@pytest.mark.postgres
+def test_concurrent_upgrades_on_postgres_do_not_collide(pg_server) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    url = pg_server.new_database()
+    errors: list[BaseException] = []
+
+    def up() -> None:
+        try:
+            db.upgrade(url)
+        except BaseException as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=up) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors

@@ -51,6 +51,11 @@ class NodeConfig(_Section):
     dimse_timeout_s: float = Field(30.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
     max_pdu_bytes: int = Field(262144, ge=0, le=2**31 - 1)
+    # Hard limits stock pynetdicom lacks (a 1-byte-per-minute sender would hold a slot forever).
+    max_association_s: float = Field(3600.0, gt=0)
+    idle_timeout_s: float = Field(60.0, gt=0)
+    max_connections_per_address: int = Field(5, ge=1)
+    max_dataset_mb: float = Field(1024.0, gt=0)
 
     _ae = field_validator("ae_title")(_check_ae_title)
 

@@ -12,9 +12,11 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 log = logging.getLogger(__name__)
 
+MIGRATION_LOCK_KEY = 727_001_002  # pg_advisory_lock key that serialises migrations
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
@@ -95,7 +97,25 @@ def upgrade(url: str, revision: str = "head") -> None:
 
     _ensure_sqlite_dir(url)
     try:
-        command.upgrade(alembic_config(url), revision)
+        cfg = alembic_config(url)
+        if make_url(url).get_backend_name() == "postgresql":
+            engine = create_engine(url, poolclass=NullPool)
+            try:
+                with engine.connect() as conn:
+                    conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+                    conn.commit()
+                    try:
+                        cfg.attributes["connection"] = conn
+                        command.upgrade(cfg, revision)
+                        conn.commit()
+                    finally:
+                        conn.execute(text("SELECT pg_advisory_unlock(:k)"),
+                                     {"k": MIGRATION_LOCK_KEY})
+                        conn.commit()
+            finally:
+                engine.dispose()
+            return
+        command.upgrade(cfg, revision)
     except SQLAlchemyError as e:
         raise DatabaseError(
             f"cannot migrate database {redact_url(url)}: {e.__class__.__name__}: {e.orig if hasattr(e, 'orig') else e}. "

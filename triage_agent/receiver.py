@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +30,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     EnhancedCTImageStorage,
     Verification,
 )
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -58,6 +61,73 @@ class Status:
     NOT_ACCEPTED = 0xC230
 
 
+# Longest PDU a peer may declare when we advertised "unlimited" (max_pdu_bytes = 0), and the
+# slack for the P-DATA item headers around a PDU of our advertised maximum length.
+UNLIMITED_PDU_CAP = 64 * 1024 * 1024
+PDU_SLACK = 4096
+_original_recv = AssociationSocket.recv
+
+
+def _bounded_recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
+    """Refuse to read a PDU longer than we allow: stock pynetdicom reads whatever 32-bit length
+    the peer declares. Raising OSError makes the DUL treat it as a closed connection."""
+    cap = getattr(self, "triage_max_read", None)
+    if cap is not None and nr_bytes > cap:
+        raise OSError(f"peer declared a {nr_bytes}-byte PDU; limit is {cap}")
+    return _original_recv(self, nr_bytes)
+
+
+AssociationSocket.recv = _bounded_recv  # type: ignore[method-assign]
+
+
+class HardenedServer(ThreadedAssociationServer):
+    """Association server with per-address connection limits, a bounded PDU read and TLS
+    handshakes moved off the accept thread (stock pynetdicom handshakes while accepting, so one
+    silent TLS client stalls every other sender until the network timeout)."""
+
+    max_per_address = 5
+    on_refused: Any = None
+    # Counted here, not from ae.active_associations: a burst of connections is verified before
+    # their association threads exist. Decremented by the EVT_CONN_CLOSE handler.
+    open_by_ip: dict[str, int] = {}
+    open_lock = threading.Lock()
+
+    def get_request(self) -> tuple[Any, tuple[str, int]]:
+        client_socket, address = self.socket.accept()  # type: ignore[union-attr]
+        if self.ssl_context:
+            client_socket = self.ssl_context.wrap_socket(
+                client_socket, server_side=True, do_handshake_on_connect=False)
+        return client_socket, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        ip = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+        with self.open_lock:
+            open_from_ip = self.open_by_ip.get(ip, 0)
+            if open_from_ip < self.max_per_address:
+                self.open_by_ip[ip] = open_from_ip + 1
+                return True
+        log.warning("connection from %s refused: %d already open (limit %d)", ip,
+                    open_from_ip, self.max_per_address)
+        if self.on_refused is not None:
+            self.on_refused(ip)
+        return False
+
+    @classmethod
+    def connection_closed(cls, ip: str) -> None:
+        with cls.open_lock:
+            n = cls.open_by_ip.get(ip, 0) - 1
+            if n > 0:
+                cls.open_by_ip[ip] = n
+            else:
+                cls.open_by_ip.pop(ip, None)
+
+
+def _set_read_cap(event: Any, cap: int) -> None:
+    sock = event.assoc.dul.socket
+    if sock is not None:
+        sock.triage_max_read = cap
+
+
 def valid_uid(value: Any) -> bool:
     return isinstance(value, str) and len(value) <= 64 and bool(UID_RE.match(value))
 
@@ -71,7 +141,7 @@ class Receiver:
     sessions: sessionmaker[Session]
     ae: AE = field(init=False)
     _server: Any = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stopped: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self.ae = build_ae(self.cfg)
@@ -82,29 +152,78 @@ class Receiver:
 
     def handlers(self) -> list[Any]:
         return [
+            (evt.EVT_CONN_OPEN, handle_conn_open, [self]),
+            (evt.EVT_CONN_CLOSE, handle_conn_close),
+            (evt.EVT_PDU_RECV, handle_pdu_recv, [self]),
             (evt.EVT_REQUESTED, handle_requested, [self]),
             (evt.EVT_ACCEPTED, handle_accepted, [self]),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self]),
         ]
 
+    @property
+    def max_read(self) -> int:
+        pdu = self.cfg.node.max_pdu_bytes
+        return pdu + PDU_SLACK if pdu else UNLIMITED_PDU_CAP
+
     def start(self) -> None:
         node = self.cfg.node
-        self._server = self.ae.start_server(
+        HardenedServer.max_per_address = node.max_connections_per_address
+        HardenedServer.on_refused = staticmethod(self._refused_connection)
+        threading.Thread(target=self._watchdog, name="association-watchdog", daemon=True).start()
+        self._server = self.ae.make_server(
             (node.bind_address, node.port),
-            block=False,
             evt_handlers=self.handlers(),
             ssl_context=build_ssl_context(self.cfg),
+            server_class=HardenedServer,
         )
+        self.ae._servers.append(self._server)
+        threading.Thread(target=self._server.serve_forever, name="acceptor", daemon=True).start()
         log.info("listening as %s on %s:%d", node.ae_title, node.bind_address, self.port)
+
+    def _refused_connection(self, ip: str) -> None:
+        metrics.ASSOCIATIONS.labels("refused", "per_address_limit").inc()
+        ingest.audit(self.sessions, "connection_refused", source_address=ip,
+                     detail=f"per-address limit {self.cfg.node.max_connections_per_address}",
+                     flagged=True)
+
+    def _watchdog(self) -> None:
+        """Abort associations past their wall-clock limit or idle (no complete PDU)."""
+        while not self._stopped.wait(1.0):
+            node = self.cfg.node
+            now = time.monotonic()
+            for assoc in list(self.ae.active_associations):
+                if not assoc.is_acceptor:
+                    continue
+                started = getattr(assoc, "triage_started", None)
+                last = getattr(assoc, "triage_last_pdu", started)
+                if started is None:
+                    continue
+                why = None
+                if now - started > node.max_association_s:
+                    why = f"association longer than {node.max_association_s:g} s"
+                elif last is not None and now - last > node.idle_timeout_s:
+                    why = f"no complete PDU for {node.idle_timeout_s:g} s"
+                if why and not getattr(assoc, "triage_aborting", False):
+                    assoc.triage_aborting = True
+                    address = str(getattr(assoc.requestor, "address", ""))
+                    log.warning("aborting association from %s: %s", address, why)
+                    metrics.ASSOCIATIONS.labels("aborted", "limit").inc()
+                    ingest.audit(self.sessions, "association_aborted", source_address=address,
+                                 detail=why, flagged=True)
+                    _abort(assoc)
 
     @property
     def port(self) -> int:
         return int(self._server.server_address[1]) if self._server else self.cfg.node.port
 
     def stop(self) -> None:
+        self._stopped.set()
         if self._server is not None:
             self._server.shutdown()
+            self._server.server_close()
+            if self._server in self.ae._servers:
+                self.ae._servers.remove(self._server)
             self._server = None
 
 
@@ -136,6 +255,67 @@ def build_ssl_context(cfg: AgentConfig) -> ssl.SSLContext | None:
 def _peer(event: Any) -> tuple[str, str]:
     req = event.assoc.requestor
     return (req.ae_title or "").strip(), str(req.address)
+
+
+def _abort(assoc: Any) -> None:
+    """Cut the connection, then let pynetdicom wind the association down.
+
+    The socket goes first: a DUL thread blocked in recv() on a slow-drip peer only notices a
+    closed socket, and ``Association.abort()`` waits for that thread.
+    """
+    try:
+        sock = assoc.dul.socket
+        if sock is not None and sock.socket is not None:
+            sock.socket.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    threading.Thread(target=_quiet_abort, args=(assoc,), daemon=True).start()
+
+
+def _quiet_abort(assoc: Any) -> None:
+    try:
+        if assoc.is_established:
+            assoc.abort()
+    except Exception:
+        log.debug("abort failed", exc_info=True)
+
+
+def handle_conn_open(event: Any, rx: Receiver) -> None:
+    event.assoc.triage_started = time.monotonic()
+    event.assoc.triage_last_pdu = event.assoc.triage_started
+    event.assoc.triage_message_bytes = 0
+    _set_read_cap(event, rx.max_read)
+
+
+def handle_conn_close(event: Any) -> None:
+    assoc = event.assoc
+    if assoc.is_acceptor and not getattr(assoc, "triage_closed", False):
+        assoc.triage_closed = True
+        HardenedServer.connection_closed(str(assoc.requestor.address))
+
+
+def handle_pdu_recv(event: Any, rx: Receiver) -> None:
+    assoc = event.assoc
+    assoc.triage_last_pdu = time.monotonic()
+    pdu = event.pdu
+    items = getattr(pdu, "presentation_data_value_items", None)
+    if not items:
+        return
+    for item in items:
+        data = item.presentation_data_value or b""
+        assoc.triage_message_bytes = getattr(assoc, "triage_message_bytes", 0) + len(data)
+        # Message control header: bit 1 set and bit 0 set = last fragment of a dataset.
+        if data and data[0] & 0x02:
+            assoc.triage_message_bytes = 0
+    cap = rx.cfg.node.max_dataset_mb * 1024 * 1024
+    if assoc.triage_message_bytes > cap and not getattr(assoc, "triage_aborting", False):
+        assoc.triage_aborting = True
+        log.warning("aborting association: dataset larger than %g MB", rx.cfg.node.max_dataset_mb)
+        metrics.ASSOCIATIONS.labels("aborted", "dataset_size").inc()
+        ingest.audit(rx.sessions, "association_aborted",
+                     source_address=str(assoc.requestor.address),
+                     detail=f"dataset larger than {rx.cfg.node.max_dataset_mb:g} MB", flagged=True)
+        _abort(assoc)
 
 
 def handle_requested(event: Any, rx: Receiver) -> None:

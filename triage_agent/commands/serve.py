@@ -27,6 +27,10 @@ def run(args: argparse.Namespace, *, receiver: bool = True) -> int:
     cfg = config_or_exit(args.config)
     if args.port is not None:
         cfg = cfg.model_copy(update={"node": cfg.node.model_copy(update={"port": args.port})})
+    if not receiver:  # a worker: HTTP only when asked for, on its own port
+        http_port = getattr(args, "http_port", None)
+        cfg = cfg.model_copy(update={"http": cfg.http.model_copy(update={
+            "enabled": http_port is not None, "port": http_port or 0})})
     configure_logging(cfg.logging.level, getattr(args, "verbose", False), cfg.logging.format)
     from triage_agent.app import App, StartupError
 

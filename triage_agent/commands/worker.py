@@ -13,6 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", help="run queue workers only (scale-out on PostgreSQL)")
     add_config_argument(p)
     p.add_argument("--workers", type=int, default=None, help="override [worker] count")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="serve /healthz, /readyz and /metrics on this port (default: off, so "
+                        "several workers can share a box)")
     p.set_defaults(func=run, port=None)
 
 
