@@ -26,7 +26,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 
@@ -85,12 +85,17 @@ class _Template:
     sulc: np.ndarray  # float32 smoothed non-ventricular CSF fraction (sulcal opening potential)
     depth: np.ndarray  # float32 distance inside the ICV from its surface (mm)
     d_skull: np.ndarray  # float32 distance outside the cranial envelope (mm)
-    t_unit: np.ndarray  # float32 relative skull thickness (thin temporal squama, thick occiput)
-    scalp_extra: np.ndarray  # float32 extra soft tissue (temporalis muscle), mm
-    outer: np.ndarray  # int32 flat indices of the voxels outside the ICV that belong to the head
-    outer_cls: np.ndarray  # uint8 class per outer voxel (see _CLS_*)
-    outer_depth: np.ndarray  # float32 depth below the skin of the face (mm) per outer voxel
-    texture: np.ndarray  # float32 smooth unit-variance texture per outer voxel (diploe, cells)
+    # the head outside the cranial cavity, as flat indices sorted by class (see _CLS_*) so each
+    # class is one contiguous run; per outer voxel: distance outside the cranial envelope,
+    # relative skull thickness (thin temporal squama, thick occiput), extra soft tissue
+    # (temporalis, mm), depth below the skin (face), smooth unit-variance texture
+    outer: np.ndarray  # int32
+    outer_cls_start: np.ndarray  # int64 (n_classes + 1,) run boundaries in ``outer``
+    outer_d: np.ndarray  # float32
+    outer_t: np.ndarray  # float32
+    outer_se: np.ndarray  # float32
+    outer_depth: np.ndarray  # float32
+    texture: np.ndarray  # float32
     centre: np.ndarray  # (3,) float64 index of the head centre (z, y, x)
     mni_origin: np.ndarray  # (3,) index of MNI (0,0,0) in this array (z, y, x)
 
@@ -104,6 +109,7 @@ _CLS_ORBIT_FAT = 4
 _CLS_GLOBE = 5
 _CLS_LENS = 6
 _CLS_THIN_BONE = 7  # sinus and orbit walls, nasal septum
+_N_CLS = 8
 
 #: padding (mm) below/above, anterior/posterior, right/left of the brain bounding box
 _PAD = ((16, 24), (48, 24), (24, 24))
@@ -163,9 +169,9 @@ def _template() -> _Template:
     if path is not None and path.exists():
         try:
             with np.load(path) as z:
-                fields = {k: z[k] for k in z.files}
+                arrays = {k: z[k] for k in z.files}
             conv = {
-                k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in fields.items()
+                k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in arrays.items()
             }
             return _Template(**conv)
         except Exception as e:  # noqa: BLE001 - a broken cache is rebuilt
@@ -176,7 +182,7 @@ def _template() -> _Template:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
             small = {}
-            for k, v in tpl.__dict__.items():
+            for k, v in ((f.name, getattr(tpl, f.name)) for f in fields(tpl)):
                 if v.dtype == np.float32 and k not in ("centre", "mni_origin"):
                     small[k] = v.astype(np.float16)
                 else:
@@ -189,7 +195,7 @@ def _template() -> _Template:
         except OSError as e:
             log.info("synth template not cached (%s)", e)
     # round-trip through float16 so cached and fresh templates give identical cases
-    for k, v in tpl.__dict__.items():
+    for k, v in ((f.name, getattr(tpl, f.name)) for f in fields(tpl)):
         if v.dtype == np.float32 and k not in ("centre", "mni_origin"):
             setattr(tpl, k, v.astype(np.float16).astype(np.float32))
     return tpl
@@ -295,12 +301,12 @@ def _build_template() -> _Template:
     scalp_extra = (
         7.0 * np.clip(lat * 2 - 1.1, 0, 1) * np.clip((mni_origin[0] + 45 - zi) / 30.0, 0, 1)
     ).astype(np.float32)
-    t_unit = np.broadcast_to(t_unit, shape).copy()
-    scalp_extra = np.broadcast_to(scalp_extra, shape).copy()
+    t_unit = np.broadcast_to(t_unit, shape)
+    scalp_extra = np.broadcast_to(scalp_extra, shape)
 
     # ---- face and skull base (MNI mm; crude but recognisable to a radiologist)
     cls = np.full(shape, 255, dtype=np.uint8)  # 255 = not part of the outer head
-    shell = (d_skull > 0) & (d_skull <= 22.0)
+    shell = (d_skull > 0) & (d_skull <= 26.0)  # thickest skull + scalp + temporalis
     cls[shell] = _CLS_SHELL
     cls[env & ~icv] = _CLS_BASE
     face = (ell((0, 38, -52), (62, 66, 40)) < 1.0) & (zi < mni_origin[0] - 8)
@@ -356,9 +362,13 @@ def _build_template() -> _Template:
     cls[air & (cls != 255)] = _CLS_AIR
     cls[septum & ~air & (cls != 255)] = _CLS_THIN_BONE
     cls[icv] = 255
-    outer = np.flatnonzero(cls != 255).astype(np.int32)
     head = (cls != 255) & ((d_skull <= 10.0) | (cls != _CLS_SHELL))
-    face_depth = _edt(head | icv).ravel()[outer]
+    face_depth = _edt(head | icv)
+    outer = np.flatnonzero(cls != 255)
+    ocls = cls.ravel()[outer]
+    order = np.argsort(ocls, kind="stable")
+    outer = outer[order].astype(np.int32)
+    starts = np.concatenate([[0], np.cumsum(np.bincount(ocls, minlength=_N_CLS))])
 
     log.info("synth template built in %.1f s (shape %s)", time.perf_counter() - t0, shape)
     return _Template(
@@ -370,11 +380,12 @@ def _build_template() -> _Template:
         sulc=sulc,
         depth=depth,
         d_skull=d_skull,
-        t_unit=t_unit,
-        scalp_extra=scalp_extra,
         outer=outer,
-        outer_cls=cls.ravel()[outer],
-        outer_depth=face_depth.astype(np.float32),
+        outer_cls_start=starts.astype(np.int64),
+        outer_d=d_skull.ravel()[outer],
+        outer_t=np.ascontiguousarray(t_unit).ravel()[outer],
+        outer_se=np.ascontiguousarray(scalp_extra).ravel()[outer],
+        outer_depth=face_depth.ravel()[outer],
         texture=texture.ravel()[outer].astype(np.float32),
         centre=c,
         mni_origin=mni_origin,
@@ -805,27 +816,39 @@ def _apply_csf_variation(
     anat: _Anatomy, tpl: _Template, vent_grow: float, sulc_open: float
 ) -> None:
     """Age-like CSF spaces: grow the ventricles by ``vent_grow`` mm, open the sulci."""
-    vent = np.clip(0.5 - (tpl.vent_sd - vent_grow) / 1.2, 0.0, 1.0)
+    bx = _icv_box(tpl)
+    vent = np.clip(0.5 - (tpl.vent_sd[bx] - vent_grow) / 1.2, 0.0, 1.0)
     # do not grow ventricles into the cortex, and keep the septum pellucidum
-    vent *= tpl.depth > 6
+    vent *= tpl.depth[bx] > 6
     if vent_grow > 0:
-        xs = slice(int(tpl.mni_origin[2]) - 1, int(tpl.mni_origin[2]) + 2)
-        vent[:, :, xs] = np.minimum(
-            vent[:, :, xs], tpl.vent[:, :, xs] & (tpl.vent_sd[:, :, xs] < -0.5)
-        )
+        xm = int(tpl.mni_origin[2]) - bx[2].start
+        xs = slice(xm - 1, xm + 2)
+        v0, sd0 = tpl.vent[bx][:, :, xs], tpl.vent_sd[bx][:, :, xs]
+        vent[:, :, xs] = np.minimum(vent[:, :, xs], v0 & (sd0 < -0.5))
     thr = 0.55 - sulc_open
-    sul = np.clip((tpl.sulc - thr) / 0.12, 0.0, 1.0) * (tpl.depth < 25) * tpl.icv
-    np.maximum(vent, sul, out=anat.csf_extra)
+    sul = np.clip((tpl.sulc[bx] - thr) / 0.12, 0.0, 1.0) * (tpl.depth[bx] < 25) * tpl.icv[bx]
+    np.maximum(vent, sul, out=anat.csf_extra[bx])
+
+
+def _icv_box(tpl: _Template) -> tuple[slice, ...]:
+    """Bounding box of the cranial cavity (brain-only work is done inside it)."""
+    box = getattr(tpl, "_icv_box", None)
+    if box is None:
+        box = ndi.find_objects(tpl.icv.astype(np.uint8))[0]
+        object.__setattr__(tpl, "_icv_box", box)
+    return box
 
 
 def _compose_brain(anat: _Anatomy, tpl: _Template, hu_p: dict[str, float]) -> np.ndarray:
-    """Tissue fractions -> HU inside the cranial cavity (CSF elsewhere in it)."""
-    keep = 1.0 - anat.csf_extra
-    gm = anat.gm * keep
-    wm = anat.wm * keep
-    csf = 1.0 - gm - wm
-    hu = hu_p["csf"] * csf + hu_p["gm"] * gm + hu_p["wm"] * wm
-    return hu.astype(np.float32)
+    """Tissue fractions -> HU inside the cranial cavity (CSF elsewhere in it), air outside."""
+    bx = _icv_box(tpl)
+    keep = 1.0 - anat.csf_extra[bx]
+    gm = anat.gm[bx] * keep
+    wm = anat.wm[bx] * keep
+    hu = np.full(tpl.icv.shape, -1000.0, dtype=np.float32)
+    inner = hu_p["csf"] + (hu_p["gm"] - hu_p["csf"]) * gm + (hu_p["wm"] - hu_p["csf"]) * wm
+    hu[bx] = np.where(tpl.icv[bx], inner, -1000.0)
+    return hu
 
 
 def _normal_variants(anat: _Anatomy, tpl: _Template, rng: np.random.Generator) -> dict[str, bool]:
@@ -891,41 +914,40 @@ def _skull_and_scalp(
 ) -> None:
     """Fill the head outside the cranial cavity: vault (tables + diploe), skull base, scalp,
     face, orbits, sinuses; everything else stays air."""
-    o = tpl.outer
-    d = tpl.d_skull.ravel()[o]
-    cls = tpl.outer_cls
-    tex = tpl.texture
-    t_field = p["skull_mm"] * tpl.t_unit.ravel()[o]
-    scalp = p["scalp_mm"] + tpl.scalp_extra.ravel()[o]
+    st = tpl.outer_cls_start
+
+    def run(c: int) -> slice:
+        return slice(int(st[c]), int(st[c + 1]))
+
     cort, dip = p["bone_cortical"], p["bone_diploe"]
+    val = np.empty(tpl.outer.shape, dtype=np.float32)
+    # vault: bone from the envelope out to the skull thickness, then scalp, then air
+    sh = run(_CLS_SHELL)
+    d, tex, se = tpl.outer_d[sh], tpl.texture[sh], tpl.outer_se[sh]
+    t_field = p["skull_mm"] * tpl.outer_t[sh]
     rel = d / t_field
     table = np.clip(np.minimum(rel, 1 - rel) * t_field / 1.6, 0, 1)  # 0 at the tables
-    val = np.full(o.shape, -1000.0, dtype=np.float32)
-    bone = (d > 0) & (rel <= 1.0)
-    val[bone] = (cort + (dip - cort) * table + 120.0 * tex * table)[bone]
-    r_scalp = d - t_field
-    in_scalp = (r_scalp > 0) & (r_scalp <= scalp)
-    sfrac = r_scalp / np.maximum(scalp, 1e-3)
-    fat = np.clip(1.0 - np.abs(sfrac - 0.55) / 0.3, 0, 1) * np.clip(
-        1.0 - tpl.scalp_extra.ravel()[o] / 4.0, 0.15, 1
-    )
-    val[in_scalp] = (p["soft"] * (1 - fat) + p["fat"] * fat)[in_scalp]
-    base = cls == _CLS_BASE
-    val[base] = (0.5 * (cort + dip) + 250.0 * tex)[base]
-    fd = tpl.outer_depth
-    face = cls == _CLS_FACE
+    bone_hu = cort + (dip - cort) * table + 120.0 * tex * table
+    scalp = p["scalp_mm"] + se
+    sfrac = (d - t_field) / scalp
+    fat = np.clip(1.0 - np.abs(sfrac - 0.55) / 0.3, 0, 1) * np.clip(1.0 - se / 4.0, 0.15, 1)
+    scalp_hu = p["soft"] * (1 - fat) + p["fat"] * fat
+    val[sh] = np.where(rel <= 1.0, bone_hu, np.where(sfrac <= 1.0, scalp_hu, -1000.0))
+    b = run(_CLS_BASE)
+    val[b] = 0.5 * (cort + dip) + 250.0 * tpl.texture[b]
+    f = run(_CLS_FACE)
+    fd, tex = tpl.outer_depth[f], tpl.texture[f]
     # subcutaneous fat under the skin, and irregular deep fat planes between the muscles
     ffat = np.clip((fd - 1.5) / 1.0, 0, 1) * np.clip((9.0 - fd) / 1.5, 0, 1)
     ffat = np.maximum(ffat, np.clip((tex - 0.9) / 0.4, 0, 1) * np.clip((fd - 10.0) / 3.0, 0, 1))
-    val[face] = (p["soft"] * (1 - ffat) + p["fat"] * ffat + 4.0 * tex)[face]
-    val[cls == _CLS_AIR] = -1000.0
-    val[cls == _CLS_ORBIT_FAT] = p["fat"] - 10.0
-    val[cls == _CLS_GLOBE] = p["globe"]
-    val[cls == _CLS_LENS] = p["lens"]
-    thin = cls == _CLS_THIN_BONE
-    val[thin] = 0.6 * cort + 100.0 * tex[thin]
-    hu[~tpl.icv] = -1000.0
-    hu.ravel()[o] = val
+    val[f] = p["soft"] * (1 - ffat) + p["fat"] * ffat + 4.0 * tex
+    val[run(_CLS_AIR)] = -1000.0
+    val[run(_CLS_ORBIT_FAT)] = p["fat"] - 10.0
+    val[run(_CLS_GLOBE)] = p["globe"]
+    val[run(_CLS_LENS)] = p["lens"]
+    t = run(_CLS_THIN_BONE)
+    val[t] = 0.6 * cort + 100.0 * tpl.texture[t]
+    hu.ravel()[tpl.outer] = val
 
 
 def _hu_params(rng: np.random.Generator) -> dict[str, float]:
@@ -1053,7 +1075,8 @@ def make_case(
     falx_hu = rng_var.uniform(120, 250) if variants["falx_calc"] else rng_var.uniform(45, 60)
     hu[fbox] = hu[fbox] * (1 - falx * 0.8) + falx * 0.8 * falx_hu
     for box, alpha, val in anat.overlays:
-        hu[box] = hu[box] * (1 - alpha) + alpha * val
+        a = alpha * tpl.icv[box]  # lesions live inside the cranial cavity
+        hu[box] = hu[box] * (1 - a) + a * val
     _skull_and_scalp(hu, tpl, rng_anat, hu_p)
     # smooth low-frequency inhomogeneity inside the brain (+-2 HU), like beam hardening residue
     lesion_tpl = anat.lesion
