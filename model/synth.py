@@ -1078,7 +1078,6 @@ def make_case(
         a = alpha * tpl.icv[box]  # lesions live inside the cranial cavity
         hu[box] = hu[box] * (1 - a) + a * val
     _skull_and_scalp(hu, tpl, rng_anat, hu_p)
-    # smooth low-frequency inhomogeneity inside the brain (+-2 HU), like beam hardening residue
     lesion_tpl = anat.lesion
     lesion_params = _jsonable(anat.params)
     del anat
@@ -1145,6 +1144,10 @@ def make_case(
     del disp
     vol = ndi.map_coordinates(hu, coords, order=1, mode="constant", cval=-1000.0, prefilter=False)
     vol = vol.reshape(n_slices, sub, len(iy), len(ix)).mean(1)
+    # residual beam-hardening cupping/capping: a smooth radial +-2 HU bias in soft tissue
+    cup = float(rng_noise.uniform(-2.0, 2.0))
+    r2 = (ys[:, None] ** 2 + xs[None, :] ** 2) / 80.0**2
+    vol += (cup * (np.clip(r2, 0, 1.5) - 0.5)).astype(np.float32)[None] * (vol > -200) * (vol < 300)
     les = None
     if lesion_tpl is not None:
         les, les_icv = (
@@ -1169,7 +1172,8 @@ def make_case(
         mask[:, y0 : y0 + up.shape[1], x0 : x0 + up.shape[2]] = m[:, : matrix - y0, : matrix - x0]
 
     # quantum noise, slightly correlated like a standard soft-tissue kernel
-    noise_sd = float(rng_noise.uniform(3.0, 6.0))
+    # thinner slices are noisier (fewer photons per voxel): sd ~ 1/sqrt(thickness), 3-6 HU
+    noise_sd = float(np.clip(rng_noise.uniform(2.7, 4.6) * math.sqrt(5.0 / thickness), 3.0, 6.0))
     half = (n_slices, matrix // 2, matrix // 2)
     n = rng_noise.standard_normal(half, dtype=np.float32)
     n = _up2(n)
