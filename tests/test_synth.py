@@ -87,9 +87,11 @@ def test_blood_is_hyperdense() -> None:
     assert 55 <= np.median(c.hu[c.lesion_mask]) <= 95
 
 
-def test_unknown_label_rejected() -> None:
+def test_bad_arguments_rejected() -> None:
     with pytest.raises(ValueError, match="unknown label"):
         make_case(1, "fracture")
+    with pytest.raises(ValueError, match="matrix"):
+        make_case(1, "normal", matrix=255)
 
 
 def test_dataset_plan_is_deterministic_and_cycles_families() -> None:
@@ -161,7 +163,8 @@ def test_cli_writes_series_masks_and_labels(tmp_path: Path, capsys: pytest.Captu
     out = tmp_path / "synth"
     rc = main(
         ["synth", str(out), "--normals", "1", "--abnormals", "2", "--seed", "5",
-         "--matrix", str(SMALL), "--families", "epidural_haematoma,cavernoma"]
+         "--matrix", str(SMALL), "--families", "epidural_haematoma,cavernoma",
+         "--preview", str(tmp_path / "preview.png")]
     )  # fmt: skip
     assert rc == 0
     with open(out / "labels.csv", newline="") as f:
@@ -180,4 +183,5 @@ def test_cli_writes_series_masks_and_labels(tmp_path: Path, capsys: pytest.Captu
         assert mask.shape[0] == len(files)
         assert mask.any() == (r["label"] != "normal")
     assert "wrote 3 series" in capsys.readouterr().out
+    assert (tmp_path / "preview.png").stat().st_size > 1000
     assert main(["synth", str(out), "--families", "nope"]) == 2
