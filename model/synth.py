@@ -1041,6 +1041,26 @@ def _warp_sparse(
     return outs
 
 
+def _head_holder(
+    rng: np.random.Generator, matrix: int, ps: float, shift: np.ndarray, y_post: float
+) -> tuple[np.ndarray, float] | None:
+    """The curved plastic/carbon head holder under the occiput (most scans show one); it lies
+    outside the head, so preprocessing must ignore it."""
+    if rng.random() >= 0.75:
+        return None
+    radius = rng.uniform(95.0, 120.0)
+    gap = rng.uniform(1.0, 6.0)
+    thick = rng.uniform(3.0, 6.0)
+    hu = float(rng.uniform(80.0, 260.0))
+    c = (np.arange(matrix) - (matrix - 1) / 2.0) * ps
+    y = (c - shift[1])[:, None]
+    x = (c - shift[2])[None, :]
+    yc = y_post + gap + thick - radius  # the arc's inner surface touches the occiput
+    r = np.sqrt((y - yc) ** 2 + x**2)
+    arc = (r >= radius - thick) & (r <= radius) & ((y - yc) > radius * math.cos(math.radians(60)))
+    return arc, hu
+
+
 def make_case(
     seed: int, label: str = "normal", *, subtle: bool | None = None, matrix: int = 512
 ) -> SynthCase:
@@ -1054,7 +1074,9 @@ def make_case(
     if matrix < 64 or matrix % 2:
         raise ValueError(f"matrix must be an even number >= 64, got {matrix}")
     ss = np.random.SeedSequence(int(seed))
-    rng_anat, rng_var, rng_les, rng_geo, rng_noise = (np.random.default_rng(s) for s in ss.spawn(5))
+    rng_anat, rng_var, rng_les, rng_geo, rng_noise, rng_holder = (
+        np.random.default_rng(s) for s in ss.spawn(6)
+    )
     if subtle is None:
         subtle = bool(label != "normal" and rng_les.random() < SUBTLE_PROBABILITY)
     subtle = bool(subtle) and label != "normal"
@@ -1172,6 +1194,12 @@ def make_case(
         if not m.any() and lup.max() > 0:
             m = lup >= 0.5 * lup.max()
         mask[:, y0 : y0 + up.shape[1], x0 : x0 + up.shape[2]] = m[:, : matrix - y0, : matrix - x0]
+
+    holder = _head_holder(rng_holder, matrix, ps, shift, float(yx[:, 1].max()))
+    if holder is not None:
+        mask2d, holder_hu = holder
+        region = (out < -500.0) & mask2d[None]
+        out[region] = holder_hu
 
     # quantum noise, slightly correlated like a standard soft-tissue kernel
     # thinner slices are noisier (fewer photons per voxel): sd ~ 1/sqrt(thickness), 3-6 HU

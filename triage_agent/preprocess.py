@@ -207,10 +207,11 @@ def _head_centre(hu: np.ndarray, spacing_yx: tuple[float, float]) -> tuple[float
     """Centre (mm from pixel 0,0) of the largest head blob in the axial projection.
 
     Why the projection: one centre for the whole series keeps slices aligned with each other,
-    and the largest blob ignores the table and head-holder.
+    and the largest blob ignores the table and head holder.
     """
     proj = (hu > -300.0).any(axis=0)
-    proj = ndi.binary_opening(proj, iterations=2)
+    # a 3 mm opening detaches the head holder and table from the head
+    proj = ndi.binary_opening(proj, iterations=max(2, round(3.0 / min(spacing_yx))))
     lab, n = ndi.label(proj)
     if n == 0:
         raise PreprocessError("model input: no head found (nothing above -300 HU)")
