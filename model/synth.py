@@ -475,17 +475,24 @@ def _push(anat: _Anatomy, tpl: _Template, centre: np.ndarray, radius: float, amp
     mag = amp * np.exp(-((r / (1.3 * radius)) ** 2)) * np.minimum(1.0, r / radius)
     taper = np.clip(tpl.depth[box] / 6.0, 0.0, 1.0)
     mag = mag * taper
-    shape = tuple(s.stop - s.start for s in box)
-    coords = np.stack(
+    sel = mag > 0.05  # only voxels that actually move (a ball, not the whole box)
+    if not sel.any():
+        return
+    shape = mag.shape
+    scale = (mag / r)[sel]
+    pts = np.stack(
         [
-            np.broadcast_to(z - box[0].start - mag * dz / r, shape),
-            np.broadcast_to(y - box[1].start - mag * dy / r, shape),
-            np.broadcast_to(x - box[2].start - mag * dx / r, shape),
+            (np.broadcast_to(z, shape)[sel] - box[0].start)
+            - scale * np.broadcast_to(dz, shape)[sel],
+            (np.broadcast_to(y, shape)[sel] - box[1].start)
+            - scale * np.broadcast_to(dy, shape)[sel],
+            (np.broadcast_to(x, shape)[sel] - box[2].start)
+            - scale * np.broadcast_to(dx, shape)[sel],
         ]
     )
     for name in ("gm", "wm", "csf_extra"):
-        arr = getattr(anat, name)
-        arr[box] = ndi.map_coordinates(arr[box], coords, order=1, mode="nearest")
+        sub = getattr(anat, name)[box]  # a view: writing it moves the tissue in place
+        sub[sel] = ndi.map_coordinates(sub, pts, order=1, mode="nearest")
 
 
 def _sample_point(
@@ -565,21 +572,27 @@ def _extra_axial(
     lo_z = zc + (5 if lens else 0)  # convexity, above the middle cranial fossa
     cond = surf & ((x - tpl.mni_origin[2]) * side > 40) & (z > lo_z) & (z < zc + 55)
     p = _sample_point(rng, tpl, cond)
-    box = _box(p, extent * 1.3 + thickness, tpl.gm.shape)
-    bz, by, bx = _box_coords(box)
-    dist = np.sqrt((bz - p[0]) ** 2 + (by - p[1]) ** 2 + (bx - p[2]) ** 2)
+    box = _box(p, extent + thickness + 2, tpl.gm.shape)
+    d = tpl.depth[box]
+    xs = np.arange(box[2].start, box[2].stop) - tpl.mni_origin[2]
+    # candidates: the thin layer under the inner table on the lesion's side of the falx
+    shell = tpl.icv[box] & (d < thickness + 1.5) & ((xs * side) > 1.5)[None, None, :]
+    cz, cy, cx = np.nonzero(shell)
+    dist = np.sqrt(
+        (cz + box[0].start - p[0]) ** 2
+        + (cy + box[1].start - p[1]) ** 2
+        + (cx + box[2].start - p[2]) ** 2
+    )
     u = np.clip(1.0 - (dist / extent) ** 2, 0.0, 1.0)
     prof = np.sqrt(u) if lens else u**0.35  # lens is convex; crescent is flatter and long
     thk = thickness * prof
-    d = tpl.depth[box]
-    inside = tpl.icv[box]
-    xs = bx - tpl.mni_origin[2]
-    same_side = (xs * side) > 1.5  # does not cross the midline (falx)
-    alpha = np.clip(thk - d + 0.5, 0.0, 1.0) * inside * same_side * (thk > 0.3)
-    alpha = alpha.astype(np.float32)
-    if not np.any(alpha > 0.5):
-        alpha = (np.clip(thk - d + 1.5, 0.0, 1.0) * inside * same_side).astype(np.float32)
-    _push(anat, tpl, p, extent * 0.5, thickness * 0.6)
+    dv = d[cz, cy, cx]
+    a = np.clip(thk - dv + 0.5, 0.0, 1.0) * (thk > 0.3)
+    if not np.any(a > 0.5):
+        a = np.clip(thk - dv + 1.5, 0.0, 1.0)
+    alpha = np.zeros(d.shape, dtype=np.float32)
+    alpha[cz, cy, cx] = a
+    _push(anat, tpl, p, extent * 0.4, thickness * 0.6)
     anat.overlays.append((box, alpha, hu))
     _add_lesion_alpha(anat, box, alpha)
     anat.params.update(lesion_centre=p.tolist(), lesion_thickness_mm=thickness, side=side)
