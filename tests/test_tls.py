@@ -176,9 +176,6 @@ def test_scp_logs_refused_tls_handshake(tls_node: Node, pki: PKI) -> None:
     raise AssertionError(f"nothing about the refused handshake in the log:\n{new}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a refused TLS handshake is only visible as a pynetdicom traceback in the log: no audit "
-    "event with the peer address, unlike refused associations (fix: see report)"))
 def test_scp_audits_refused_tls_handshake(tls_node: Node, pki: PKI) -> None:
     from triage_agent.models import Event
 
@@ -196,11 +193,6 @@ def test_scp_audits_refused_tls_handshake(tls_node: Node, pki: PKI) -> None:
     assert any(w in f.lower() for f in found for w in ("tls", "certificate", "handshake")), found
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "HardenedServer hands the socket to pynetdicom before the TLS handshake: a failed handshake "
-    "leaves an association waiting for its A-ASSOCIATE-RQ until acse_timeout_s, holding a "
-    "max_associations slot (and delaying SIGTERM shutdown as long); clients without a "
-    "certificate can lock trusted modalities out (fix: handshake in process_request_thread)"))
 def test_scp_failed_handshakes_do_not_hold_association_slots(pki: PKI, tmp_path: Path) -> None:
     node = Node(tmp_path / "node", f"sqlite:///{tmp_path / 'triage.db'}", security=node_tls(pki),
                 node={"max_associations": 2})
@@ -215,10 +207,6 @@ def test_scp_failed_handshakes_do_not_hold_association_slots(pki: PKI, tmp_path:
         node.kill()  # SIGTERM would wait out the same ACSE timeout
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SIGHUP reports [security] applied but the listener keeps the SSL context built at start: "
-    "a changed CA (or certificate, or require_client_certificate) only takes effect after a "
-    "restart (fix: rebuild the context on reload, or list security.tls as restart-only)"))
 def test_scp_reload_applies_new_client_ca(pki: PKI, tmp_path: Path) -> None:
     node = Node(tmp_path / "node", f"sqlite:///{tmp_path / 'triage.db'}", security=node_tls(pki),
                 node=FAST_NODE)
@@ -342,10 +330,6 @@ def test_scu_checks_the_pacs_host_name(pki: PKI, series: list[Path], tmp_path: P
         scp.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "send_files reports every TLS failure as 'association aborted or refused': pynetdicom logs "
-    "the ssl.SSLError and swallows it, so the dead letter does not say TLS/certificate "
-    "(fix: capture it, see report)"))
 @pytest.mark.parametrize("case", ["client-cert-from-other-ca", "no-client-cert",
                                   "pacs-cert-not-trusted"])
 def test_scu_refusal_names_tls(tls_pacs: TLSStoreSCP, pki: PKI, series: list[Path],

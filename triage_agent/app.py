@@ -201,6 +201,12 @@ class App:
         self.cfg = cfg
         if self.receiver is not None:
             self.receiver.cfg = cfg  # read per association: new allow-lists apply to the next one
+            if old.security.tls != cfg.security.tls and self.receiver._server is not None:
+                from triage_agent.receiver import build_ssl_context
+
+                # read per connection by get_request; switching TLS on/off still needs a restart
+                if (old.security.tls is None) == (cfg.security.tls is None):
+                    self.receiver._server.ssl_context = build_ssl_context(cfg)
         if self.sender is not None:
             self.sender.cfg = cfg
         scorer = self.model.scorer(cfg) if self.model is not None else None

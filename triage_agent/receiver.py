@@ -99,6 +99,26 @@ class HardenedServer(ThreadedAssociationServer):
                 client_socket, server_side=True, do_handshake_on_connect=False)
         return client_socket, address
 
+    on_tls_failed: Any = None
+    tls_handshake_timeout_s: float = 30.0
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Finish the TLS handshake (bounded) before pynetdicom sees the socket, so a failed
+        or silent handshake never becomes an association holding a slot until acse_timeout."""
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.settimeout(self.tls_handshake_timeout_s)
+                request.do_handshake()
+                request.settimeout(None)
+            except (OSError, ValueError) as e:
+                ip = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+                self.connection_closed(ip)  # counted by verify_request; no EVT_CONN_CLOSE follows
+                self.shutdown_request(request)
+                if self.on_tls_failed is not None:
+                    self.on_tls_failed(ip, e)
+                return
+        super().process_request_thread(request, client_address)
+
     def verify_request(self, request: Any, client_address: Any) -> bool:
         ip = client_address[0] if isinstance(client_address, tuple) else str(client_address)
         with self.open_lock:
@@ -142,6 +162,8 @@ class Receiver:
     ae: AE = field(init=False)
     _server: Any = None
     _stopped: threading.Event = field(default_factory=threading.Event)
+    _tracked: set[Any] = field(default_factory=set)
+    _tracked_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.ae = build_ae(self.cfg)
@@ -170,6 +192,8 @@ class Receiver:
         node = self.cfg.node
         HardenedServer.max_per_address = node.max_connections_per_address
         HardenedServer.on_refused = staticmethod(self._refused_connection)
+        HardenedServer.on_tls_failed = staticmethod(self._tls_failed)
+        HardenedServer.tls_handshake_timeout_s = node.acse_timeout_s
         threading.Thread(target=self._watchdog, name="association-watchdog", daemon=True).start()
         self._server = self.ae.make_server(
             (node.bind_address, node.port),
@@ -181,6 +205,12 @@ class Receiver:
         threading.Thread(target=self._server.serve_forever, name="acceptor", daemon=True).start()
         log.info("listening as %s on %s:%d", node.ae_title, node.bind_address, self.port)
 
+    def _tls_failed(self, ip: str, err: Exception) -> None:
+        log.warning("TLS handshake with %s failed: %s", ip, err)
+        metrics.ASSOCIATIONS.labels("refused", "tls").inc()
+        ingest.audit(self.sessions, "tls_refused", source_address=ip,
+                     detail=f"TLS handshake failed: {err}"[:2000], flagged=True)
+
     def _refused_connection(self, ip: str) -> None:
         metrics.ASSOCIATIONS.labels("refused", "per_address_limit").inc()
         ingest.audit(self.sessions, "connection_refused", source_address=ip,
@@ -188,16 +218,27 @@ class Receiver:
                      flagged=True)
 
     def _watchdog(self) -> None:
-        """Abort associations past their wall-clock limit or idle (no complete PDU)."""
-        while not self._stopped.wait(1.0):
+        """Abort associations past their wall-clock limit or idle (no complete PDU); kill those
+        an abort did not end; release the per-address slots of finished ones."""
+        while not self._stopped.wait(0.5):
             node = self.cfg.node
             now = time.monotonic()
-            for assoc in list(self.ae.active_associations):
-                if not assoc.is_acceptor:
+            with self._tracked_lock:
+                tracked = list(self._tracked)
+            for assoc in tracked:
+                if not assoc.is_alive():
+                    _release_slot(assoc)
+                    with self._tracked_lock:
+                        self._tracked.discard(assoc)
                     continue
                 started = getattr(assoc, "triage_started", None)
                 last = getattr(assoc, "triage_last_pdu", started)
                 if started is None:
+                    continue
+                aborting_since = getattr(assoc, "triage_aborting_since", None)
+                if aborting_since is not None:
+                    if now - aborting_since > 3.0:
+                        _hard_kill(assoc)
                     continue
                 why = None
                 if now - started > node.max_association_s:
@@ -206,6 +247,7 @@ class Receiver:
                     why = f"no complete PDU for {node.idle_timeout_s:g} s"
                 if why and not getattr(assoc, "triage_aborting", False):
                     assoc.triage_aborting = True
+                    assoc.triage_aborting_since = now
                     address = str(getattr(assoc.requestor, "address", ""))
                     log.warning("aborting association from %s: %s", address, why)
                     metrics.ASSOCIATIONS.labels("aborted", "limit").inc()
@@ -281,17 +323,41 @@ def _quiet_abort(assoc: Any) -> None:
 
 
 def handle_conn_open(event: Any, rx: Receiver) -> None:
+    event.assoc.triage_closed = False
+    with rx._tracked_lock:
+        rx._tracked.add(event.assoc)
     event.assoc.triage_started = time.monotonic()
     event.assoc.triage_last_pdu = event.assoc.triage_started
     event.assoc.triage_message_bytes = 0
     _set_read_cap(event, rx.max_read)
 
 
-def handle_conn_close(event: Any) -> None:
-    assoc = event.assoc
-    if assoc.is_acceptor and not getattr(assoc, "triage_closed", False):
+def _release_slot(assoc: Any) -> None:
+    """Give back the per-address slot once (on close, or when the watchdog finds it dead)."""
+    with HardenedServer.open_lock:
+        if getattr(assoc, "triage_closed", True):
+            return
         assoc.triage_closed = True
-        HardenedServer.connection_closed(str(assoc.requestor.address))
+    HardenedServer.connection_closed(str(assoc.requestor.address))
+
+
+def _hard_kill(assoc: Any) -> None:
+    """Stop an association's threads when an abort did not (e.g. a DUL waiting on its ARTIM
+    timer after a protocol error): it must not hold an association slot until it expires."""
+    log.warning("killing association from %s that did not end after abort",
+                getattr(assoc.requestor, "address", "?"))
+    assoc.dul.kill_dul()
+    assoc._kill = True
+    assoc.is_established = False
+    assoc._reactor_checkpoint.set()
+    # An acceptor still waiting for its A-ASSOCIATE-RQ blocks on this queue for acse_timeout;
+    # None is what a timeout returns, and makes it give up now.
+    assoc.dul.to_user_queue.put(None)
+
+
+def handle_conn_close(event: Any) -> None:
+    if event.assoc.is_acceptor:
+        _release_slot(event.assoc)
 
 
 def handle_pdu_recv(event: Any, rx: Receiver) -> None:
@@ -310,6 +376,7 @@ def handle_pdu_recv(event: Any, rx: Receiver) -> None:
     cap = rx.cfg.node.max_dataset_mb * 1024 * 1024
     if assoc.triage_message_bytes > cap and not getattr(assoc, "triage_aborting", False):
         assoc.triage_aborting = True
+        assoc.triage_aborting_since = time.monotonic()
         log.warning("aborting association: dataset larger than %g MB", rx.cfg.node.max_dataset_mb)
         metrics.ASSOCIATIONS.labels("aborted", "dataset_size").inc()
         ingest.audit(rx.sessions, "association_aborted",

@@ -69,6 +69,19 @@ def classify_status(status: int) -> str:
     return PERMANENT  # 0xA9xx mismatch, 0xCxxx cannot understand, 0x0122 / 0x0124 refused
 
 
+class _SSLErrorTrap(logging.Handler):
+    """pynetdicom logs TLS failures (handshake, peer alerts) and swallows them; keep the first."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.error: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        if self.error is None and isinstance(exc, ssl.SSLError):
+            self.error = str(exc)
+
+
 @dataclass
 class SendOutcome:
     kind: str  # DELIVERED | TRANSIENT | PERMANENT
@@ -98,10 +111,15 @@ def send_files(
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     ctx = build_scu_ssl(dest)
     tls_args = (ctx, dest.host) if ctx is not None else None
+    trap = _SSLErrorTrap()
+    pyn_log = logging.getLogger("pynetdicom")
+    pyn_log.addHandler(trap)
     try:
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     except (OSError, ssl.SSLError) as e:
         return [SendOutcome(TRANSIENT, None, f"cannot connect: {e}")] * len(files)
+    finally:
+        pyn_log.removeHandler(trap)
     if assoc.is_rejected:
         rej = assoc.acceptor.primitive
         result = getattr(rej, "result", None)
@@ -109,7 +127,10 @@ def send_files(
         kind = PERMANENT if result == 1 else TRANSIENT
         return [SendOutcome(kind, None, why)] * len(files)
     if not assoc.is_established:
-        return [SendOutcome(TRANSIENT, None, "association aborted or refused")] * len(files)
+        why = (f"TLS handshake failed: {trap.error}" if trap.error else
+               "association aborted or refused" + (" (TLS: check certificates and the peer's log)"
+                                                   if dest.tls else ""))
+        return [SendOutcome(TRANSIENT, None, why)] * len(files)
     outcomes: list[SendOutcome] = []
     try:
         accepted = {str(c.abstract_syntax) for c in assoc.accepted_contexts}
