@@ -282,8 +282,12 @@ def _brain_mask(hu: np.ndarray, pixel_mm: float) -> np.ndarray:
         barea = np.bincount(blab.ravel())
         barea[0] = 0
         out &= ~(barea > max(6, round(20 / pixel_mm**2)))[blab]
-    er = max(1, round(1.5 / pixel_mm))
-    return ndi.binary_erosion(out, structure=_PLANE, iterations=er)
+    # give back the rim the bone dilation took where it is not bone (thin subdural and
+    # epidural collections live there), then erode a little so no partial-volume skull is left
+    back = ndi.binary_dilation(
+        out, structure=_PLANE, iterations=2, mask=(hu > -30.0) & (hu < 120.0)
+    )
+    return ndi.binary_erosion(back, structure=_PLANE, iterations=1)
 
 
 def model_inputs(
