@@ -1084,8 +1084,8 @@ def make_case(
     """
     if label != "normal" and label not in LESION_FAMILIES:
         raise ValueError(f"unknown label {label!r}; expected 'normal' or one of {LESION_FAMILIES}")
-    if matrix < 64 or matrix % 2:
-        raise ValueError(f"matrix must be an even number >= 64, got {matrix}")
+    if matrix < 16 or matrix % 2:
+        raise ValueError(f"matrix must be an even number >= 16, got {matrix}")
     ss = np.random.SeedSequence(int(seed))
     rng_anat, rng_var, rng_les, rng_geo, rng_noise, rng_holder = (
         np.random.default_rng(s) for s in ss.spawn(6)
