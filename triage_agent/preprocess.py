@@ -225,7 +225,7 @@ _PLANE = np.zeros((3, 3, 3), dtype=bool)
 _PLANE[1] = ndi.generate_binary_structure(2, 1)
 
 
-def _PLANE_DISK(r: int) -> np.ndarray:  # noqa: N802 - constant-like helper
+def _plane_disk(r: int) -> np.ndarray:
     """In-plane disk footprint of radius ``r`` pixels for 3D (Z, Y, X) filters."""
     yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
     return (yy * yy + xx * xx <= r * r)[None]
@@ -237,25 +237,31 @@ def _brain_mask(hu: np.ndarray, pixel_mm: float) -> np.ndarray:
 
     Why these rules: scalp and face are soft tissue too, and thick slices blur the skull at the
     vertex, so "inside the bone ring" alone leaks; but scalp, face and globes always touch air
-    or fat while the brain never does (bone and CSF lie between). 3D connectivity then drops the globes and
-    other islands, while keeping every piece of brain at the skull base (temporal lobes,
-    cerebellum) that connects through the brainstem.
+    or fat while the brain never does (bone and CSF lie between). 3D connectivity then drops
+    the globes and other islands, while keeping every piece of brain at the skull base
+    (temporal lobes, cerebellum) that connects through the brainstem. Distances are in mm,
+    so the rules hold at any model resolution.
     """
+
+    def px(mm: float) -> int:
+        return max(1, round(mm / pixel_mm))
+
+    ring_px = max(2, round(4.5 / pixel_mm))
     bone = hu > 150.0
     soft = (hu > -30.0) & (hu < 150.0)
-    soft &= ~ndi.binary_dilation(bone, structure=_PLANE, iterations=1)
-    it = max(1, round(2.5 / pixel_mm))
+    soft &= ~ndi.binary_dilation(bone, structure=_PLANE, iterations=px(1.5))
+    it = px(2.5)
     soft = ndi.binary_opening(soft, structure=_PLANE, iterations=it)
     out = np.zeros(hu.shape, dtype=bool)
     # air and fat: scalp, face, globes and neck touch them, the brain does not (bone between)
-    near_low = ndi.binary_dilation(hu < -40.0, structure=_PLANE, iterations=2)
+    near_low = ndi.binary_dilation(hu < -40.0, structure=_PLANE, iterations=px(3.0))
     lab, n = ndi.label(soft, structure=_PLANE)
     if n == 0:
         return out
     area = np.bincount(lab.ravel(), minlength=n + 1)
     contact = np.bincount(lab[near_low].ravel(), minlength=n + 1)
     # ring-based: what fraction of the tissue around each blob is air or fat
-    grown = ndi.grey_dilation(lab, footprint=_PLANE_DISK(3))
+    grown = ndi.grey_dilation(lab, footprint=_plane_disk(ring_px))
     ring = (grown > 0) & (lab == 0)
     ring_n = np.bincount(grown[ring].ravel(), minlength=n + 1)
     ring_low = np.bincount(grown[ring & (hu < -40.0)].ravel(), minlength=n + 1)
@@ -285,9 +291,9 @@ def _brain_mask(hu: np.ndarray, pixel_mm: float) -> np.ndarray:
     # give back the rim the bone dilation took where it is not bone (thin subdural and
     # epidural collections live there), then erode a little so no partial-volume skull is left
     back = ndi.binary_dilation(
-        out, structure=_PLANE, iterations=2, mask=(hu > -30.0) & (hu < 120.0)
+        out, structure=_PLANE, iterations=px(3.0), mask=(hu > -30.0) & (hu < 120.0)
     )
-    return ndi.binary_erosion(back, structure=_PLANE, iterations=1)
+    return ndi.binary_erosion(back, structure=_PLANE, iterations=px(1.5))
 
 
 def model_inputs(
