@@ -276,7 +276,14 @@ def _build_template() -> _Template:
     sizes = ndi.sum(vent_c, lab, index=np.arange(1, n + 1))
     vent = np.isin(lab, np.flatnonzero(sizes >= 150) + 1)
     vent = ndi.binary_closing(vent, iterations=1) & brain
-    vent_sd = _edt(~vent) - _edt(vent)
+    # signed distance to the ventricles, exact within 30 mm of them (all that is ever used)
+    vbox = _box(
+        (np.argwhere(vent).min(0) + np.argwhere(vent).max(0)) / 2.0,
+        (np.argwhere(vent).max(0) - np.argwhere(vent).min(0)) / 2.0 + 30.0,
+        shape,
+    )
+    vent_sd = np.full(shape, 30.0, dtype=np.float32)
+    vent_sd[vbox] = np.minimum(_edt(~vent[vbox]) - _edt(vent[vbox]), 30.0)
     sulc = ndi.gaussian_filter(csf_in_brain * (~vent), 1.0).astype(np.float32)
 
     # cranial envelope: the ICV closed with a 14 mm ball, holes filled slice by slice. The gaps
