@@ -126,7 +126,7 @@ def _load_mni(kind: str) -> np.ndarray:
 
     path = _mni_dir() / f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz"
     img = nib.load(str(path))
-    data = np.asarray(img.dataobj, dtype=np.float32) / 255.0
+    data = np.asarray(img.dataobj, dtype=np.float32) / 255.0  # type: ignore[attr-defined]
     # nibabel gives (x, y, z) in RAS; we want (z, y, x) with y anterior->posterior and
     # x right->left (LPS), i.e. flip both in-plane axes.
     return np.ascontiguousarray(data.transpose(2, 1, 0)[:, ::-1, ::-1])

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -60,7 +60,8 @@ class ModelInput:
 # --------------------------------------------------------------------------------- reading
 
 
-def _f(ds: object, name: str, stage: str) -> object:
+def _f(ds: object, name: str, stage: str) -> Any:
+    """A required attribute, or a PreprocessError naming the stage and the attribute."""
     v = getattr(ds, name, None)
     if v is None:
         raise PreprocessError(f"{stage}: missing {name}")

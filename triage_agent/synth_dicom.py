@@ -17,6 +17,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     generate_uid,
@@ -118,7 +119,7 @@ def write_case_dicom(
     paths: list[Path] = []
     for k in range(nz):
         ds = Dataset()
-        sop_uid = uid_for("sop", *key, series_number, k)
+        sop_uid = UID(uid_for("sop", *key, series_number, k))
         fm = FileMetaDataset()
         fm.MediaStorageSOPClassUID = CTImageStorage
         fm.MediaStorageSOPInstanceUID = sop_uid
