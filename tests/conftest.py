@@ -143,7 +143,7 @@ class Node:
 
     @property
     def storage_root(self) -> Path:
-        return self.workdir / "storage"
+        return Path(self.sections["storage"]["root"])
 
     def add_destination(self, name: str, ae_title: str, host: str, port: int) -> None:
         self.destinations.append({"name": name, "ae_title": ae_title, "host": host, "port": port})

@@ -44,8 +44,9 @@ def fsync_dir(path: Path) -> None:
 class Storage:
     root: Path
     high_water_percent: float = 90.0
-    _usage_checked_at: float = 0.0
-    _usage_full: bool = False
+    _usage_checked_at: float = -1e9
+    _used_bytes: int = 0
+    _total_bytes: int = 1
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
@@ -73,12 +74,17 @@ class Storage:
         return 100.0 * usage.used / usage.total if usage.total else 100.0
 
     def check_space(self) -> None:
-        """Raise StorageFullError above the high-water mark (statvfs cached for 1 s)."""
+        """Raise StorageFullError above the high-water mark.
+
+        statvfs is read at most once a second; in between, bytes we write are added to the last
+        reading, so a fast sender cannot overshoot the mark within that second.
+        """
         now = time.monotonic()
         if now - self._usage_checked_at > 1.0:
-            self._usage_full = self.used_percent() >= self.high_water_percent
+            usage = shutil.disk_usage(self.root)
+            self._used_bytes, self._total_bytes = usage.used, max(1, usage.total)
             self._usage_checked_at = now
-        if self._usage_full:
+        if 100.0 * self._used_bytes / self._total_bytes >= self.high_water_percent:
             raise StorageFullError(
                 f"storage above high-water mark ({self.high_water_percent:.0f} % used)"
             )
@@ -98,6 +104,7 @@ class Storage:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        self._used_bytes += sum(len(c) for c in chunks)
         fsync_dir(final.parent)
         return final
 
