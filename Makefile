@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-.PHONY: install run test lint bench-ingest bench-model
+.PHONY: install run test lint bench-ingest bench-model reliability
 install: $(STAMP)
 
 run: $(STAMP)
@@ -28,3 +28,8 @@ bench-ingest: $(STAMP)
 
 bench-model: $(STAMP)
 	$(VENV)/bin/python bench/model.py
+
+# The RELIABILITY.md scenarios at full size (20 kill rounds, 20 x 200 load) with a summary table.
+# CI runs the same scenarios at quick sizes as part of `make test`.
+reliability: $(STAMP)
+	RELIABILITY_FULL=1 $(VENV)/bin/pytest tests/reliability -m reliability -p no:cacheprovider -rA
