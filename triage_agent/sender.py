@@ -208,12 +208,11 @@ class Sender:
                 existing = [(i, p) for i, p in items if p.exists()]
                 gone = [(i, p) for i, p in items if not p.exists()]
                 outcomes_by_id = {i: SendOutcome(PERMANENT, None, "output file missing") for i, _ in gone}
-                if existing and isinstance(dest, HL7DestinationConfig):
-                    sent = _send_hl7(dest, [p for _, p in existing])
-                    outcomes_by_id.update({i: o for (i, _), o in zip(existing, sent, strict=True)})
-                elif existing:
-                    sent = send_files(dest, [p for _, p in existing], calling_ae=self.cfg.node.ae_title,
-                                      timeout_s=self.cfg.delivery.timeout_s)
+                if existing:
+                    paths = [p for _, p in existing]
+                    sent = (_send_hl7(dest, paths) if isinstance(dest, HL7DestinationConfig) else
+                            send_files(dest, paths, calling_ae=self.cfg.node.ae_title,
+                                       timeout_s=self.cfg.delivery.timeout_s))
                     outcomes_by_id.update({i: o for (i, _), o in zip(existing, sent, strict=True)})
                 outcomes = [outcomes_by_id[i] for i, _ in items]
             self._record(key, [i for i, _ in items], outcomes)
