@@ -24,6 +24,12 @@ def test_shipped_agent_toml_is_valid_and_documented() -> None:
             assert any(b.lstrip().startswith("#") for b in block), f"undocumented: {line}"
 
 
+def test_demo_config_is_valid() -> None:
+    cfg = load_config(REPO / "demo" / "agent.toml")
+    assert [d.port for d in cfg.destinations] == [4242]
+    assert cfg.storage.root == REPO / "var" / "demo" / "storage"
+
+
 def test_check_config_lists_every_error_with_key(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     bad = tmp_path / "agent.toml"
     bad.write_text(

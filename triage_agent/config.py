@@ -7,6 +7,7 @@ offending key named, instead of surfacing as a strange failure at 3 a.m.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -300,7 +301,7 @@ class AgentConfig(_Section):
     # same whatever directory systemd or a shell starts it from.
     def resolved(self, base: Path) -> AgentConfig:
         def fix(p: Path) -> Path:
-            return p if p.is_absolute() else (base / p)
+            return p if p.is_absolute() else Path(os.path.normpath(base / p))
 
         storage = self.storage.model_copy(update={"root": fix(self.storage.root)})
         db_url = self.database.url
