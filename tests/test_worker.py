@@ -47,7 +47,9 @@ def test_worker_scores_series_and_status_shows_verdict(
     rec = node.wait_state(noise_uid, {"scored"}, timeout_s=60)
     assert rec["verdict"] == "not_assessable" and rec["score"] is None
     with node.session()() as s:
-        assert all(j.state == "done" and j.attempts == 1 for j in s.scalars(select(Job)))
+        jobs = s.scalars(select(Job)).all()
+        assert all(j.state == "done" and j.attempts == 1 for j in jobs), [
+            (j.state, j.attempts, j.last_error) for j in jobs]
 
 
 def test_serve_with_missing_weights_says_which_setting(node_factory, tmp_path: Path) -> None:
