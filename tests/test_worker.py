@@ -12,7 +12,7 @@ from model.synth import make_case
 from tests.conftest import Node, storescu
 from tests.factories import make_series
 from tests.test_model_e2e import tiny_ckpt  # noqa: F401  (module-scoped fixture)
-from triage_agent.models import Job, Output, Result, SliceScore
+from triage_agent.models import Event, Job, Output, Result, SliceScore
 from triage_agent.synth_dicom import write_case_dicom
 
 
@@ -48,8 +48,9 @@ def test_worker_scores_series_and_status_shows_verdict(
     assert rec["verdict"] == "not_assessable" and rec["score"] is None
     with node.session()() as s:
         jobs = s.scalars(select(Job)).all()
-        assert all(j.state == "done" and j.attempts == 1 for j in jobs), [
-            (j.state, j.attempts, j.last_error) for j in jobs]
+        failures = [e.detail for e in s.scalars(select(Event).where(Event.kind == "job_failed"))]
+        assert all(j.state == "done" and j.attempts == 1 for j in jobs), (
+            [(j.state, j.attempts) for j in jobs], failures)
 
 
 def test_serve_with_missing_weights_says_which_setting(node_factory, tmp_path: Path) -> None:
