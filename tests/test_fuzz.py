@@ -18,16 +18,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from pydicom.uid import ExplicitVRLittleEndian
 
 from fuzz.common import CT, MR, base_dataset, encode_for, store_input
-from fuzz.fuzz_ingest import Finding, IngestTarget
+from fuzz.fuzz_ingest import IngestTarget
 
 REPO = Path(__file__).resolve().parent.parent
-
-# Open findings (each pinned by an xfail below): read_series lets ValueError/TypeError from
-# malformed numeric header values escape instead of raising PreprocessError. Remove once fixed.
-def _known_open(signature: str, message: str) -> bool:
-    stage, exc = signature.split("|")[:2]
-    return (stage == "preprocess" and exc in ("ValueError", "TypeError")
-            and message.endswith(("@ read_series", "@ read_series><listcomp>")))
 
 SMOKE = settings(max_examples=50, deadline=None, database=None, derandomize=True,
                  suppress_health_check=list(HealthCheck), phases=[Phase.generate])
@@ -63,8 +56,7 @@ def test_ingest_hypothesis_smoke(ingest: IngestTarget) -> None:
     before = ingest.execs
     run()
     ingest.check_tree()
-    new = {s: m for s, m in ingest.findings.items() if not _known_open(s, m)}
-    assert not new, new
+    assert not ingest.findings, ingest.findings
     assert ingest.execs - before == 50
     assert not os.listdir(ingest.storage.tmp_dir)
 
@@ -148,9 +140,6 @@ MALFORMED = {
 }
 
 
-@pytest.mark.xfail(strict=True, raises=Finding,
-                   reason="read_series: non-numeric DS header value raises ValueError, not "
-                          "PreprocessError (fuzz finding; see fuzz/README.md)")
 @pytest.mark.parametrize("element", sorted(MALFORMED))
 def test_regression_non_numeric_ds_is_a_preprocess_error(strict_ingest: IngestTarget,
                                                          element: str) -> None:
@@ -170,9 +159,6 @@ WRONG_VM = {
 }
 
 
-@pytest.mark.xfail(strict=True, raises=Finding,
-                   reason="read_series: wrong value multiplicity raises TypeError, not "
-                          "PreprocessError (fuzz finding; see fuzz/README.md)")
 @pytest.mark.parametrize("element", sorted(WRONG_VM))
 def test_regression_wrong_value_multiplicity_is_a_preprocess_error(
         strict_ingest: IngestTarget, element: str) -> None:
@@ -183,9 +169,6 @@ def test_regression_wrong_value_multiplicity_is_a_preprocess_error(
     assert strict_ingest.run(data, ExplicitVRLittleEndian) == "success-not-assessable"
 
 
-@pytest.mark.xfail(strict=True, raises=Finding,
-                   reason="read_series: ImageOrientationPatient with a non-DS VR (one US value) "
-                          "raises TypeError, not PreprocessError (fuzz finding)")
 def test_regression_orientation_wrong_vr_is_a_preprocess_error(
         strict_ingest: IngestTarget) -> None:
     ds = base_dataset(30, size=16)

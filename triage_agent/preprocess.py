@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pydicom.multival import MultiValue
 from scipy import ndimage as ndi
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -68,6 +69,25 @@ def _f(ds: object, name: str, stage: str) -> Any:
     return v
 
 
+def _numbers(ds: Any, keyword: str, n: int, stage: str, name: str,
+             default: list[float] | None = None) -> list[float]:
+    """Exactly ``n`` finite numbers from a header attribute, or PreprocessError naming the
+    attribute (never its value: header text is sender-controlled and may carry identifiers)."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        if default is not None:
+            return list(default)
+        raise PreprocessError(f"{stage}: {name} has no {keyword}")
+    items = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+    try:
+        out = [float(v) for v in items]
+    except (TypeError, ValueError) as e:
+        raise PreprocessError(f"{stage}: {name} has a non-numeric {keyword}") from e
+    if len(out) != n or not all(np.isfinite(out)):
+        raise PreprocessError(f"{stage}: {name} needs {n} finite value(s) in {keyword}")
+    return out
+
+
 def read_series(paths: Sequence[Path]) -> HUVolume:
     """Read one axial CT series in any file order into a HU volume.
 
@@ -99,9 +119,7 @@ def read_series(paths: Sequence[Path]) -> HUVolume:
     series_uid = series.pop() or None
 
     first = datasets[0][1]
-    iop = np.array([float(v) for v in _f(first, "ImageOrientationPatient", "geometry")])
-    if iop.shape != (6,):
-        raise PreprocessError("geometry: ImageOrientationPatient must have 6 values")
+    iop = np.array(_numbers(first, "ImageOrientationPatient", 6, "geometry", datasets[0][0].name))
     row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)
     if np.linalg.norm(normal) < 0.5:
@@ -113,21 +131,19 @@ def read_series(paths: Sequence[Path]) -> HUVolume:
             f"geometry: not an axial series (slice normal {tilt:.0f} deg from the z axis)"
         )
     rows, cols = int(_f(first, "Rows", "read")), int(_f(first, "Columns", "read"))
-    spacing = [float(v) for v in _f(first, "PixelSpacing", "geometry")]
+    spacing = _numbers(first, "PixelSpacing", 2, "geometry", datasets[0][0].name)
 
     positions = []
     for p, ds in datasets:
-        this_iop = np.array([float(v) for v in getattr(ds, "ImageOrientationPatient", [])])
-        if this_iop.shape != (6,) or not np.allclose(this_iop, iop, atol=1e-3):
+        this_iop = np.array(_numbers(ds, "ImageOrientationPatient", 6, "geometry", p.name))
+        if not np.allclose(this_iop, iop, atol=1e-3):
             raise PreprocessError(f"geometry: {p.name} has a different ImageOrientationPatient")
         if int(getattr(ds, "Rows", -1)) != rows or int(getattr(ds, "Columns", -1)) != cols:
             raise PreprocessError(f"read: {p.name} has a different matrix size")
         if "PixelData" not in ds:
             raise PreprocessError(f"pixels: {p.name} has no pixel data")
-        ipp = getattr(ds, "ImagePositionPatient", None)
-        if ipp is None or len(ipp) != 3:
-            raise PreprocessError(f"geometry: {p.name} has no ImagePositionPatient")
-        positions.append(float(np.dot([float(v) for v in ipp], normal)))
+        ipp = _numbers(ds, "ImagePositionPatient", 3, "geometry", p.name)
+        positions.append(float(np.dot(ipp, normal)))
     pos = np.array(positions)
     order = np.argsort(pos, kind="stable")
     pos = pos[order]
@@ -151,8 +167,8 @@ def read_series(paths: Sequence[Path]) -> HUVolume:
             raise PreprocessError(f"pixels: cannot decode {p.name} ({e})") from e
         if arr.shape != (rows, cols):
             raise PreprocessError(f"pixels: {p.name} has pixel shape {arr.shape}")
-        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-        intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+        slope = _numbers(ds, "RescaleSlope", 1, "pixels", p.name, default=[1.0])[0] or 1.0
+        intercept = _numbers(ds, "RescaleIntercept", 1, "pixels", p.name, default=[0.0])[0]
         hu[k] = arr.astype(np.float32) * slope + intercept
         uids.append(str(ds.SOPInstanceUID) if "SOPInstanceUID" in ds else None)
 

@@ -149,7 +149,7 @@ def _set_read_cap(event: Any, cap: int) -> None:
 
 
 def valid_uid(value: Any) -> bool:
-    return isinstance(value, str) and len(value) <= 64 and bool(UID_RE.match(value))
+    return isinstance(value, str) and len(value) <= 64 and bool(UID_RE.fullmatch(value))
 
 
 @dataclass
