@@ -137,7 +137,14 @@ class Worker:
             return True
         except Exception as e:
             log.warning("job %d failed: %s", job_id, e.__class__.__name__)
-            self._fail(job_id, f"{e.__class__.__name__}: {e}", permanent=False)
+            # Only our own exceptions' messages are stored: others (pydicom, numpy) may quote
+            # header values, which are sender-controlled and can carry patient identifiers.
+            where = e.__traceback__
+            while where is not None and where.tb_next is not None:
+                where = where.tb_next
+            place = (f" in {where.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:"
+                     f"{where.tb_lineno}") if where is not None else ""
+            self._fail(job_id, f"{e.__class__.__name__}{place}", permanent=False)
             return True
 
         timings: dict[str, Any] = {
