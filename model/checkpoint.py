@@ -58,6 +58,15 @@ DISPLAY_NAMES = {
 }
 
 
+def near_bone(hu: torch.Tensor, bone_hu: float, margin_px: int) -> torch.Tensor:
+    """(B,S,S) bool: pixels within ``margin_px`` of a pixel denser than ``bone_hu``."""
+    if margin_px <= 0:
+        return torch.zeros_like(hu, dtype=torch.bool)
+    k = 2 * margin_px + 1
+    bone = (hu > bone_hu).float().unsqueeze(1)
+    return torch.nn.functional.max_pool2d(bone, k, stride=1, padding=margin_px)[:, 0] > 0
+
+
 class CheckpointError(RuntimeError):
     """The checkpoint file is missing, unreadable or not a detector checkpoint."""
 
@@ -172,10 +181,12 @@ class Detector:
         if self.method == "hu_threshold":
             pre = float(self.hu.get("presmooth", 0.0))  # denoise before thresholding
             if hb is not None and "hu_lo" in self.hu:
-                # hyperdense band in HU: above normal parenchyma, below calcification
+                # hyperdense band in HU: above normal parenchyma, below calcification, away
+                # from bone (partial volume at the inner table is not blood)
                 lo, up = float(self.hu["hu_lo"]), float(self.hu["hu_hi"])
                 v = smooth(hb, pre)
-                m = ((v >= lo) & (v <= up) & mb).float()
+                m = ((v >= lo) & (v <= up) & mb & ~near_bone(hb, up, int(self.hu.get(
+                    "bone_margin_px", 0)))).float()
             else:  # window units: saturated pixels (calcification, bone) are not counted
                 hi, top = float(self.hu["hi"]), float(self.hu.get("top", 2.0))
                 v = smooth(xb, pre)

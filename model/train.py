@@ -330,11 +330,12 @@ def calibrate(ckpt: dict[str, Any], val: SliceSet, *, target_specificity: float 
 
 
 def fit_hu_threshold(train: SliceSet, quantile: float = 0.995, calcification_hu: float = 100.0,
-                     presmooth: float = 1.0) -> dict[str, float]:
+                     presmooth: float = 1.0, bone_margin_px: int = 2) -> dict[str, float]:
     """Hyperdense threshold fitted on normal brain pixels.
 
     The slices are first denoised (Gaussian, ``presmooth`` pixels); the lower bound is the
-    ``quantile`` of the normal brain pixels below calcification density. In HU when the slices
+    ``quantile`` of the normal brain pixels below calcification density and more than
+    ``bone_margin_px`` from bone (partial volume at the inner table). In HU when the slices
     carry HU (band [q, 100 HU]: acute blood is 50-90 HU, calcification above), else in
     brain-window units with saturated pixels (>= 0.98) excluded.
     """
@@ -352,8 +353,15 @@ def fit_hu_threshold(train: SliceSet, quantile: float = 0.995, calcification_hu:
     out = {"hi": float(np.quantile(vx, quantile)) if vx.size else 0.8, "top": 0.98,
            "quantile": quantile, "presmooth": presmooth}
     if train.hu is not None:
-        hv = smoothed(train.hu)[train.brain]
+        from model.checkpoint import near_bone
+
+        away = np.concatenate([
+            ~near_bone(torch.from_numpy(np.asarray(train.hu[s:s + 256], np.float32)),
+                       calcification_hu, bone_margin_px).numpy()
+            for s in range(0, len(train.hu), 256)])
+        hv = smoothed(train.hu)[train.brain & away]
         hv = hv[hv < calcification_hu]
+        out["bone_margin_px"] = bone_margin_px
         if hv.size:
             out["hu_lo"] = float(np.quantile(hv, quantile))
             out["hu_hi"] = float(calcification_hu)
