@@ -35,8 +35,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from model.checkpoint import DISPLAY_NAMES, Detector
-from model.scoring import aggregate
+from model.checkpoint import DISPLAY_NAMES, Detector, SliceScores
+from model.scoring import aggregate, combine
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,12 @@ def score_cases(det: Detector, cases: list[EvalCase], lambda_: float = 0.5,
 
 def evaluate_detector(det: Detector, cases: list[EvalCase], *, lambda_: float = 0.5,
                       top_k: int = 3, batch_size: int = 32, seed: int = 0,
-                      keep_scores: bool = True) -> dict[str, Any]:
+                      keep_scores: bool = True, scores: list[Any] | None = None,
+                      name: str | None = None, operating_point: bool = True) -> dict[str, Any]:
+    """Metrics of one detector; ``scores`` (per-case SliceScores) skips the scoring pass."""
     t0 = time.perf_counter()
-    scores = score_cases(det, cases, lambda_, batch_size)
+    if scores is None:
+        scores = score_cases(det, cases, lambda_, batch_size)
     t_score = time.perf_counter() - t0
     n_slices = sum(len(c.x) for c in cases)
     sl_y = np.concatenate([c.slice_labels() for c in cases])
@@ -130,7 +133,8 @@ def evaluate_detector(det: Detector, cases: list[EvalCase], *, lambda_: float = 
                         for s in scores])
     res: dict[str, Any] = {
         "method": det.method,
-        "name": DISPLAY_NAMES.get(det.method, det.method),
+        "name": name or DISPLAY_NAMES.get(det.method, det.method),
+        "lambda": lambda_,
         "weights_sha256": det.weights_sha256,
         "n_series": len(cases), "n_abnormal_series": int(ser_y.sum()),
         "n_slices": int(n_slices), "n_abnormal_slices": int(sl_y.sum()),
@@ -176,6 +180,15 @@ def evaluate_detector(det: Detector, cases: list[EvalCase], *, lambda_: float = 
     else:
         res["pixel"] = None
     # ---- operating point
+    if not operating_point:
+        res["operating_point"] = {"threshold": None, "aggregate": "max", "sensitivity": None,
+                                  "specificity": None, "per_family_sensitivity": {},
+                                  "subtle_sensitivity": None}
+        if keep_scores:
+            res["_curves"] = {"slice": (sl_y, sl_s), "series": (ser_y, ser_max)}
+            res["_scores"] = scores
+            res["_series_scores"] = []
+        return res
     thr = det.threshold_for("max")
     pred = ser_max >= thr
     fam: dict[str, list[bool]] = defaultdict(list)
@@ -345,11 +358,23 @@ def evaluate(detectors: Iterable[Detector], cases: list[EvalCase], out_dir: Path
         if progress:
             print(f"  slice AUROC {_f(r['slice']['auroc'])}  series AUROC "
                   f"{_f(r['series_max']['auroc'])}  ({r['score_seconds']:.0f} s)", flush=True)
+        if det.uses["geo"] and det.uses["rec"]:
+            # the two terms of the same model alone (no extra inference; no calibrated threshold)
+            for lam, label in ((0.0, "s_g only, λ=0"), (1.0, "s_r only, λ=1")):
+                derived = [SliceScores(score=np.asarray(combine(s.s_g, s.s_r, lam), np.float32),
+                                       s_g=s.s_g, s_r=s.s_r, heatmap=s.heatmap)
+                           for s in r["_scores"]]
+                d = evaluate_detector(det, cases, lambda_=lam, top_k=top_k, scores=derived,
+                                      name=f"{r['name']}: {label}", operating_point=False)
+                d["derived_from"] = det.method
+                results.append(d)
     table = markdown_table(results, top_k)
     (out_dir / "table.md").write_text(table)
     files = [str(p) for p in plot_curves(results, out_dir)]
     prim = next((r for r in results if r["method"] == primary), None) if primary else None
     prim = prim or next((r for r in results if r["method"] == "multitask"), results[0])
+    prim = next((r for r in results if r is prim or (r["method"] == prim["method"]
+                                                      and "derived_from" not in r)), prim)
     files.append(str(contact_sheet(prim, cases, out_dir / "contact_sheet.png")))
     doc = {
         "meta": meta or {}, "lambda": lambda_, "top_k": top_k,

@@ -61,3 +61,17 @@ def test_harness_on_hu_threshold(tmp_path: Path):
     assert "| HU threshold | 1.000 |" in (tmp_path / "table.md").read_text()
     j = json.loads((tmp_path / "results.json").read_text())
     assert len(j["results"][0]["series_scores"]) == 6 and j["cases"][1]["n_lesion_slices"] == 1
+
+
+def test_harness_multitask_adds_single_term_rows(tmp_path: Path):
+    from model.network import MultitaskVAE, NetConfig
+
+    net = MultitaskVAE(NetConfig(input_size=16, base_channels=4, max_channels=8, z_dim=4,
+                                 geo_hidden=8))
+    det = Detector(make_checkpoint("multitask", net=net, thresholds={"max": 0.0}), device="cpu")
+    cases = [_case(i, i % 2 == 1) for i in range(4)]
+    doc = ev.evaluate([det], cases, tmp_path, progress=False)
+    names = [r["name"] for r in doc["results"]]
+    assert len(names) == 3 and names[1].endswith("λ=0") and names[2].endswith("λ=1")
+    assert doc["results"][1]["operating_point"]["sensitivity"] is None
+    assert "—" in (tmp_path / "table.md").read_text()
