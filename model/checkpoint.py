@@ -212,12 +212,12 @@ class Detector:
 
     # ------------------------------------------------------------------------------ public API
 
-    def normalise(self, g_raw: np.ndarray, r_raw: np.ndarray, lambda_: float
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        s_g = ((g_raw - self.norm.g_mean) / self.norm.g_std).astype(np.float32) \
-            if self.uses["geo"] else np.zeros_like(g_raw)
-        s_r = ((r_raw - self.norm.r_mean) / self.norm.r_std).astype(np.float32) \
-            if self.uses["rec"] else np.zeros_like(r_raw)
+    def normalise(self, g_raw: np.ndarray, r_raw: np.ndarray, lambda_: float,
+                  area: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """z-scores of the raw terms and their combination; ``area`` = brain fraction per slice."""
+        zg, zr = self.norm.apply(g_raw, r_raw, area)
+        s_g = zg if self.uses["geo"] else np.zeros_like(zg)
+        s_r = zr if self.uses["rec"] else np.zeros_like(zr)
         if self.uses["geo"] and self.uses["rec"]:
             score = combine(s_g, s_r, lambda_)
         else:
@@ -234,7 +234,8 @@ class Detector:
         if not 0.0 <= lambda_ <= 1.0:
             raise ValueError(f"lambda must be in [0, 1], got {lambda_}")
         g_raw, r_raw, heat = self.raw_scores(x, brain, batch_size, hu=hu)
-        score, s_g, s_r = self.normalise(g_raw, r_raw, lambda_)
+        area = np.asarray(brain, bool).reshape(len(g_raw), -1).mean(1) if len(g_raw) else None
+        score, s_g, s_r = self.normalise(g_raw, r_raw, lambda_, area)
         return SliceScores(score=score, s_g=s_g, s_r=s_r, heatmap=heat)
 
 

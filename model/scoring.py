@@ -31,6 +31,7 @@ class ScoringConfig:
     rec_q: float = 0.01
     geo_error: str = "one_minus_p"  # "one_minus_p" | "ce"
     residual: str = "abs"  # "abs" | "squared"
+    norm_bins: int = 0  # > 0: normalise per quantile bin of the slice's brain-area fraction
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,32 +44,70 @@ class ScoringConfig:
 
 @dataclass(frozen=True)
 class NormStats:
-    """Mean/std of the raw s_g and s_r on normal validation slices."""
+    """Mean/std of the raw s_g and s_r on normal validation slices.
+
+    With ``area_edges`` (``ScoringConfig.norm_bins`` > 0) the statistics are also kept per bin of
+    the slice's brain-area fraction, so that a vertex or skull-base slice (small brain, more
+    residual at bone and air interfaces) is compared with normal slices of its own kind.
+    """
 
     g_mean: float = 0.0
     g_std: float = 1.0
     r_mean: float = 0.0
     r_std: float = 1.0
+    area_edges: tuple[float, ...] = ()
+    g_mean_bins: tuple[float, ...] = ()
+    g_std_bins: tuple[float, ...] = ()
+    r_mean_bins: tuple[float, ...] = ()
+    r_std_bins: tuple[float, ...] = ()
 
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> NormStats:
-        return cls(**{k: float(v) for k, v in (d or {}).items() if k in cls.__dataclass_fields__})
+        kw: dict[str, Any] = {}
+        for k, v in (d or {}).items():
+            if k in cls.__dataclass_fields__:
+                kw[k] = tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else float(v)
+        return cls(**kw)
+
+    @staticmethod
+    def _ms(a: np.ndarray) -> tuple[float, float]:
+        a = np.asarray(a, dtype=np.float64)
+        if a.size == 0:
+            return 0.0, 1.0
+        sd = float(a.std())
+        return float(a.mean()), (sd if sd > 1e-12 else 1.0)
 
     @classmethod
-    def fit(cls, g_raw: np.ndarray, r_raw: np.ndarray) -> NormStats:
-        def ms(a: np.ndarray) -> tuple[float, float]:
-            a = np.asarray(a, dtype=np.float64)
-            if a.size == 0:
-                return 0.0, 1.0
-            sd = float(a.std())
-            return float(a.mean()), (sd if sd > 1e-12 else 1.0)
+    def fit(cls, g_raw: np.ndarray, r_raw: np.ndarray, area: np.ndarray | None = None,
+            n_bins: int = 0, min_per_bin: int = 20) -> NormStats:
+        gm, gs = cls._ms(g_raw)
+        rm, rs = cls._ms(r_raw)
+        if not n_bins or area is None or len(area) < n_bins * min_per_bin:
+            return cls(gm, gs, rm, rs)
+        area = np.asarray(area, np.float64)
+        edges = np.quantile(area, np.linspace(0, 1, n_bins + 1)[1:-1])
+        b = np.searchsorted(edges, area, side="right")
+        stats = [(cls._ms(np.asarray(g_raw)[b == i]), cls._ms(np.asarray(r_raw)[b == i]))
+                 for i in range(n_bins)]
+        return cls(gm, gs, rm, rs, tuple(float(e) for e in edges),
+                   tuple(g[0] for g, _ in stats), tuple(g[1] for g, _ in stats),
+                   tuple(r[0] for _, r in stats), tuple(r[1] for _, r in stats))
 
-        gm, gs = ms(g_raw)
-        rm, rs = ms(r_raw)
-        return cls(gm, gs, rm, rs)
+    def apply(self, g_raw: np.ndarray, r_raw: np.ndarray, area: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """z-scores of the raw terms (per brain-area bin when fitted that way)."""
+        g = np.asarray(g_raw, np.float64)
+        r = np.asarray(r_raw, np.float64)
+        if self.area_edges and area is not None:
+            b = np.searchsorted(np.asarray(self.area_edges), np.asarray(area), side="right")
+            gm, gs = np.asarray(self.g_mean_bins)[b], np.asarray(self.g_std_bins)[b]
+            rm, rs = np.asarray(self.r_mean_bins)[b], np.asarray(self.r_std_bins)[b]
+            return ((g - gm) / gs).astype(np.float32), ((r - rm) / rs).astype(np.float32)
+        return (((g - self.g_mean) / self.g_std).astype(np.float32),
+                ((r - self.r_mean) / self.r_std).astype(np.float32))
 
 
 def normalise(raw: np.ndarray | torch.Tensor, mean: float, std: float) -> Any:

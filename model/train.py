@@ -308,9 +308,19 @@ def calibrate(ckpt: dict[str, Any], val: SliceSet, *, target_specificity: float 
         log.warning("no validation slices: normalisation and thresholds left at defaults")
         return ckpt
     g_raw, r_raw, heat = det.raw_scores(val.x, val.brain, batch_size, hu=val.hu)
-    ckpt["norm"] = NormStats.fit(g_raw, r_raw).to_dict()
-    det = Detector(ckpt, device=device)
-    score, _, _ = det.normalise(g_raw, r_raw, lambda_)
+    return calibrate_from_raw(ckpt, val, g_raw, r_raw, heat, target_specificity=target_specificity,
+                              top_k=top_k, lambda_=lambda_)
+
+
+def calibrate_from_raw(ckpt: dict[str, Any], val: SliceSet, g_raw: np.ndarray, r_raw: np.ndarray,
+                       heat: np.ndarray, *, target_specificity: float = 0.95, top_k: int = 3,
+                       lambda_: float = 0.5) -> dict[str, Any]:
+    """Calibration from already computed raw validation scores (see ``calibrate``)."""
+    det = Detector(ckpt, device="cpu")
+    area = val.brain.reshape(len(val), -1).mean(1)
+    ckpt["norm"] = NormStats.fit(g_raw, r_raw, area, det.scoring.norm_bins).to_dict()
+    det = Detector(ckpt, device="cpu")
+    score, _, _ = det.normalise(g_raw, r_raw, lambda_, area)
     ser_max, ser_top = [], []
     for sid in np.unique(val.series):
         s = score[val.series == sid]

@@ -107,3 +107,19 @@ def test_network_shapes():
     assert nog(torch.rand(1, 32, 32)).geo_logits is None
     with pytest.raises(ValueError):
         NetConfig(input_size=100)
+
+
+def test_normalisation_per_brain_area_bin():
+    rng = np.random.default_rng(1)
+    area = np.concatenate([np.full(200, 0.1), np.full(200, 0.4)])
+    r = np.concatenate([rng.normal(5, 1, 200), rng.normal(1, 0.1, 200)])
+    g = rng.normal(0, 1, 400)
+    st = scoring.NormStats.fit(g, r, area, n_bins=2)
+    assert len(st.area_edges) == 1 and len(st.r_mean_bins) == 2
+    _, zr = st.apply(g, r, area)
+    assert abs(zr[:200].mean()) < 1e-6 and abs(zr[200:].mean()) < 1e-6
+    assert zr[:200].std() == pytest.approx(1.0) and zr[200:].std() == pytest.approx(1.0)
+    assert scoring.NormStats.from_dict(st.to_dict()) == st
+    _, zr_global = st.apply(g, r)  # without areas: global statistics
+    assert abs(zr_global.mean()) < 1e-6
+    assert scoring.NormStats.fit(g, r, area[:10], n_bins=5).area_edges == ()  # too few slices
