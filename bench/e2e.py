@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--matrix", type=int, default=512)
     ap.add_argument("--quiet", type=float, default=2.0, help="[series] quiet_period_s")
     ap.add_argument("--seed", type=int, default=500)
+    ap.add_argument("--burst", action="store_true",
+                    help="send all series at once (latency then includes queueing behind the "
+                         "other series); default: each series after the previous is delivered")
     args = ap.parse_args(argv)
 
     from model.synth import LESION_FAMILIES, make_case
@@ -72,23 +75,29 @@ def main(argv: list[str] | None = None) -> int:
         )
         try:
             wait_echo(port, "TRIAGE", timeout_s=120)
-            print("# sending", flush=True)
-            for files in series_files:
+            print("# sending", "all at once" if args.burst else "one series at a time",
+                  flush=True)
+
+            def wait_done(n: int) -> None:
+                deadline = time.monotonic() + 600
+                while time.monotonic() < deadline:
+                    out = subprocess.run(
+                        [sys.executable, "-m", "triage_agent.cli", "status", "--json",
+                         "--config", str(cfg)], capture_output=True, text=True).stdout
+                    recs = [json.loads(x) for x in out.splitlines() if x.strip()]
+                    if len(recs) == n and all(r["state"] in ("delivered", "failed")
+                                              for r in recs):
+                        return
+                    time.sleep(0.5)
+                sys.exit("not everything was delivered within 10 minutes; see node.log")
+
+            for i, files in enumerate(series_files):
                 subprocess.run(["storescu", "-aec", "TRIAGE", "127.0.0.1", str(port),
                                 *map(str, files)], check=True, capture_output=True,
                                env={**os.environ, "TCP_NODELAY": "1"})
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
-                out = subprocess.run(
-                    [sys.executable, "-m", "triage_agent.cli", "status", "--json", "--config",
-                     str(cfg)], capture_output=True, text=True).stdout
-                recs = [json.loads(x) for x in out.splitlines() if x.strip()]
-                if len(recs) == args.series and all(
-                        r["state"] in ("delivered", "failed") for r in recs):
-                    break
-                time.sleep(1)
-            else:
-                sys.exit("not everything was delivered within 10 minutes; see node.log")
+                if not args.burst:
+                    wait_done(i + 1)
+            wait_done(args.series)
         finally:
             node.terminate()
             node.wait(60)
