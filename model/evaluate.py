@@ -133,7 +133,7 @@ def evaluate_detector(det: Detector, cases: list[EvalCase], *, lambda_: float = 
                         for s in scores])
     res: dict[str, Any] = {
         "method": det.method,
-        "name": name or DISPLAY_NAMES.get(det.method, det.method),
+        "name": name or det.ckpt.get("display_name") or DISPLAY_NAMES.get(det.method, det.method),
         "lambda": lambda_,
         "weights_sha256": det.weights_sha256,
         "n_series": len(cases), "n_abnormal_series": int(ser_y.sum()),
