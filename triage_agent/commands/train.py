@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of series held out for normalisation and threshold calibration")
     p.add_argument("--target-specificity", type=float, default=0.95)
+    p.add_argument("--rec-q", type=float, default=None,
+                   help="s_r = mean of this top fraction of the residual map (default 0.01)")
+    p.add_argument("--norm-bins", type=int, default=None,
+                   help="normalise s_g/s_r per this many brain-area bins (default 0 = global)")
     p.add_argument("--cache", type=Path, default=Path(".cache/preprocessed"),
                    help="folder for preprocessed .npz arrays")
     p.add_argument("--resume", action="store_true")
@@ -91,8 +96,15 @@ def run(args: argparse.Namespace) -> int:
     data = cases_to_slices(cases)
     tr, va = data.split(args.val_fraction, seed=args.seed)
     summary.update(train_slices=len(tr), val_slices=len(va))
-    over = {k: v for k, v in (("lr", args.lr), ("eps", args.eps), ("beta", args.beta))
+    over: dict[str, Any] = {k: v for k, v in (("lr", args.lr), ("eps", args.eps), ("beta", args.beta))
             if v is not None}
+    from dataclasses import replace
+
+    from model.scoring import ScoringConfig
+
+    sc_over = {k: v for k, v in (("rec_q", args.rec_q), ("norm_bins", args.norm_bins))
+               if v is not None}
+    over["scoring"] = replace(ScoringConfig(), **sc_over)
     cfg = default_config(args.method, total_steps=args.steps,
                          pretrain_fraction=args.pretrain_fraction, batch_size=args.batch_size,
                          seed=args.seed, num_threads=args.threads,
