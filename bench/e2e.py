@@ -13,7 +13,6 @@ in the same run, and the overhead ratio (delivered - complete) / bare model time
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -43,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="send all series at once (latency then includes queueing behind the "
                          "other series); default: each series after the previous is delivered")
     args = ap.parse_args(argv)
+
+    from sqlalchemy import func, select
 
     from model.synth import LESION_FAMILIES, make_case
     from triage_agent.synth_dicom import write_case_dicom
@@ -78,17 +79,21 @@ def main(argv: list[str] | None = None) -> int:
             print("# sending", "all at once" if args.burst else "one series at a time",
                   flush=True)
 
+            from triage_agent import db as tdb
+            from triage_agent.models import Series as SeriesRow
+
+            poll_engine = tdb.make_engine(f"sqlite:///{root / 'triage.db'}")
+
             def wait_done(n: int) -> None:
+                # Polls the database in-process: a `triage-agent status` subprocess per poll
+                # would steal a core from the node being measured.
                 deadline = time.monotonic() + 600
                 while time.monotonic() < deadline:
-                    out = subprocess.run(
-                        [sys.executable, "-m", "triage_agent.cli", "status", "--json",
-                         "--config", str(cfg)], capture_output=True, text=True).stdout
-                    recs = [json.loads(x) for x in out.splitlines() if x.strip()]
-                    if len(recs) == n and all(r["state"] in ("delivered", "failed")
-                                              for r in recs):
+                    with poll_engine.connect() as c:
+                        states = [s for (s,) in c.execute(select(SeriesRow.state))]
+                    if len(states) == n and all(s in ("delivered", "failed") for s in states):
                         return
-                    time.sleep(0.5)
+                    time.sleep(0.2)
                 sys.exit("not everything was delivered within 10 minutes; see node.log")
 
             for i, files in enumerate(series_files):
@@ -103,14 +108,18 @@ def main(argv: list[str] | None = None) -> int:
             node.wait(60)
             pacs.stop()
 
-        from sqlalchemy import func, select
 
         from triage_agent import db
         from triage_agent.models import Delivery, Output, Result, Series
 
         engine = db.make_engine(f"sqlite:///{root / 'triage.db'}")
         after_complete, after_last = [], []
+        stages: dict[str, list[float]] = {}
         with db.session_factory(engine)() as s:
+            for (t,) in s.execute(select(Result.timings)):
+                for k in ("read_s", "preprocess_s", "model_s", "outputs_s"):
+                    if k in t:
+                        stages.setdefault(k, []).append(float(t[k]))
             rows = s.execute(
                 select(Series.completed_at, Series.last_received_at, Series.state,
                        func.max(Delivery.delivered_at))
@@ -144,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{pct(after_complete, .95):7.2f}")
     print(f"{'delivered - last instance':32} {pct(after_last, .5):7.2f} {pct(after_last, .95):7.2f}")
     print(f"{'bare model time (same series)':32} {pct(bare, .5):7.2f} {pct(bare, .95):7.2f}")
+    print("node stage medians: " + ", ".join(
+        f"{k[:-2]} {statistics.median(v):.2f} s" for k, v in stages.items()))
     print(f"overhead ratio p50 (delivered - complete) / bare model = "
           f"{statistics.median(after_complete) / statistics.median(bare):.2f}")
     return 0
