@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,17 +45,13 @@ def _time(fn, n: int, warmup: int = 2) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def bench_training(cfg_net: NetConfig, batch: int, steps: int) -> dict[str, float]:
+def bench_training(cfg_net: NetConfig, batch: int, steps: int, rounds: int = 3) -> dict[str, float]:
+    """Real steps of both phases and the bare loop, interleaved over ``rounds`` so that load from
+    other processes hits all three alike; the ratios are medians of the per-round ratios."""
     data = random_slices(256, cfg_net.input_size, seed=0, n_series=8)
-    out: dict[str, float] = {}
-    # real step, both phases
     cfg = TrainConfig(method="multitask", net=cfg_net, pretrain_steps=10**9, steps=0,
                       batch_size=batch, ckpt_every=0)
     tr = Trainer(cfg, data)
-    out["train_pretrain_slices_per_s"] = batch / _time(tr.step, steps)
-    tr.cfg.pretrain_steps = 0
-    out["train_multitask_slices_per_s"] = batch / _time(tr.step, steps)
-    # bare loop: same network, same losses, random tensors already in memory
     net = MultitaskVAE(cfg_net).train()
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     x = torch.rand(batch, 1, cfg_net.input_size, cfg_net.input_size)
@@ -67,10 +64,29 @@ def bench_training(cfg_net: NetConfig, batch: int, steps: int) -> dict[str, floa
         t["loss"].backward()
         opt.step()
 
-    out["train_bare_slices_per_s"] = batch / _time(bare, steps)
-    out["train_ratio_pretrain"] = out["train_pretrain_slices_per_s"] / out["train_bare_slices_per_s"]
-    out["train_ratio_multitask"] = out["train_multitask_slices_per_s"] / out["train_bare_slices_per_s"]
-    return out
+    def pre() -> None:
+        tr.cfg.pretrain_steps = 10**9
+        tr.step()
+
+    def main_phase() -> None:
+        tr.cfg.pretrain_steps = 0
+        tr.step()
+
+    per = max(1, steps // rounds)
+    rows = []
+    for _ in range(rounds):
+        t_pre = _time(pre, per, warmup=1)
+        t_bare = _time(bare, per, warmup=1)
+        t_main = _time(main_phase, per, warmup=1)
+        rows.append((t_pre, t_bare, t_main))
+    a = np.array(rows)
+    return {
+        "train_pretrain_slices_per_s": float(batch / np.median(a[:, 0])),
+        "train_multitask_slices_per_s": float(batch / np.median(a[:, 2])),
+        "train_bare_slices_per_s": float(batch / np.median(a[:, 1])),
+        "train_ratio_pretrain": float(np.median(a[:, 1] / a[:, 0])),
+        "train_ratio_multitask": float(np.median(a[:, 1] / a[:, 2])),
+    }
 
 
 def bench_inference(det: Detector, batch: int, reps: int) -> dict[str, float]:
