@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pydicom
@@ -112,3 +113,25 @@ def test_rebuilding_outputs_of_a_job_gives_identical_objects(tiny_ckpt: Path, tm
                       for o in outs])
     assert [k for k, _, _ in built[0]] == ["sr"] + ["sc"] * 5
     assert built[0] == built[1]
+
+
+def test_shadow_mode_scores_and_stores_but_delivers_nothing(
+    node_factory, tiny_ckpt: Path, tmp_path: Path  # noqa: F811
+) -> None:
+    node: Node = node_factory(
+        worker={"count": 1, "poll_interval_s": 0.2}, model={"weights": str(tiny_ckpt)},
+        triage={"mode": "shadow", "threshold": -1.0e9},
+        delivery={"interval_s": 0.2},
+    )
+    node.add_destination("pacs", "PACS", "127.0.0.1", 9)  # would fail loudly if ever used
+    node.start(timeout_s=120)
+    files = write_case_dicom(make_case(15, "normal", matrix=128), tmp_path / "s")
+    assert storescu(node.port, files).returncode == 0
+    rec = node.wait_state(pydicom.dcmread(files[0]).SeriesInstanceUID, {"scored"}, timeout_s=60)
+    assert rec["verdict"] == "abnormal" and rec["deliveries"] == []
+    with node.session()() as s:
+        outputs = s.scalars(select(Output)).all()
+        assert sorted(o.kind for o in outputs) == ["sc"] * 5 + ["sr"]  # built and kept
+        assert all((node.storage_root / o.path).exists() for o in outputs)
+    time.sleep(1.0)  # several delivery ticks: still nothing sent, state stays scored
+    assert node.wait_state(rec["series_instance_uid"], {"scored"}, 5)["deliveries"] == []
