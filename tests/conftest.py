@@ -60,33 +60,55 @@ class PgServer:
         return self.base_url.rsplit("/", 1)[0] + "/" + name
 
 
+class PrivateCluster:
+    """A throw-away PostgreSQL cluster on an ephemeral port that a test may stop and start."""
+
+    def __init__(self) -> None:
+        if PG_BIN is None or not (PG_BIN / "initdb").exists():
+            pytest.fail("PostgreSQL not found: apt-get install postgresql, or set "
+                        "TRIAGE_TEST_PG_URL")
+        # pytest's temp dirs are private to root; the cluster needs a folder postgres can own.
+        self.top = Path(tempfile.mkdtemp(prefix="triage-pg-"))
+        self.data = self.top / "data"
+        self.run_as: list[str] = []
+        if os.geteuid() == 0:  # initdb refuses root: run the cluster as the postgres user
+            shutil.chown(self.top, "postgres", "postgres")
+            self.run_as = ["runuser", "-u", "postgres", "--"]
+        subprocess.run([*self.run_as, str(PG_BIN / "initdb"), "-D", str(self.data), "-A",
+                        "trust", "-U", "postgres", "--no-sync"], check=True, capture_output=True)
+        self.port = free_port()
+        self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
+        self.start()
+
+    def _ctl(self, *args: str) -> None:
+        assert PG_BIN is not None
+        subprocess.run([*self.run_as, str(PG_BIN / "pg_ctl"), "-D", str(self.data), *args],
+                       check=True, capture_output=True)
+
+    def start(self) -> None:
+        opts = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=on"
+        self._ctl("-o", opts, "-w", "-l", str(self.data / "log"), "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._ctl("-m", mode, "-w", "stop")
+
+    def destroy(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop("immediate")
+        shutil.rmtree(self.top, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
     url = os.environ.get("TRIAGE_TEST_PG_URL")
     if url:
         yield PgServer(url)
         return
-    if PG_BIN is None or not (PG_BIN / "initdb").exists():
-        pytest.fail("PostgreSQL not found: apt-get install postgresql, or set TRIAGE_TEST_PG_URL")
-    # pytest's temp dirs are private to root; the cluster needs a folder postgres can own.
-    top = Path(tempfile.mkdtemp(prefix="triage-pg-"))
-    data = top / "data"
-    run_as: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses root: run the cluster as the postgres user
-        shutil.chown(top, "postgres", "postgres")
-        run_as = ["runuser", "-u", "postgres", "--"]
-    subprocess.run([*run_as, str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U",
-                    "postgres", "--no-sync"], check=True, capture_output=True)
-    port = free_port()
-    opts = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=on"
-    subprocess.run([*run_as, str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-w", "-l",
-                    str(data / "log"), "start"], check=True, capture_output=True)
+    cluster = PrivateCluster()
     try:
-        yield PgServer(f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres", data)
+        yield PgServer(cluster.url, cluster.data)
     finally:
-        subprocess.run([*run_as, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate",
-                        "stop"], capture_output=True)
-        shutil.rmtree(top, ignore_errors=True)
+        cluster.destroy()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -478,3 +478,37 @@ def test_kill_pipeline(node_factory: Any, tiny_ckpt: Path, tmp_path: Path) -> No
     finally:
         pacs.terminate()
         pacs.wait(10)
+
+
+@pytest.mark.postgres
+def test_db_down(tmp_path: Path) -> None:
+    """PostgreSQL stops mid-stream: C-STOREs get 0xA700 (never Success), the node stays up, and
+    once the database is back the same sender stores again; nothing acknowledged is lost."""
+    from tests.conftest import PrivateCluster
+
+    cluster = PrivateCluster()
+    node = Node(tmp_path / "node", cluster.url)
+    try:
+        node.start()
+        files = series_set(tmp_path, 1, size(60, 200), seed=12)[0]
+        ledger = Ledger()
+        t0 = time.perf_counter()
+        half = len(files) // 2
+        ledger.send(node.port, files[:half])
+        cluster.stop("fast")
+        down = Ledger()
+        down.send(node.port, files[half:half + 5])
+        assert not down.acked and down.failures == 5  # each refused, none acknowledged
+        log = node.log_path.read_text()
+        assert "C-STORE refused (0xA700): database error" in log
+        cluster.start()
+        time.sleep(1.0)
+        ledger.send(node.port, files[half:])
+        out = reconcile(node, ledger)
+        record("db-down", 1, ledger, out, time.perf_counter() - t0,
+               "PostgreSQL stopped mid-stream: 0xA700, node up; after restart all stored")
+        assert len(ledger.acked) == len(files)
+        assert out == {"lost": 0, "duplicates": 0, "tmp_left": 0}
+    finally:
+        node.stop(10)
+        cluster.destroy()
