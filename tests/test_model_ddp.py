@@ -17,8 +17,12 @@ def test_torchrun_two_cpu_processes(tmp_path: Path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "model.train", str(out), "--random", "32", "--size", "32", "--steps", "3",
            "--pretrain-steps", "1", "--batch-size", "2"]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=170,
-                       cwd=Path(__file__).resolve().parents[1])
+    # one retry: on a shared machine the rendezvous port can be taken between probe and bind
+    for _attempt in range(2):
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=80,
+                           cwd=Path(__file__).resolve().parents[1])
+        if p.returncode == 0:
+            break
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     assert "rank0 done: world=2 steps=4" in p.stdout
     assert out.exists()
