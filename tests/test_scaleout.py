@@ -45,6 +45,9 @@ def test_two_workers_each_job_once_and_a_killed_workers_job_is_taken_over(
     node: Node = node_factory(
         worker={"count": 0, "lease_s": 4.0, "poll_interval_s": 0.2},
         model={"weights": str(tiny_ckpt)},
+        # Long enough that a loaded machine's pause inside one storescu run is not taken for
+        # the end of the series (which would cancel and re-queue it: a second job row).
+        series={"quiet_period_s": 4.0, "sweep_interval_s": 0.2},
     ).start()
     base = write_case_dicom(make_case(51, "normal", matrix=128), tmp_path / "base")
     series = [clone_series(base, tmp_path / f"s{k}", k) for k in range(20)]
@@ -96,7 +99,8 @@ def test_two_workers_each_job_once_and_a_killed_workers_job_is_taken_over(
         results = s.execute(select(Result.job_id, Result.series_id)).all()
         assert len(results) == 20
         assert len({j for j, _ in results}) == 20 and len({sid for _, sid in results}) == 20
-        assert s.scalar(select(func.count()).select_from(Job)) == 20  # no job queued twice
+        assert s.scalar(select(func.count()).select_from(Job)) == 20, [  # none queued twice
+            (j.series_id, j.generation, j.state) for j in s.scalars(select(Job))]
         taken_over = s.get(Job, victim_job)
         assert taken_over.attempts == 2 and f":{w2.pid}:" in taken_over.worker_id
         assert set(s.scalars(select(Series.state))) == {"scored"}
