@@ -33,6 +33,17 @@ def require_tool(name: str, package: str) -> str:
     return path
 
 
+def wait_for(pred: Any, timeout_s: float, what: str, interval_s: float = 0.3) -> Any:
+    """Poll ``pred`` until it returns something truthy; fail naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -241,6 +252,17 @@ class Node:
                         return rec
             time.sleep(0.3)
         raise AssertionError(f"series never reached {states}; last: {last}")
+
+    def wait_all(self, n: int, states: set[str], timeout_s: float) -> list[dict[str, Any]]:
+        """Status records once ``n`` series are all in ``states`` (the last seen on timeout)."""
+        deadline = time.monotonic() + timeout_s
+        recs: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            recs = self.status()
+            if len(recs) == n and all(r["state"] in states for r in recs):
+                break
+            time.sleep(0.5)
+        return recs
 
     def session(self) -> Any:
         from triage_agent import db

@@ -12,7 +12,7 @@ import pytest
 
 from model.checkpoint import load_detector
 from model.synth import make_case
-from tests.conftest import Node, require_tool, storescu
+from tests.conftest import Node, require_tool, storescu, wait_for
 from tests.peers import Orthanc
 from triage_agent.inference import score_series
 from triage_agent.synth_dicom import write_case_dicom
@@ -39,16 +39,6 @@ def pacs(tmp_path: Path) -> Any:
     o = Orthanc(tmp_path / "orthanc").start()
     yield o
     o.stop()
-
-
-def wait_for(pred: Any, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from pynetdicom import AE
 from sqlalchemy import select
 
 from model.synth import make_case
-from tests.conftest import Node, storescu
+from tests.conftest import Node, storescu, wait_for
 from tests.factories import CANARY_ID, CANARY_NAME, CT
 from tests.peers import free_port, wait_echo
 from tests.test_model_e2e import tiny_ckpt  # noqa: F401  (module-scoped fixture)
@@ -56,16 +55,6 @@ def pacs(tmp_path: Path) -> Iterator[int]:
 def canary_series(tmp_path: Path, seed: int, name: str = "head") -> list[Path]:
     return write_case_dicom(make_case(seed, "normal", matrix=128), tmp_path / name,
                             patient_name=CANARY_NAME, patient_id=CANARY_ID)
-
-
-def wait_until(pred: Any, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -195,7 +184,7 @@ def test_sighup_reloads_thresholds_and_destinations_without_dropping_association
         with node.session()() as s:
             return s.scalar(select(Event).where(Event.kind == "config_reloaded"))
 
-    ev = wait_until(reloaded, 20, "config_reloaded event")
+    ev = wait_for(reloaded, 20, "config_reloaded event")
     assert "triage" in ev.detail and "destinations" in ev.detail and "node" in ev.detail
     assert "needs restart: node" in ev.detail
 

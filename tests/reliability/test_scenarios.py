@@ -405,13 +405,7 @@ def test_pacs(node_factory: Any, tiny_ckpt: Path, tmp_path: Path) -> None:  # no
         dead = sum(d["state"] == "dead" for r in node.status() for d in r.get("deliveries", []))
         r = node.cli("retry")
         assert r.returncode == 0 and f"{dead} dead-lettered" in r.stdout
-        deadline = time.monotonic() + 120
-        recs: list[dict[str, Any]] = []
-        while time.monotonic() < deadline:
-            recs = node.status()
-            if len(recs) == n_series and all(r["state"] == "delivered" for r in recs):
-                break
-            time.sleep(0.5)
+        recs = node.wait_all(n_series, {"delivered"}, 120)
         received = list(outdir.iterdir())
         expected = sum(len(r["deliveries"]) for r in recs)
         record("pacs", n_series, None, {"failures": 0, "duplicates": len(received) - expected},
@@ -460,13 +454,7 @@ def test_kill_pipeline(node_factory: Any, tiny_ckpt: Path, tmp_path: Path) -> No
             time.sleep(rng.uniform(0.2, 2.5))  # somewhere in complete/claim/infer/build/send
             node.kill()
             node.start(timeout_s=120)
-        deadline = time.monotonic() + 240
-        recs: list[dict[str, Any]] = []
-        while time.monotonic() < deadline:
-            recs = node.status()
-            if len(recs) == n_series and all(r["state"] == "delivered" for r in recs):
-                break
-            time.sleep(0.5)
+        recs = node.wait_all(n_series, {"delivered"}, 240)
         out = reconcile(node, ledger)
         objects = [p.name for p in outdir.iterdir()]
         sr = [n for n in objects if n.startswith("SR")]
