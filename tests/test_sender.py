@@ -98,7 +98,9 @@ def test_send_outcomes_against_storescp_faults(scp: Any, tmp_path: Path) -> None
 
     refused = scp("--refuse")
     outs = send_files(refused.dest(), files, calling_ae="TRIAGE", timeout_s=5)
-    assert outs[0].kind in (PERMANENT, TRANSIENT) and "rejected" in (outs[0].error or "")
+    # storescp sends A-ASSOCIATE-RJ and closes at once; pynetdicom may see either first.
+    assert outs[0].kind in (PERMANENT, TRANSIENT)
+    assert "rejected" in (outs[0].error or "") or "refused" in (outs[0].error or "")
 
     aborting = scp("--abort-during")
     outs = send_files(aborting.dest(), files, calling_ae="TRIAGE", timeout_s=5)
