@@ -29,6 +29,18 @@ def wait_echo(port: int, aet: str, timeout_s: float = 60) -> None:
     raise RuntimeError(f"{aet} on port {port} never answered C-ECHO")
 
 
+def stop_process(proc: subprocess.Popen[Any] | None, timeout_s: float = 30) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited within ``timeout_s``."""
+    if proc is None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class Orthanc:
     """Orthanc with a temporary config: loopback HTTP, no auth, fsync'd storage, any AE may store.
 
@@ -64,14 +76,8 @@ class Orthanc:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
+        stop_process(self.proc)
+        self.proc = None
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as r:

@@ -110,8 +110,7 @@ class Worker:
             job_id, series_id, generation = job.id, job.series_id, job.generation
             claimed_at = utcnow()
             paths, series_uid, last_received, completed = self._series_files(s, series_id)
-        log.info("job %d: scoring series %s (%d files, attempt)", job_id, short_id(series_uid),
-                 len(paths))
+        log.info("job %d: scoring series %s (%d files)", job_id, short_id(series_uid), len(paths))
         try:
             if not paths:
                 raise PermanentJobError("series has no stored image files")
