@@ -7,9 +7,11 @@
 ``vae_pretrained`` VAE pretrained by context restoration (patch swap), then plain VAE training
 ``geometry_only``  ablation: context-restoration pretraining, then the geometric head alone
 ``multitask``      the seed paper: pretraining, then L_geo + eps * (L_rec + beta * KL)
+``dae``            denoising U-Net (Kascenas et al. 2022): restores slices corrupted by coarse
+                   noise; slice score = residual of the clean slice, as for the VAE
 =================  ==============================================================================
 
-All learned methods share the network (``model.network.MultitaskVAE``), data, optimiser, step
+All learned methods but ``dae`` share the network (``model.network.MultitaskVAE``); all share the data, optimiser, step
 budget and scoring code (``model.checkpoint.Detector``); they differ only in their loss and in
 which terms their score uses. The step budget of a method with pretraining includes it, so every
 learned method sees the same number of optimisation steps.
@@ -26,7 +28,7 @@ from model.network import NetConfig
 from model.train import PRETRAINED_METHODS, SliceSet, TrainConfig, train
 
 ALL_METHODS: tuple[str, ...] = (
-    "hu_threshold", "vae", "cevae", "vae_pretrained", "geometry_only", "multitask",
+    "hu_threshold", "vae", "cevae", "vae_pretrained", "geometry_only", "multitask", "dae",
 )
 LEARNED_METHODS = tuple(m for m in ALL_METHODS if m != "hu_threshold")
 assert set(ALL_METHODS) == set(METHODS)

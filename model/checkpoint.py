@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from model import pretext
-from model.network import MultitaskVAE, NetConfig
+from model.network import NetConfig, build_network
 from model.scoring import (
     NormStats,
     ScoringConfig,
@@ -47,6 +47,7 @@ METHODS: dict[str, dict[str, bool]] = {
     "cevae": {"geo": False, "rec": True},
     "vae_pretrained": {"geo": False, "rec": True},
     "hu_threshold": {"geo": False, "rec": True},
+    "dae": {"geo": False, "rec": True},
 }
 DISPLAY_NAMES = {
     "multitask": "Multitask VAE + geometric head (seed)",
@@ -55,6 +56,7 @@ DISPLAY_NAMES = {
     "cevae": "ceVAE (Zimmerer 2019)",
     "vae_pretrained": "VAE + context-restoration pretraining",
     "hu_threshold": "HU threshold",
+    "dae": "Denoising U-Net, coarse noise (Kascenas 2022)",
 }
 
 
@@ -127,11 +129,11 @@ class Detector:
         self.input_size: int = int(ckpt.get("input_size", 128))
         self.hu: dict[str, float] = dict(ckpt.get("hu") or {})
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
-        self.net: MultitaskVAE | None = None
+        self.net: torch.nn.Module | None = None
         if self.method != "hu_threshold":
             cfg = NetConfig.from_dict(ckpt["net_config"])
             self.input_size = cfg.input_size
-            net = MultitaskVAE(cfg)
+            net = build_network(cfg)
             try:
                 net.load_state_dict(ckpt["state_dict"])
             except (RuntimeError, KeyError) as e:
@@ -245,7 +247,7 @@ class Detector:
 def make_checkpoint(
     method: str,
     *,
-    net: MultitaskVAE | None = None,
+    net: torch.nn.Module | None = None,
     scoring: ScoringConfig | None = None,
     norm: NormStats | None = None,
     thresholds: dict[str, float] | None = None,

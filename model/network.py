@@ -32,6 +32,8 @@ class NetConfig:
     geo_hidden: int = 256
     geo_head: bool = True
     n_geo_classes: int = N_GEO_CLASSES
+    arch: str = "vae"  # "vae" (MultitaskVAE) | "unet" (DenoisingUNet, the ``dae`` method)
+    unet_levels: int = 4  # stride-2 downsamplings of the U-Net
 
     def __post_init__(self) -> None:
         s = self.input_size
@@ -39,6 +41,10 @@ class NetConfig:
             raise ValueError(f"input_size must be a power of two >= 16, got {s}")
         if self.bottleneck_size < 1 or s % self.bottleneck_size or s < 2 * self.bottleneck_size:
             raise ValueError("bottleneck_size must divide input_size and be at most input_size/2")
+        if self.arch not in ("vae", "unet"):
+            raise ValueError(f"arch must be 'vae' or 'unet', got {self.arch!r}")
+        if self.arch == "unet" and not 1 <= self.unet_levels <= 6:
+            raise ValueError("unet_levels must be in 1..6")
 
     @property
     def n_down(self) -> int:
@@ -143,6 +149,68 @@ class MultitaskVAE(nn.Module):
         recon = self.decoder(z) if decode else x.new_zeros(0)
         geo = self.geo(h) if self.geo is not None else None
         return NetOutput(recon, mu, logvar, geo)
+
+
+class _Block(nn.Sequential):
+    """Two 3x3 convolutions with GroupNorm and LeakyReLU."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(nn.Conv2d(c_in, c_out, 3, padding=1), _norm(c_out), nn.LeakyReLU(0.2),
+                         nn.Conv2d(c_out, c_out, 3, padding=1), _norm(c_out), nn.LeakyReLU(0.2))
+
+
+class DenoisingUNet(nn.Module):
+    """U-Net denoising autoencoder (Kascenas, Pugeault and O'Neil 2022, "Denoising autoencoders
+    for unsupervised anomaly detection in brain MRI").
+
+    Trained to remove *coarse* noise (low-resolution Gaussian noise upsampled to the image) from
+    normal slices; at test time it is given the clean slice, and whatever it "repairs" (tissue
+    that does not look like normal tissue at that place) shows up in the residual. The skip
+    connections keep fine normal anatomy (skull base, sulci) sharp, where a VAE blurs it into
+    false-positive residual. Returns a ``NetOutput`` with empty ``mu``/``logvar`` and no
+    geometric logits, so scoring code treats it like any reconstruction model.
+    """
+
+    def __init__(self, cfg: NetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        chans = [min(cfg.base_channels * 2**i, cfg.max_channels) for i in range(cfg.unet_levels + 1)]
+        self.down = nn.ModuleList()
+        c_in = 1
+        for c in chans[:-1]:
+            self.down.append(_Block(c_in, c))
+            c_in = c
+        self.pool = nn.MaxPool2d(2)
+        self.mid = _Block(chans[-2], chans[-1])
+        self.up = nn.ModuleList()
+        self.dec = nn.ModuleList()
+        c_prev = chans[-1]
+        for c in reversed(chans[:-1]):
+            self.up.append(nn.ConvTranspose2d(c_prev, c, 2, stride=2))
+            self.dec.append(_Block(2 * c, c))
+            c_prev = c
+        self.out = nn.Conv2d(chans[0], 1, 1)
+
+    def forward(self, x: torch.Tensor, *, sample: bool | None = None,
+                generator: torch.Generator | None = None, decode: bool = True) -> NetOutput:
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        skips = []
+        h = x
+        for blk in self.down:
+            h = blk(h)
+            skips.append(h)
+            h = self.pool(h)
+        h = self.mid(h)
+        for up, dec, skip in zip(self.up, self.dec, reversed(skips)):
+            h = dec(torch.cat([up(h), skip], 1))
+        empty = x.new_zeros(x.shape[0], 0)
+        return NetOutput(self.out(h), empty, empty, None)
+
+
+def build_network(cfg: NetConfig) -> nn.Module:
+    """The network a config describes: ``MultitaskVAE`` or ``DenoisingUNet``."""
+    return DenoisingUNet(cfg) if cfg.arch == "unet" else MultitaskVAE(cfg)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -176,3 +176,22 @@ def context_encoding_noise(
             v = lo + (hi - lo) * float(torch.rand(1, generator=generator))
             xs[b, y0:y0 + int(hw[0]), x0:x0 + int(hw[1])] = v
     return xs.unsqueeze(1) if squeeze else xs
+
+
+def coarse_noise(x: torch.Tensor, generator: torch.Generator, resolution: int = 16,
+                 std: float = 0.2, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Denoising-autoencoder corruption (Kascenas et al. 2022): Gaussian noise drawn on a coarse
+    ``resolution`` x ``resolution`` grid, bilinearly upsampled to the image and added (inside
+    ``mask`` when given). Coarse noise makes the network restore blob-sized intensity changes,
+    the scale of lesions, rather than pixel noise. (B,S,S) or (B,1,S,S) in, same shape out."""
+    squeeze = x.dim() == 3
+    xs = x.unsqueeze(1) if squeeze else x
+    b, _, h, w = xs.shape
+    n = torch.randn((b, 1, resolution, resolution), generator=generator) * std
+    n = torch.nn.functional.interpolate(n, size=(h, w), mode="bilinear", align_corners=False)
+    n = n.to(xs.device, xs.dtype)
+    if mask is not None:
+        m = mask.unsqueeze(1) if mask.dim() == 3 else mask
+        n = n * m.to(n.dtype)
+    y = xs + n
+    return y[:, 0] if squeeze else y

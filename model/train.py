@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import losses, pretext
 from model.checkpoint import METHODS, Detector, make_checkpoint, save_checkpoint
-from model.network import MultitaskVAE, NetConfig
+from model.network import NetConfig, build_network
 from model.scoring import NormStats, ScoringConfig, aggregate
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,8 @@ class TrainConfig:
     beta: float = 0.1  # KL weight
     n_swaps: int = 4  # context-restoration swaps per slice
     ce_factor: float = 0.5  # ceVAE restoration term weight
+    noise_res: int = 16  # dae: side of the coarse noise grid
+    noise_std: float = 0.2  # dae: noise standard deviation (brain-window units)
     flip_aug: bool = True
     seed: int = 0
     ckpt_every: int = 200
@@ -110,6 +112,34 @@ class SliceSet:
         return SliceSet(self.x[keep], self.brain[keep], self.series[keep],
                         None if self.hu is None else self.hu[keep])
 
+    def save(self, path: Path | str, summary: dict[str, Any] | None = None) -> None:
+        """Write a compact slice archive (x quantised to 8 bits, brain masks bit-packed, no HU)
+        that ``load`` reads back: the way to move training data to a GPU machine that has
+        PyTorch but not the DICOM stack (``python -m model.train --slices FILE``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez_compressed(
+            tmp, format=np.array("triage-slices/1"),
+            x=np.round(np.clip(self.x, 0.0, 1.0) * 255.0).astype(np.uint8),
+            brain=np.packbits(self.brain.astype(bool), axis=None), shape=np.array(self.x.shape),
+            series=self.series.astype(np.int32),
+            summary=np.array(json.dumps(summary or {})),
+        )
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path | str) -> tuple[SliceSet, dict[str, Any]]:
+        """Read a slice archive written by ``save``; returns the set and its data summary."""
+        with np.load(Path(path)) as z:
+            if "format" not in z.files or str(z["format"]) != "triage-slices/1":
+                raise ValueError(f"{path} is not a slice archive (triage-slices/1)")
+            shape = tuple(int(v) for v in z["shape"])
+            n = int(np.prod(shape))
+            brain = np.unpackbits(z["brain"], count=n).astype(bool).reshape(shape)
+            x = z["x"].astype(np.float32) / 255.0
+            return cls(x, brain, z["series"].astype(np.int64)), json.loads(str(z["summary"]))
+
     def split(self, val_fraction: float, seed: int) -> tuple[SliceSet, SliceSet]:
         ids = np.unique(self.series)
         rng = np.random.default_rng(seed)
@@ -150,7 +180,7 @@ def setup_distributed(device: str = "auto") -> Dist:
     return Dist(rank, world, local, dev)
 
 
-def _unwrap(net: torch.nn.Module) -> MultitaskVAE:
+def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
     return net.module if isinstance(net, DDP) else net  # type: ignore[return-value]
 
 
@@ -169,10 +199,11 @@ class Trainer:
         self.cfg, self.data = cfg, data
         self.dd = dd or Dist()
         uses_geo = METHODS[cfg.method]["geo"]
-        net_cfg = NetConfig.from_dict({**cfg.net.to_dict(), "geo_head": uses_geo})
+        net_cfg = NetConfig.from_dict({**cfg.net.to_dict(), "geo_head": uses_geo,
+                                       "arch": "unet" if cfg.method == "dae" else "vae"})
         self.cfg.net = net_cfg
         torch.manual_seed(cfg.seed * 1000 + self.dd.rank)
-        self.net: torch.nn.Module = MultitaskVAE(net_cfg).to(self.dd.device)
+        self.net: torch.nn.Module = build_network(net_cfg).to(self.dd.device)
         if self.dd.world > 1:
             self.net = DDP(self.net, device_ids=[self.dd.local_rank] if self.dd.device.type == "cuda"
                            else None, find_unused_parameters=True)
@@ -184,7 +215,7 @@ class Trainer:
         self.m_all = torch.from_numpy(np.ascontiguousarray(data.brain, dtype=bool))
 
     @property
-    def model(self) -> MultitaskVAE:
+    def model(self) -> torch.nn.Module:
         return _unwrap(self.net)
 
     def phase(self, step: int | None = None) -> str:
@@ -214,6 +245,8 @@ class Trainer:
             return xt, xt, labels, None
         if c.method == "cevae":
             return x, x, None, pretext.context_encoding_noise(x, self.gen)
+        if c.method == "dae":
+            return pretext.coarse_noise(x, self.gen, c.noise_res, c.noise_std, mask=m), x, None, None
         return x, x, None, None
 
     def step(self) -> dict[str, float]:
@@ -225,6 +258,9 @@ class Trainer:
         self.net.train()
         if phase == "pretrain" or c.method in ("vae", "vae_pretrained"):
             terms = losses.vae_loss(self.net(inp), tgt, c.beta)
+        elif c.method == "dae":
+            rec = losses.rec_loss(self.net(inp).recon, tgt)
+            terms = {"loss": rec, "rec": rec.detach()}
         elif c.method in ("multitask", "geometry_only"):
             eps = c.eps if c.method == "multitask" else 0.0
             out = self.net(inp, decode=eps > 0)
@@ -391,10 +427,14 @@ def train(
     progress: bool = True,
     device: str = "auto",
     data_summary: dict[str, Any] | None = None,
+    time_budget_s: float | None = None,
 ) -> dict[str, Any] | None:
     """Train ``cfg.method`` and write the calibrated checkpoint to ``out`` (rank 0).
 
-    Returns the checkpoint dict on rank 0, None on the other ranks.
+    ``time_budget_s`` stops the loop early (at a step boundary, single process only) when the
+    wall-clock budget is spent; the checkpoint then records the steps actually run, and
+    ``--steps`` that number reproduces it. Returns the checkpoint dict on rank 0, None on the
+    other ranks.
     """
     out = Path(out)
     if cfg.num_threads:
@@ -432,7 +472,13 @@ def train(
                    mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
     t_loop = time.time()
     start_step = tr.step_no
+    stopped_early = False
     while tr.step_no < total:
+        if time_budget_s is not None and dd.world == 1 and time.time() - t0 > time_budget_s:
+            stopped_early = True
+            log.warning("time budget of %.0f s spent: stopping at step %d of %d",
+                        time_budget_s, tr.step_no, total)
+            break
         rec = tr.step()
         if rec["step"] % 10 == 0 or tr.step_no == total:
             rec["phase"] = 0.0 if tr.phase(tr.step_no - 1) == "pretrain" else 1.0
@@ -447,7 +493,9 @@ def train(
     if bar is not None:
         bar.close()
     loop_s = time.time() - t_loop
-    summary["steps"] = total
+    summary["steps"] = tr.step_no
+    summary["planned_steps"] = total
+    summary["stopped_by_time_budget"] = stopped_early
     summary["loop_s"] = loop_s
     summary["slices_per_s"] = (tr.step_no - start_step) * cfg.batch_size * dd.world / max(loop_s, 1e-9)
     summary["final_losses"] = tr.history[-1] if tr.history else {}
@@ -463,7 +511,7 @@ def train(
     summary["wall_s"] = time.time() - t0
     ck["training"] = _plain(summary)
     save_checkpoint(ck, out)
-    log.info("wrote %s (%s, %d steps, %.0f s)", out, cfg.method, total, summary["wall_s"])
+    log.info("wrote %s (%s, %d steps, %.0f s)", out, cfg.method, tr.step_no, summary["wall_s"])
     return ck
 
 
@@ -484,18 +532,67 @@ def random_slices(n: int, size: int, seed: int, n_series: int = 4) -> SliceSet:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Smoke launcher: ``torchrun --nproc_per_node 2 -m model.train --random 64 --steps 3 OUT``."""
+    """Launcher without the DICOM stack (PyTorch + NumPy only), also under ``torchrun``.
+
+    * smoke test: ``torchrun --nproc_per_node 2 -m model.train --random 64 --steps 3 OUT``
+      (a tiny network on random phantoms);
+    * real training from a slice archive written by ``triage-agent train --export-slices``:
+      ``python -m model.train OUT --slices train.npz --method dae --steps 6000 --seed 1000``
+      (same split, configuration and calibration as ``triage-agent train``; full-size network).
+    """
     ap = argparse.ArgumentParser(prog="python -m model.train")
     ap.add_argument("out", type=Path)
     ap.add_argument("--random", type=int, default=64, help="number of random phantom slices")
+    ap.add_argument("--slices", type=Path, default=None,
+                    help="slice archive (triage-agent train --export-slices) instead of phantoms")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--method", default="multitask", choices=sorted(METHODS))
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--pretrain-steps", type=int, default=2)
+    ap.add_argument("--pretrain-fraction", type=float, default=0.2,
+                    help="with --slices: share of --steps spent on pretraining")
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=1000, help="with --slices: split and training seed")
+    ap.add_argument("--val-fraction", type=float, default=0.2)
+    ap.add_argument("--rec-q", type=float, default=None)
+    ap.add_argument("--norm-bins", type=int, default=None)
+    ap.add_argument("--base-channels", type=int, default=None)
+    ap.add_argument("--noise-std", type=float, default=None, help="dae: coarse noise std")
+    ap.add_argument("--noise-res", type=int, default=None, help="dae: coarse noise grid side")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                    help="with --slices: stop early when this much wall time is spent")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    if a.slices is not None:
+        from dataclasses import replace
+
+        from model.baselines import default_config
+
+        data, summary = SliceSet.load(a.slices)
+        tr, va = data.split(a.val_fraction, seed=a.seed)
+        summary.update(train_slices=len(tr), val_slices=len(va), slices_file=a.slices.name)
+        sc = {k: v for k, v in (("rec_q", a.rec_q), ("norm_bins", a.norm_bins)) if v is not None}
+        net = NetConfig(input_size=int(data.x.shape[-1]))
+        if a.base_channels:
+            net = replace(net, base_channels=a.base_channels)
+        extra = {k: v for k, v in (("noise_std", a.noise_std), ("noise_res", a.noise_res))
+                 if v is not None}
+        cfg = default_config(a.method, total_steps=a.steps, pretrain_fraction=a.pretrain_fraction,
+                             batch_size=a.batch_size, seed=a.seed, num_threads=a.threads,
+                             net=net, scoring=replace(ScoringConfig(), **sc), **extra)
+        ck = train(cfg, tr, va, a.out, progress=a.progress, device=a.device, data_summary=summary,
+                   time_budget_s=a.time_budget)
+        if ck is not None:
+            t = ck["training"]
+            print(f"wrote {a.out}: {a.method} {t['steps']} steps, {t['wall_s']:.0f} s, "
+                  f"{t['slices_per_s']:.0f} slices/s on {t['device']}, "
+                  f"threshold(max) {ck['thresholds'].get('max', float('nan')):.3f}", flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 0
     cfg = TrainConfig(method=a.method, net=NetConfig(input_size=a.size, base_channels=4,
                                                      max_channels=16, z_dim=8, geo_hidden=16),
                       steps=a.steps, pretrain_steps=a.pretrain_steps, batch_size=a.batch_size,

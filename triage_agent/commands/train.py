@@ -48,6 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--export-slices", type=Path, default=None, metavar="FILE.npz",
+                   help="write the preprocessed training slices to FILE.npz and stop, to train "
+                        "elsewhere with `python -m model.train OUT --slices FILE.npz` (a GPU "
+                        "machine needs PyTorch and NumPy only)")
     p.set_defaults(func=run)
 
 
@@ -94,6 +98,14 @@ def run(args: argparse.Namespace) -> int:
 
     cases, summary = load_training_cases(args)
     data = cases_to_slices(cases)
+    if args.export_slices is not None:
+        data.save(args.export_slices, summary)
+        size = args.export_slices.stat().st_size / 1e6
+        print(f"wrote {args.export_slices}: {len(data)} slices of {data.n_series} series "
+              f"({size:.1f} MB); train with: python -m model.train OUT --slices "
+              f"{args.export_slices} --method {args.method} --steps {args.steps} "
+              f"--batch-size {args.batch_size} --seed {args.seed}", flush=True)
+        return 0
     tr, va = data.split(args.val_fraction, seed=args.seed)
     summary.update(train_slices=len(tr), val_slices=len(va))
     over: dict[str, Any] = {k: v for k, v in (("lr", args.lr), ("eps", args.eps), ("beta", args.beta))

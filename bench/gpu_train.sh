@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One prepared run on a lent CUDA machine (PyTorch + NumPy there, no DICOM stack):
+#   1. bench/gpu_check.py alone (AMP training steps, inference throughput) -> $OUT/gpu_check.json
+#   2. several methods trained side by side on the same GPU, each for a wall-clock budget,
+#      from a slice archive written here by `triage-agent train --synthetic N --export-slices`.
+# Usage: bench/gpu_train.sh SLICES.npz OUTDIR BUDGET_S [STEPS]
+set -u
+SLICES=$1; OUTDIR=$2; BUDGET=$3; STEPS=${4:-40000}
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+mkdir -p "$OUTDIR" /tmp/gpu_train
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+$PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
+timeout 150 $PY bench/gpu_check.py --json "$OUTDIR/gpu_check.json" 2>&1 | tail -25
+common=(--slices "$SLICES" --steps "$STEPS" --batch-size 32 --seed 1000 --device auto
+        --threads 2 --time-budget "$BUDGET")
+run() {  # name method [extra args]
+  local name=$1 method=$2; shift 2
+  $PY -m model.train "/tmp/gpu_train/$name.pt" --method "$method" "${common[@]}" "$@" \
+      > "/tmp/gpu_train/$name.log" 2>&1
+  echo "[$name] exit $?"; tail -2 "/tmp/gpu_train/$name.log"
+}
+run dae16 dae --base-channels 16 &
+run dae24 dae --base-channels 24 &
+run dae16n dae --base-channels 16 --noise-std 0.1 --noise-res 8 &
+run vae vae &
+run multitask multitask &
+wait
+for n in dae16 dae24 dae16n vae multitask; do
+  [ -f "/tmp/gpu_train/$n.pt" ] && cp "/tmp/gpu_train/$n.pt" "$OUTDIR/$n.pt"
+  echo "== $n"; grep -v "^\s*$" "/tmp/gpu_train/$n.log" | tail -5
+done > "$OUTDIR/train.log" 2>&1
+cat "$OUTDIR/train.log"
+ls -la "$OUTDIR"
