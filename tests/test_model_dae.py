@@ -1,0 +1,133 @@
+"""The denoising U-Net method (coarse noise), slice archives and the PyTorch-only launcher."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model import pretext
+from model.checkpoint import load_detector
+from model.network import DenoisingUNet, MultitaskVAE, NetConfig, build_network
+from model.train import SliceSet, TrainConfig, random_slices, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_coarse_noise_is_coarse_masked_and_seeded():
+    x = torch.full((4, 64, 64), 0.5)
+    mask = torch.zeros(4, 64, 64, dtype=torch.bool)
+    mask[:, 8:56, 8:56] = True
+    a = pretext.coarse_noise(x, torch.Generator().manual_seed(1), resolution=8, std=0.2, mask=mask)
+    b = pretext.coarse_noise(x, torch.Generator().manual_seed(1), resolution=8, std=0.2, mask=mask)
+    c = pretext.coarse_noise(x, torch.Generator().manual_seed(2), resolution=8, std=0.2, mask=mask)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    n = a - x
+    assert torch.all(n[~mask] == 0)  # nothing added outside the mask
+    inside = n[mask]
+    assert 0.08 < float(inside.std()) < 0.25  # about std (bilinear upsampling smooths a little)
+    # coarse: neighbouring pixels nearly equal, unlike white noise of the same size
+    dx = (n[:, 9:55, 10:55] - n[:, 9:55, 9:54]).abs().mean()
+    assert float(dx) < 0.35 * float(inside.abs().mean())  # white noise: ~1.4
+    assert pretext.coarse_noise(x.unsqueeze(1), torch.Generator().manual_seed(1)).shape == (4, 1, 64, 64)
+
+
+def test_build_network_and_unet_output():
+    vae_cfg = NetConfig(input_size=32, base_channels=4, max_channels=8, z_dim=4, geo_hidden=8)
+    assert isinstance(build_network(vae_cfg), MultitaskVAE)
+    cfg = NetConfig(input_size=32, base_channels=4, max_channels=16, arch="unet", geo_head=False)
+    net = build_network(cfg)
+    assert isinstance(net, DenoisingUNet)
+    out = net(torch.rand(3, 32, 32))
+    assert out.recon.shape == (3, 1, 32, 32) and out.geo_logits is None
+    assert out.mu.shape == (3, 0)
+    with pytest.raises(ValueError, match="arch"):
+        NetConfig(arch="transformer")
+
+
+def test_dae_repairs_a_planted_lesion(tmp_path: Path):
+    """Trained on normal phantoms only, the denoiser's residual peaks on a bright blob it has
+    never seen: what a radiologist would see as the heat map pointing at the lesion."""
+    torch.set_num_threads(1)
+    size = 32
+    data = random_slices(64, size, seed=0, n_series=8)
+    tr, va = data.split(0.25, seed=0)
+    net = NetConfig(input_size=size, base_channels=8, max_channels=32, unet_levels=3)
+    cfg = TrainConfig(method="dae", net=net, steps=300, batch_size=16, lr=2e-3, ckpt_every=0,
+                      noise_res=4, noise_std=0.3)
+    train(cfg, tr, va, tmp_path / "dae.pt", progress=False, device="cpu")
+    det = load_detector(tmp_path / "dae.pt", device="cpu")
+    assert det.method == "dae" and det.ckpt["net_config"]["arch"] == "unet"
+    test = random_slices(6, size, seed=9, n_series=2)
+    lesion = np.zeros_like(test.brain)
+    yy, xx = np.mgrid[:size, :size]
+    lesion[:] = (yy - 14) ** 2 + (xx - 17) ** 2 <= 9
+    sick = test.x.copy()
+    sick[lesion & test.brain] = 0.9  # hyperdense blob inside the "brain"
+    # it learned to denoise: coarse noise on unseen normal slices is mostly removed
+    clean = torch.from_numpy(test.x)
+    noisy = pretext.coarse_noise(clean, torch.Generator().manual_seed(5), 4, 0.3,
+                                 mask=torch.from_numpy(test.brain))
+    with torch.inference_mode():
+        restored = det.net(noisy).recon[:, 0]
+    m = torch.from_numpy(test.brain)
+    assert float((restored - clean)[m].abs().mean()) < 0.5 * float((noisy - clean)[m].abs().mean())
+    healthy = det.score(test.x, test.brain)
+    ill = det.score(sick, test.brain)
+    assert np.all(ill.score > healthy.score)
+    for h, m in zip(ill.heatmap, lesion):
+        peak = np.unravel_index(np.argmax(h), h.shape)
+        assert m[peak], "heat map peak is not on the planted lesion"
+
+
+def test_slice_archive_roundtrip_and_rejects_other_files(tmp_path: Path):
+    data = random_slices(10, 32, seed=4, n_series=3)
+    p = tmp_path / "s.npz"
+    data.save(p, {"source": "test", "normals": 3})
+    back, summary = SliceSet.load(p)
+    assert summary == {"source": "test", "normals": 3}
+    assert back.x.shape == data.x.shape and back.x.dtype == np.float32
+    assert np.abs(back.x - data.x).max() <= 0.5 / 255 + 1e-6  # 8-bit quantisation only
+    assert np.array_equal(back.brain, data.brain) and np.array_equal(back.series, data.series)
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match="not a slice archive"):
+        SliceSet.load(tmp_path / "other.npz")
+
+
+@pytest.mark.timeout(300)
+def test_export_slices_then_train_with_the_pytorch_only_launcher(tmp_path: Path):
+    """`triage-agent train --export-slices` writes what `python -m model.train --slices` trains
+    on (the path to a GPU machine without the DICOM stack); a spent time budget stops early
+    and the checkpoint says so."""
+    from triage_agent.cli import main as cli
+
+    arch = tmp_path / "normals.npz"
+    rc = cli(["train", "--synthetic", "2", "--seed", "7", "--matrix", "128", "--input-size", "32",
+              "--cache", str(tmp_path / "cache"), "--export-slices", str(arch), "--no-progress"])
+    assert rc == 0 and arch.exists()
+    data, summary = SliceSet.load(arch)
+    assert summary["source"] == "synthetic" and summary["normals"] == 2
+    assert data.n_series == 2 and data.x.shape[1:] == (32, 32)
+    out = tmp_path / "dae.pt"
+    p = subprocess.run([sys.executable, "-m", "model.train", str(out), "--slices", str(arch),
+                        "--method", "dae", "--steps", "2", "--batch-size", "2", "--seed", "7",
+                        "--val-fraction", "0.5", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "dae 2 steps" in p.stdout
+    det = load_detector(out, device="cpu")
+    t = det.ckpt["training"]
+    assert t["data"]["source"] == "synthetic" and t["steps"] == 2
+    assert t["stopped_by_time_budget"] is False
+    assert det.score(data.x, data.brain).score.shape == (len(data),)
+    p = subprocess.run([sys.executable, "-m", "model.train", str(tmp_path / "b.pt"), "--slices",
+                        str(arch), "--method", "vae", "--steps", "50", "--batch-size", "2",
+                        "--val-fraction", "0.5", "--time-budget", "0", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    t = load_detector(tmp_path / "b.pt", device="cpu").ckpt["training"]
+    assert t["stopped_by_time_budget"] is True and t["steps"] == 0 and t["planned_steps"] == 50
