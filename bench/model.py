@@ -6,12 +6,13 @@ Prints, in one run:
 
 * training slices/s of the real training step (``model.train.Trainer.step``: batch sampling,
   flip augmentation, patch swap or random geometric transforms, loss, backward, Adam) for the
-  pretraining and the multitask phase, next to a bare forward/backward/Adam loop of the same
-  network on random tensors already in memory, and the ratio (1.0 = the data pipeline costs
-  nothing);
-* inference slices/s of ``Detector.score`` (all 20 test-time transforms + reconstruction +
-  residual maps + normalisation) next to the bare forward passes it needs (one decode pass and
-  20 encoder/head passes per slice) on random tensors, and the ratio;
+  pretraining and the multitask phase of the seed paper's model, and for the denoising U-Net
+  (coarse noise), each next to a bare forward/backward/Adam loop of the same network on random
+  tensors already in memory, and the ratio (1.0 = the data pipeline costs nothing);
+* inference slices/s of ``Detector.score`` for the multitask model (all 20 test-time transforms
+  + reconstruction + residual maps + normalisation) and for the bundled default weights, next
+  to the bare forward passes they need (one decode pass, plus 20 encoder/head passes per slice
+  for the multitask model) on random tensors, and the ratio;
 * wall time to score one 40-slice synthetic DICOM series end to end (``score_series``: read,
   preprocess, model), with its parts.
 """
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import losses, pretext  # noqa: E402
 from model.checkpoint import Detector, load_detector, make_checkpoint  # noqa: E402
-from model.network import MultitaskVAE, NetConfig  # noqa: E402
+from model.network import MultitaskVAE, NetConfig, build_network  # noqa: E402
 from model.train import TrainConfig, Trainer, random_slices  # noqa: E402
 
 
@@ -89,12 +90,40 @@ def bench_training(cfg_net: NetConfig, batch: int, steps: int, rounds: int = 3) 
     }
 
 
-def bench_inference(det: Detector, batch: int, reps: int) -> dict[str, float]:
+def bench_training_dae(cfg_net: NetConfig, batch: int, steps: int, rounds: int = 3
+                       ) -> dict[str, float]:
+    """The denoising U-Net's real step (sampling, flip, coarse noise, loss, backward, Adam)
+    against a bare loop of the same network, interleaved as in ``bench_training``."""
+    data = random_slices(256, cfg_net.input_size, seed=0, n_series=8)
+    cfg = TrainConfig(method="dae", net=cfg_net, steps=10**9, batch_size=batch, ckpt_every=0)
+    tr = Trainer(cfg, data)
+    net = build_network(tr.cfg.net).train()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    x = torch.rand(batch, 1, cfg_net.input_size, cfg_net.input_size)
+
+    def bare() -> None:
+        loss = losses.rec_loss(net(x).recon, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    per = max(1, steps // rounds)
+    rows = []
+    for _ in range(rounds):
+        rows.append((_time(tr.step, per, warmup=1), _time(bare, per, warmup=1)))
+    a = np.array(rows)
+    return {"train_dae_slices_per_s": float(batch / np.median(a[:, 0])),
+            "train_dae_bare_slices_per_s": float(batch / np.median(a[:, 1])),
+            "train_ratio_dae": float(np.median(a[:, 1] / a[:, 0]))}
+
+
+def bench_inference(det: Detector, batch: int, reps: int, prefix: str = "infer"
+                    ) -> dict[str, float]:
     s = det.input_size
     data = random_slices(batch * 2, s, seed=1)
     n = len(data)
     t = _time(lambda: det.score(data.x, data.brain, batch_size=batch), reps, warmup=1)
-    out = {"infer_slices_per_s": n / t}
+    out = {f"{prefix}_slices_per_s": n / t}
     net = det.net
     assert net is not None
     xb = torch.rand(batch, 1, s, s)
@@ -107,8 +136,8 @@ def bench_inference(det: Detector, batch: int, reps: int) -> dict[str, float]:
             if det.uses["geo"]:
                 net(views, sample=False, decode=False)
 
-    out["infer_bare_slices_per_s"] = n / _time(bare, reps, warmup=1)
-    out["infer_ratio"] = out["infer_slices_per_s"] / out["infer_bare_slices_per_s"]
+    out[f"{prefix}_bare_slices_per_s"] = n / _time(bare, reps, warmup=1)
+    out[f"{prefix}_ratio"] = out[f"{prefix}_slices_per_s"] / out[f"{prefix}_bare_slices_per_s"]
     return out
 
 
@@ -156,9 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg_net = det.net.cfg  # type: ignore[union-attr]
     res: dict[str, object] = {"threads": a.threads, "batch_size": a.batch_size,
                               "torch": str(torch.__version__), "method": det.method}
-    res.update(bench_training(NetConfig.from_dict({**cfg_net.to_dict(), "geo_head": True}),
-                              a.batch_size, a.steps))
-    res.update(bench_inference(det, a.batch_size, a.reps))
+    vae_net = NetConfig(input_size=cfg_net.input_size) if cfg_net.arch != "vae" else \
+        NetConfig.from_dict({**cfg_net.to_dict(), "geo_head": True})
+    res.update(bench_training(vae_net, a.batch_size, a.steps))
+    dae_net = cfg_net if cfg_net.arch == "unet" else NetConfig(input_size=cfg_net.input_size)
+    res.update(bench_training_dae(dae_net, a.batch_size, a.steps))
+    mt = det if det.method == "multitask" else Detector(
+        make_checkpoint("multitask", net=MultitaskVAE(vae_net)), device="cpu")
+    res.update(bench_inference(mt, a.batch_size, a.reps, prefix="infer_multitask"))
+    if det is not mt:
+        res.update(bench_inference(det, a.batch_size, a.reps, prefix=f"infer_{det.method}"))
     if not a.no_series:
         res.update(bench_series(det))
     w = max(len(k) for k in res)

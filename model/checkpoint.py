@@ -259,13 +259,14 @@ def make_checkpoint(
 ) -> dict[str, Any]:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+    net_cfg: NetConfig | None = net.cfg if net is not None else None  # type: ignore[assignment]
     ck: dict[str, Any] = {
         "format": FORMAT,
         "name": name or f"ssl-ood-{method}",
         "method": method,
         "display_name": DISPLAY_NAMES[method],
         "version": MODEL_VERSION,
-        "input_size": int(net.cfg.input_size if net is not None else input_size),
+        "input_size": int(net_cfg.input_size if net_cfg is not None else input_size),
         "scoring": (scoring or ScoringConfig()).to_dict(),
         "norm": (norm or NormStats()).to_dict(),
         "thresholds": {k: float(v) for k, v in (thresholds or {}).items()},
@@ -274,8 +275,8 @@ def make_checkpoint(
         "training": training or {},
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if net is not None:
-        ck["net_config"] = net.cfg.to_dict()
+    if net is not None and net_cfg is not None:
+        ck["net_config"] = net_cfg.to_dict()
         ck["state_dict"] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     return ck
 

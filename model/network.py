@@ -202,7 +202,7 @@ class DenoisingUNet(nn.Module):
             skips.append(h)
             h = self.pool(h)
         h = self.mid(h)
-        for up, dec, skip in zip(self.up, self.dec, reversed(skips)):
+        for up, dec, skip in zip(self.up, self.dec, reversed(skips), strict=True):
             h = dec(torch.cat([up(h), skip], 1))
         empty = x.new_zeros(x.shape[0], 0)
         return NetOutput(self.out(h), empty, empty, None)

@@ -259,8 +259,8 @@ class Trainer:
         if phase == "pretrain" or c.method in ("vae", "vae_pretrained"):
             terms = losses.vae_loss(self.net(inp), tgt, c.beta)
         elif c.method == "dae":
-            rec = losses.rec_loss(self.net(inp).recon, tgt)
-            terms = {"loss": rec, "rec": rec.detach()}
+            rec_l = losses.rec_loss(self.net(inp).recon, tgt)
+            terms = {"loss": rec_l, "rec": rec_l.detach()}
         elif c.method in ("multitask", "geometry_only"):
             eps = c.eps if c.method == "multitask" else 0.0
             out = self.net(inp, decode=eps > 0)

@@ -79,7 +79,7 @@ def test_dae_repairs_a_planted_lesion(tmp_path: Path):
     healthy = det.score(test.x, test.brain)
     ill = det.score(sick, test.brain)
     assert np.all(ill.score > healthy.score)
-    for h, m in zip(ill.heatmap, lesion):
+    for h, m in zip(ill.heatmap, lesion, strict=True):
         peak = np.unravel_index(np.argmax(h), h.shape)
         assert m[peak], "heat map peak is not on the planted lesion"
 
