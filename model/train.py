@@ -473,7 +473,15 @@ def train(
     t_loop = time.time()
     start_step = tr.step_no
     stopped_early = False
+    pre_share = (cfg.pretrain_steps / total) if total and cfg.method in PRETRAINED_METHODS else 0.0
     while tr.step_no < total:
+        if (time_budget_s is not None and dd.world == 1 and pre_share
+                and tr.phase() == "pretrain" and time.time() - t0 > pre_share * time_budget_s):
+            # a time budget also bounds the pretraining phase to its share of the budget, or a
+            # budget shorter than the planned steps would end inside pretraining
+            log.info("pretraining's share of the time budget spent: main phase from step %d",
+                     tr.step_no)
+            cfg.steps, cfg.pretrain_steps = total - tr.step_no, tr.step_no
         if time_budget_s is not None and dd.world == 1 and time.time() - t0 > time_budget_s:
             stopped_early = True
             log.warning("time budget of %.0f s spent: stopping at step %d of %d",
@@ -495,6 +503,7 @@ def train(
     loop_s = time.time() - t_loop
     summary["steps"] = tr.step_no
     summary["planned_steps"] = total
+    summary["train_config"] = cfg.to_dict()  # pretrain_steps as run (a time budget moves it)
     summary["stopped_by_time_budget"] = stopped_early
     summary["loop_s"] = loop_s
     summary["slices_per_s"] = (tr.step_no - start_step) * cfg.batch_size * dd.world / max(loop_s, 1e-9)

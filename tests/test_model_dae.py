@@ -131,3 +131,25 @@ def test_export_slices_then_train_with_the_pytorch_only_launcher(tmp_path: Path)
     assert p.returncode == 0, p.stderr[-3000:]
     t = load_detector(tmp_path / "b.pt", device="cpu").ckpt["training"]
     assert t["stopped_by_time_budget"] is True and t["steps"] == 0 and t["planned_steps"] == 50
+
+
+def test_time_budget_gives_pretraining_only_its_share(tmp_path: Path, monkeypatch):
+    """With a time budget shorter than the planned steps, a method with context-restoration
+    pretraining still reaches its main phase (pretraining gets its planned share of the time)."""
+    import model.train as mt
+
+    clock = iter(range(10**6))
+    monkeypatch.setattr(mt.time, "time", lambda: float(next(clock)))  # 1 s per clock read
+    torch.set_num_threads(1)
+    data = random_slices(16, 32, seed=3, n_series=4)
+    tr, va = data.split(0.25, seed=0)
+    net = NetConfig(input_size=32, base_channels=4, max_channels=8, z_dim=4, geo_hidden=8)
+    cfg = TrainConfig(method="multitask", net=net, pretrain_steps=500, steps=500, batch_size=2,
+                      ckpt_every=0)
+    ck = train(cfg, tr, va, tmp_path / "m.pt", progress=False, device="cpu", time_budget_s=60)
+    assert ck is not None
+    t = ck["training"]
+    assert t["stopped_by_time_budget"] and t["planned_steps"] == 1000
+    pre = t["train_config"]["pretrain_steps"]
+    assert 0 < pre < t["steps"] < 1000  # both phases ran
+    assert t["train_config"]["pretrain_steps"] + t["train_config"]["steps"] == 1000
