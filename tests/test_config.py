@@ -74,3 +74,30 @@ def test_relative_paths_resolve_against_config_folder(tmp_path: Path) -> None:
     cfg = load_config(tmp_path / "agent.toml")
     assert cfg.storage.root == tmp_path / "data/st"
     assert cfg.database.url == f"sqlite:///{tmp_path}/var/triage.db"
+
+
+def test_priority_bands_follow_the_operating_threshold(tmp_path: Path) -> None:
+    """Normal verdicts are routine; abnormal ones get the band their margin over the threshold
+    in force reaches, so a recalibrated model or a site threshold keeps the bands meaningful."""
+    import pytest
+
+    from triage_agent.publish import priority_for
+
+    cfg = load_config(REPO / "agent.toml")  # urgent at threshold + 4, high at the threshold
+    assert priority_for(3.8, cfg, threshold=3.9) == "routine"
+    assert priority_for(None, cfg, threshold=3.9) == "routine"
+    assert priority_for(3.9, cfg, threshold=3.9) == "high"
+    assert priority_for(7.8, cfg, threshold=3.9) == "high"
+    assert priority_for(8.0, cfg, threshold=3.9) == "urgent"
+    assert priority_for(5.5, cfg, threshold=1.0) == "urgent"  # a site's lower threshold
+    toml = tmp_path / "a.toml"
+    toml.write_text('[[triage.priority_bands]]\nname = "stroke"\nmin_score = 10.0\n'
+                    '[[triage.priority_bands]]\nname = "high"\nabove_threshold = 0.0\n')
+    site = load_config(toml)
+    assert priority_for(12.0, site, threshold=3.9) == "stroke"
+    assert priority_for(9.0, site, threshold=3.9) == "high"
+    assert priority_for(12.0, site, threshold=20.0) == "routine"  # below threshold: normal
+    toml.write_text('[[triage.priority_bands]]\nname = "x"\nmin_score = 1.0\n'
+                    'above_threshold = 1.0\n')
+    with pytest.raises(Exception, match="exactly one of min_score and above_threshold"):
+        load_config(toml)

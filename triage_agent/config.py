@@ -183,8 +183,25 @@ class HL7DestinationConfig(_Section):
 
 
 class PriorityBand(_Section):
+    """A worklist priority for abnormal series. ``above_threshold`` is relative to the operating
+    threshold in force (``score >= threshold + above_threshold``), so bands keep their meaning
+    when the model or its calibration changes; ``min_score`` is an absolute series score. Give
+    exactly one. Series below the threshold (verdict normal) are always "routine"."""
+
     name: str
-    min_score: float
+    min_score: float | None = None
+    above_threshold: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> PriorityBand:
+        if (self.min_score is None) == (self.above_threshold is None):
+            raise ValueError(f"priority band {self.name!r}: give exactly one of min_score and "
+                             "above_threshold")
+        return self
+
+    def bound(self, threshold: float) -> float:
+        return self.min_score if self.min_score is not None else threshold + float(
+            self.above_threshold or 0.0)
 
 
 class TriageConfig(_Section):
@@ -196,8 +213,8 @@ class TriageConfig(_Section):
     top_k: int = Field(3, ge=1)
     priority_bands: list[PriorityBand] = Field(
         default_factory=lambda: [
-            PriorityBand(name="urgent", min_score=1.0),
-            PriorityBand(name="high", min_score=0.5),
+            PriorityBand(name="urgent", above_threshold=4.0),
+            PriorityBand(name="high", above_threshold=0.0),
         ]
     )
 

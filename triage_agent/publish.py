@@ -35,12 +35,13 @@ class BuiltOutput:
     destination: str | None = None  # set for per-destination objects (HL7 messages)
 
 
-def priority_for(score: float | None, cfg: AgentConfig) -> str:
-    """The first priority band (highest min_score first) the score reaches, else "routine"."""
-    if score is None:
+def priority_for(score: float | None, cfg: AgentConfig, threshold: float) -> str:
+    """Worklist priority: "routine" below the operating ``threshold`` (verdict normal) or without
+    a score; else the first band (highest bound first) the score reaches, else "routine"."""
+    if score is None or score < threshold:
         return "routine"
-    for band in sorted(cfg.triage.priority_bands, key=lambda b: -b.min_score):
-        if score >= band.min_score:
+    for band in sorted(cfg.triage.priority_bands, key=lambda b: -b.bound(threshold)):
+        if score >= band.bound(threshold):
             return band.name
     return "routine"
 

@@ -122,7 +122,7 @@ class Worker:
                 result = self.scorer(paths)
                 infer_s = time.perf_counter() - t0
                 inference_done = utcnow()
-            priority = publish.priority_for(result.score, self.cfg)
+            priority = publish.priority_for(result.score, self.cfg, result.threshold)
             t1 = time.perf_counter()
             outputs = publish.build_outputs(
                 cfg=self.cfg, storage=self.storage, source_paths=paths, result=result,
