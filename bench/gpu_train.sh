@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # One prepared run on a lent CUDA machine (PyTorch + NumPy there, no DICOM stack):
 #   1. bench/gpu_check.py alone (AMP training steps, inference throughput) -> $OUT/gpu_check.json
-#   2. several methods trained side by side on the same GPU, each for a wall-clock budget,
-#      from a slice archive written here by `triage-agent train --synthetic N --export-slices`.
+#   2. the default's method (dae) and every learned baseline trained side by side on the same
+#      GPU, each for the same wall-clock budget (methods with pretraining give it its share), from
+#      a slice archive written here by `triage-agent train --synthetic N --export-slices`.
+# At most 8 files come back from a lent machine: gpu_check.json, train.log and six checkpoints.
+# Then evaluate them here with `triage-agent evaluate --model ...` (see model/weights/MODEL_CARD.md).
 # Usage: bench/gpu_train.sh SLICES.npz OUTDIR BUDGET_S [STEPS]
 set -u
 SLICES=$1; OUTDIR=$2; BUDGET=$3; STEPS=${4:-40000}
@@ -20,13 +23,15 @@ run() {  # name method [extra args]
       > "/tmp/gpu_train/$name.log" 2>&1
   echo "[$name] exit $?"; tail -2 "/tmp/gpu_train/$name.log"
 }
-run dae16 dae --base-channels 16 &
-run dae24 dae --base-channels 24 &
-run dae16n dae --base-channels 16 --noise-std 0.1 --noise-res 8 &
+# the shipped default's configuration, and every learned baseline on the same data and budget
+run dae dae --noise-std 0.3 --noise-res 16 &
 run vae vae &
 run multitask multitask &
+run cevae cevae &
+run vae_pretrained vae_pretrained &
+run geometry_only geometry_only &
 wait
-for n in dae16 dae24 dae16n vae multitask; do
+for n in dae vae multitask cevae vae_pretrained geometry_only; do
   [ -f "/tmp/gpu_train/$n.pt" ] && cp "/tmp/gpu_train/$n.pt" "$OUTDIR/$n.pt"
   echo "== $n"; grep -v "^\s*$" "/tmp/gpu_train/$n.log" | tail -5
 done > "$OUTDIR/train.log" 2>&1

@@ -476,7 +476,8 @@ def train(
     pre_share = (cfg.pretrain_steps / total) if total and cfg.method in PRETRAINED_METHODS else 0.0
     while tr.step_no < total:
         if (time_budget_s is not None and dd.world == 1 and pre_share
-                and tr.phase() == "pretrain" and time.time() - t0 > pre_share * time_budget_s):
+                and tr.phase() == "pretrain"
+                and time.time() - t_loop > pre_share * (time_budget_s - (t_loop - t0))):
             # a time budget also bounds the pretraining phase to its share of the budget, or a
             # budget shorter than the planned steps would end inside pretraining
             log.info("pretraining's share of the time budget spent: main phase from step %d",
