@@ -24,6 +24,8 @@ from pydicom.uid import (
 )
 from pynetdicom.dsutils import encode
 
+from tests.factories import CANARY_ID, CANARY_NAME, set_ct_pixels
+
 REPO = Path(__file__).resolve().parent.parent
 CT = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -32,8 +34,6 @@ US = "1.2.840.10008.5.1.4.1.1.6.1"  # not accepted at all
 SR = "1.2.840.10008.5.1.4.1.1.88.22"
 TRANSFER_SYNTAXES: list[str] = [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian,
                      RLELossless]
-CANARY_NAME = "CANARY^PHIPATIENT"
-CANARY_ID = "PHICANARY123"
 
 
 def ts_flags(ts: str) -> tuple[bool, bool]:
@@ -62,17 +62,7 @@ def base_dataset(i: int = 0, size: int = 8, z: float = 0.0, sop_class: str = CT)
     ds.ImagePositionPatient = [-2.0, -2.0, z]
     ds.SliceThickness = 5.0
     ds.PixelSpacing = [0.5, 0.5]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = ds.Columns = size
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.RescaleIntercept = -1024
-    ds.RescaleSlope = 1
-    rng = np.random.default_rng(i)
-    ds.PixelData = rng.integers(0, 2000, (size, size), dtype=np.int16).tobytes()
+    set_ct_pixels(ds, size, np.random.default_rng(i))
     ds["PixelData"].VR = "OW"
     return ds
 

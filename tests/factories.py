@@ -18,6 +18,21 @@ def _uid(*parts: object) -> str:
     return generate_uid(entropy_srcs=[str(p) for p in parts])
 
 
+def set_ct_pixels(ds: Dataset, size: int, rng: np.random.Generator) -> None:
+    """The image attributes every synthetic test slice shares: ``size`` x ``size`` 16-bit signed
+    pixels with rescale slope 1 / intercept -1024, filled from ``rng``."""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ds.Columns = size
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.RescaleIntercept = -1024
+    ds.RescaleSlope = 1
+    ds.PixelData = rng.integers(0, 2000, (size, size), dtype=np.int16).tobytes()
+
+
 def make_series(
     out: Path,
     *,
@@ -70,16 +85,7 @@ def make_series(
         ds.ImagePositionPatient = [-125.0, -125.0, float(i) * thickness]
         ds.SliceThickness = thickness
         ds.PixelSpacing = [0.488, 0.488]
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = ds.Columns = size
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
-        ds.RescaleIntercept = -1024
-        ds.RescaleSlope = 1
-        ds.PixelData = rng.integers(0, 2000, (size, size), dtype=np.int16).tobytes()
+        set_ct_pixels(ds, size, rng)
         p = out / f"slice_{i:04d}.dcm"
         ds.save_as(p, enforce_file_format=True)
         paths.append(p)
