@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -39,6 +40,38 @@ def stop_process(proc: subprocess.Popen[Any] | None, timeout_s: float = 30) -> N
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+class StoreSCP:
+    """DCMTK ``storescp`` as a PACS (AE ``PACS``) writing into ``out``; ``opts`` are passed on
+    (``--refuse``, ``--reject``...), ``port`` fixes the port (a PACS coming back where it was)."""
+
+    def __init__(self, out: Path, *opts: str, port: int | None = None) -> None:
+        if shutil.which("storescp") is None:
+            import pytest
+
+            pytest.fail("storescp not found: install the Debian package dcmtk (see .ci/run)")
+        self.port = port or free_port()
+        out.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self.proc: subprocess.Popen[Any] | None = subprocess.Popen(
+            ["storescp", "-aet", "PACS", "-od", str(out), *opts, str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
+        if "--refuse" not in opts:
+            wait_echo(self.port, "PACS")
+        else:  # a refusing storescp answers no echo: give it time to listen
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        stop_process(self.proc, timeout_s=10)
+        self.proc = None
+
+    def dest(self) -> Any:
+        from triage_agent.config import DestinationConfig
+
+        return DestinationConfig(name="pacs", ae_title="PACS", host="127.0.0.1", port=self.port)
 
 
 class Orthanc:

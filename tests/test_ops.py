@@ -22,7 +22,7 @@ from sqlalchemy import select
 from model.synth import make_case
 from tests.conftest import Node, storescu, wait_for
 from tests.factories import CANARY_ID, CANARY_NAME, CT
-from tests.peers import free_port, wait_echo
+from tests.peers import StoreSCP, free_port
 from tests.test_model_e2e import tiny_ckpt  # noqa: F401  (module-scoped fixture)
 from tests.test_node import _send_raw
 from triage_agent.models import Delivery, Event, Job, Series
@@ -42,14 +42,9 @@ def http(node: Node, path: str) -> tuple[int, bytes, str]:
 
 @pytest.fixture
 def pacs(tmp_path: Path) -> Iterator[int]:
-    port = free_port()
-    proc = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(tmp_path / "pacs"), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    (tmp_path / "pacs").mkdir()
-    wait_echo(port, "PACS")
-    yield port
-    proc.terminate()
-    proc.wait(10)
+    scp = StoreSCP(tmp_path / "pacs")
+    yield scp.port
+    scp.stop()
 
 
 def canary_series(tmp_path: Path, seed: int, name: str = "head") -> list[Path]:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,9 +10,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from tests.conftest import require_tool
 from tests.factories import make_series
-from tests.peers import free_port, wait_echo
+from tests.peers import StoreSCP, free_port
 from triage_agent import db
 from triage_agent.config import AgentConfig, DestinationConfig
 from triage_agent.models import (
@@ -47,32 +43,6 @@ from triage_agent.storage import Storage
 )
 def test_status_classification(status: int, kind: str) -> None:
     assert classify_status(status) == kind
-
-
-class StoreSCP:
-    def __init__(self, out: Path, *opts: str) -> None:
-        require_tool("storescp", "dcmtk")
-        self.port = free_port()
-        out.mkdir(parents=True, exist_ok=True)
-        self.out = out
-        self.proc = subprocess.Popen(
-            ["storescp", "-aet", "PACS", "-od", str(out), *opts, str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env={**os.environ, "TCP_NODELAY": "1"},
-        )
-        if "--refuse" not in opts:
-            wait_echo(self.port, "PACS")
-        else:
-            import time
-
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-    def dest(self) -> DestinationConfig:
-        return DestinationConfig(name="pacs", ae_title="PACS", host="127.0.0.1", port=self.port)
 
 
 @pytest.fixture
@@ -176,13 +146,8 @@ def test_retry_backoff_dead_letter_and_recovery(db_url: str, scp: Any, tmp_path:
     assert sender.run_once() == 0  # dead letters are not retried by themselves
 
     # The PACS comes back on that port; an admin runs `triage-agent retry`.
-    pacs = StoreSCP(tmp_path / "pacs-back")
-    pacs.stop()
-    shutil.rmtree(pacs.out)
-    back = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(tmp_path), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    back = StoreSCP(tmp_path / "pacs-back", port=port)
     try:
-        wait_echo(port, "PACS")
         assert retry_dead(sessions) == 1
         assert sender.run_once() == 1
         with sessions() as s:
@@ -190,6 +155,5 @@ def test_retry_backoff_dead_letter_and_recovery(db_url: str, scp: Any, tmp_path:
             assert d.state == "delivered" and d.last_status == 0
             assert s.scalar(select(Series.state)) == SeriesState.DELIVERED
     finally:
-        back.terminate()
-        back.wait(10)
+        back.stop()
     engine.dispose()
