@@ -385,6 +385,21 @@ def handle_pdu_recv(event: Any, rx: Receiver) -> None:
         _abort(assoc)
 
 
+def _wait_reject_sent(assoc: Any, timeout_s: float = 2.0) -> None:
+    """Wait (bounded) until the DUL thread has written the A-ASSOCIATE-RJ.
+
+    pynetdicom only queues the rejection for its DUL thread, and shuts the socket as soon as the
+    EVT_REQUESTED handlers return; when the shutdown wins, the modality sees a bare close
+    ("peer aborted association") instead of the reason. The DUL enters Sta13 right after it
+    has sent the PDU (action AE-8)."""
+    dul = assoc.dul
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if dul.state_machine.current_state == "Sta13" or not dul.is_alive():
+            return
+        time.sleep(0.002)
+
+
 def handle_requested(event: Any, rx: Receiver) -> None:
     """Association policy: reject with the right A-ASSOCIATE-RJ reason and audit why."""
     primitive = event.assoc.requestor.primitive
@@ -404,6 +419,7 @@ def handle_requested(event: Any, rx: Receiver) -> None:
         return
     metrics.ASSOCIATIONS.labels("rejected", label).inc()
     event.assoc.acse.send_reject(*reject)
+    _wait_reject_sent(event.assoc)
     log.warning("association rejected: %s", why)
     ingest.audit(rx.sessions, "association_rejected", calling_ae=calling, source_address=address,
                  detail=why, flagged=True)
