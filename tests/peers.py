@@ -47,10 +47,9 @@ class StoreSCP:
     (``--refuse``, ``--reject``...), ``port`` fixes the port (a PACS coming back where it was)."""
 
     def __init__(self, out: Path, *opts: str, port: int | None = None) -> None:
-        if shutil.which("storescp") is None:
-            import pytest
+        from tests.conftest import require_tool
 
-            pytest.fail("storescp not found: install the Debian package dcmtk (see .ci/run)")
+        require_tool("storescp", "dcmtk")
         self.port = port or free_port()
         out.mkdir(parents=True, exist_ok=True)
         self.out = out
