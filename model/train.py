@@ -352,9 +352,9 @@ def calibrate_from_raw(ckpt: dict[str, Any], val: SliceSet, g_raw: np.ndarray, r
                        heat: np.ndarray, *, target_specificity: float = 0.95, top_k: int = 3,
                        lambda_: float = 0.5) -> dict[str, Any]:
     """Calibration from already computed raw validation scores (see ``calibrate``)."""
-    det = Detector(ckpt, device="cpu")
     area = val.brain.reshape(len(val), -1).mean(1)
-    ckpt["norm"] = NormStats.fit(g_raw, r_raw, area, det.scoring.norm_bins).to_dict()
+    norm_bins = ScoringConfig.from_dict(ckpt.get("scoring")).norm_bins
+    ckpt["norm"] = NormStats.fit(g_raw, r_raw, area, norm_bins).to_dict()
     det = Detector(ckpt, device="cpu")
     score, _, _ = det.normalise(g_raw, r_raw, lambda_, area)
     ser_max, ser_top = [], []
