@@ -46,6 +46,13 @@ def _time(fn, n: int, warmup: int = 2) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def _interleaved(fns: list, steps: int, rounds: int) -> np.ndarray:
+    """Seconds per call of each of ``fns``, timed in turn within each of ``rounds`` rounds (so
+    load from other processes hits them alike): a (rounds, len(fns)) array."""
+    per = max(1, steps // rounds)
+    return np.array([[_time(fn, per, warmup=1) for fn in fns] for _ in range(rounds)])
+
+
 def bench_training(cfg_net: NetConfig, batch: int, steps: int, rounds: int = 3) -> dict[str, float]:
     """Real steps of both phases and the bare loop, interleaved over ``rounds`` so that load from
     other processes hits all three alike; the ratios are medians of the per-round ratios."""
@@ -73,14 +80,7 @@ def bench_training(cfg_net: NetConfig, batch: int, steps: int, rounds: int = 3) 
         tr.cfg.pretrain_steps = 0
         tr.step()
 
-    per = max(1, steps // rounds)
-    rows = []
-    for _ in range(rounds):
-        t_pre = _time(pre, per, warmup=1)
-        t_bare = _time(bare, per, warmup=1)
-        t_main = _time(main_phase, per, warmup=1)
-        rows.append((t_pre, t_bare, t_main))
-    a = np.array(rows)
+    a = _interleaved([pre, bare, main_phase], steps, rounds)
     return {
         "train_pretrain_slices_per_s": float(batch / np.median(a[:, 0])),
         "train_multitask_slices_per_s": float(batch / np.median(a[:, 2])),
@@ -107,11 +107,7 @@ def bench_training_dae(cfg_net: NetConfig, batch: int, steps: int, rounds: int =
         loss.backward()
         opt.step()
 
-    per = max(1, steps // rounds)
-    rows = []
-    for _ in range(rounds):
-        rows.append((_time(tr.step, per, warmup=1), _time(bare, per, warmup=1)))
-    a = np.array(rows)
+    a = _interleaved([tr.step, bare], steps, rounds)
     return {"train_dae_slices_per_s": float(batch / np.median(a[:, 0])),
             "train_dae_bare_slices_per_s": float(batch / np.median(a[:, 1])),
             "train_ratio_dae": float(np.median(a[:, 1] / a[:, 0]))}
