@@ -199,7 +199,11 @@ class Detector:
         x1 = xb.unsqueeze(1)
         out = self.net(x1, sample=False, decode=self.uses["rec"])
         if self.uses["rec"]:
-            heat = residual_map(x1, out.recon, mb, self.scoring)
+            recon = out.recon
+            if self.scoring.flip_tta:
+                mirrored = self.net(x1.flip(-1), sample=False, decode=True).recon
+                recon = 0.5 * (recon + mirrored.flip(-1))
+            heat = residual_map(x1, recon, mb, self.scoring)
             r = masked_stat(heat, mb, self.scoring)
         else:
             heat, r = torch.zeros_like(xb), zeros

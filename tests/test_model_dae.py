@@ -153,3 +153,32 @@ def test_time_budget_gives_pretraining_only_its_share(tmp_path: Path, monkeypatc
     pre = t["train_config"]["pretrain_steps"]
     assert 0 < pre < t["steps"] < 1000  # both phases ran
     assert t["train_config"]["pretrain_steps"] + t["train_config"]["steps"] == 1000
+
+
+def test_flip_tta_makes_scores_mirror_symmetric():
+    """With ``flip_tta`` the reconstruction is the mean of the slice's and its mirror image's, so
+    a left-right mirrored study scores the same and its heat map is the mirror of the original's
+    (an untrained network, without the option, breaks both)."""
+    from model.checkpoint import Detector, make_checkpoint
+    from model.scoring import ScoringConfig
+
+    torch.manual_seed(0)
+    net = build_network(NetConfig(input_size=32, base_channels=4, max_channels=16, arch="unet",
+                                  geo_head=False, unet_levels=3))
+    data = random_slices(4, 32, seed=2, n_series=1)
+    x, brain = data.x, data.brain
+    mx, mbrain = x[:, :, ::-1].copy(), brain[:, :, ::-1].copy()
+
+    def scores(flip: bool) -> tuple[object, object]:
+        ck = make_checkpoint("dae", net=net, input_size=32,
+                             scoring=ScoringConfig(flip_tta=flip, rec_q=0.05))
+        det = Detector(ck, device="cpu")
+        return det.score(x, brain), det.score(mx, mbrain)
+
+    a, b = scores(True)
+    np.testing.assert_allclose(b.score, a.score, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(b.heatmap, a.heatmap[:, :, ::-1], atol=1e-5)
+    a0, b0 = scores(False)
+    assert np.abs(b0.heatmap - a0.heatmap[:, :, ::-1]).max() > 1e-3
+    # the mirrored pass is averaged in, not substituted: the heat maps differ with the option
+    assert np.abs(a.heatmap - a0.heatmap).max() > 1e-4
