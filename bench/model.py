@@ -11,8 +11,8 @@ Prints, in one run:
   tensors already in memory, and the ratio (1.0 = the data pipeline costs nothing);
 * inference slices/s of ``Detector.score`` for the multitask model (all 20 test-time transforms
   + reconstruction + residual maps + normalisation) and for the bundled default weights, next
-  to the bare forward passes they need (one decode pass, plus 20 encoder/head passes per slice
-  for the multitask model) on random tensors, and the ratio;
+  to the bare forward passes they need (one decode pass, two with ``flip_tta``, plus 20
+  encoder/head passes per slice for the multitask model) on random tensors, and the ratio;
 * wall time to score one 40-slice synthetic DICOM series end to end (``score_series``: read,
   preprocess, model), with its parts.
 """
@@ -125,10 +125,13 @@ def bench_inference(det: Detector, batch: int, reps: int, prefix: str = "infer"
     xb = torch.rand(batch, 1, s, s)
     views = torch.rand(batch * pretext.N_TRANSFORMS, 1, s, s)
 
+    decodes = 2 if det.scoring.flip_tta else 1  # the mirrored slice's pass (flip_tta)
+
     @torch.inference_mode()
     def bare() -> None:
         for _ in range(n // batch):
-            net(xb, sample=False, decode=True)
+            for _ in range(decodes):
+                net(xb, sample=False, decode=True)
             if det.uses["geo"]:
                 net(views, sample=False, decode=False)
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from model.checkpoint import DISPLAY_NAMES, METHODS
 from model.network import NetConfig
+from model.scoring import ScoringConfig
 from model.train import PRETRAINED_METHODS, SliceSet, TrainConfig, train
 
 ALL_METHODS: tuple[str, ...] = (
@@ -34,15 +35,37 @@ LEARNED_METHODS = tuple(m for m in ALL_METHODS if m != "hu_threshold")
 assert set(ALL_METHODS) == set(METHODS)
 
 
+# What the bundled default model (model/weights/MODEL_CARD.md) was trained and scored with, chosen
+# on the synthetic development set: a site's ``triage-agent train --method dae`` gets the same.
+DAE_DEFAULTS: dict[str, Any] = {"noise_std": 0.3, "noise_res": 16}
+DAE_SCORING = ScoringConfig(rec_q=0.003, norm_bins=0, flip_tta=True)
+
+
+def default_scoring(method: str) -> ScoringConfig:
+    return DAE_SCORING if method == "dae" else ScoringConfig()
+
+
 def default_config(method: str, *, total_steps: int = 3000, pretrain_fraction: float = 0.2,
                    **overrides: Any) -> TrainConfig:
-    """Training configuration of ``method`` with a shared total step budget."""
+    """Training configuration of ``method`` with a shared total step budget.
+
+    ``scoring`` may be a ``ScoringConfig`` (used as is) or a dict of fields that override the
+    method's default scoring (``default_scoring``).
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
     pre = int(round(total_steps * pretrain_fraction)) if method in PRETRAINED_METHODS else 0
-    cfg = TrainConfig(method=method, pretrain_steps=pre, steps=total_steps - pre)
+    cfg = TrainConfig(method=method, pretrain_steps=pre, steps=total_steps - pre,
+                      scoring=default_scoring(method))
     if method == "geometry_only":
         cfg = replace(cfg, eps=0.0)
+    if method == "dae":
+        cfg = replace(cfg, **DAE_DEFAULTS)
+    sc = overrides.pop("scoring", None)
+    if isinstance(sc, ScoringConfig):
+        cfg = replace(cfg, scoring=sc)
+    elif sc:
+        cfg = replace(cfg, scoring=replace(cfg.scoring, **sc))
     net = overrides.pop("net", None)
     if net is not None:
         cfg = replace(cfg, net=net if isinstance(net, NetConfig) else NetConfig.from_dict(net))

@@ -566,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-fraction", type=float, default=0.2)
     ap.add_argument("--rec-q", type=float, default=None)
     ap.add_argument("--norm-bins", type=int, default=None)
+    ap.add_argument("--flip-tta", default=None, action=argparse.BooleanOptionalAction,
+                    help="score with the mirrored slice's reconstruction averaged in "
+                         "(default: on for dae)")
     ap.add_argument("--base-channels", type=int, default=None)
     ap.add_argument("--noise-std", type=float, default=None, help="dae: coarse noise std")
     ap.add_argument("--noise-res", type=int, default=None, help="dae: coarse noise grid side")
@@ -584,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
         data, summary = SliceSet.load(a.slices)
         tr, va = data.split(a.val_fraction, seed=a.seed)
         summary.update(train_slices=len(tr), val_slices=len(va), slices_file=a.slices.name)
-        sc = {k: v for k, v in (("rec_q", a.rec_q), ("norm_bins", a.norm_bins)) if v is not None}
+        sc = {k: v for k, v in (("rec_q", a.rec_q), ("norm_bins", a.norm_bins),
+                                ("flip_tta", a.flip_tta)) if v is not None}
         net = NetConfig(input_size=int(data.x.shape[-1]))
         if a.base_channels:
             net = replace(net, base_channels=a.base_channels)
@@ -592,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
                  if v is not None}
         cfg = default_config(a.method, total_steps=a.steps, pretrain_fraction=a.pretrain_fraction,
                              batch_size=a.batch_size, seed=a.seed, num_threads=a.threads,
-                             net=net, scoring=replace(ScoringConfig(), **sc), **extra)
+                             net=net, scoring=sc, **extra)
         ck = train(cfg, tr, va, a.out, progress=a.progress, device=a.device, data_summary=summary,
                    time_budget_s=a.time_budget)
         if ck is not None:

@@ -182,3 +182,26 @@ def test_flip_tta_makes_scores_mirror_symmetric():
     assert np.abs(b0.heatmap - a0.heatmap[:, :, ::-1]).max() > 1e-3
     # the mirrored pass is averaged in, not substituted: the heat maps differ with the option
     assert np.abs(a.heatmap - a0.heatmap).max() > 1e-4
+
+
+def test_site_training_defaults_are_the_bundled_models_configuration():
+    """`triage-agent train` on a site's own normals, with no options, trains and scores the way the
+    bundled default was (method, coarse noise, scoring options chosen on the development set);
+    a command-line scoring override changes only that field."""
+    from model.baselines import default_config
+    from model.checkpoint import default_weights_path, read_checkpoint
+    from model.scoring import ScoringConfig
+    from triage_agent.commands.train import register
+
+    bundled, _ = read_checkpoint(default_weights_path())
+    ap = __import__("argparse").ArgumentParser()
+    register(ap.add_subparsers())
+    assert ap.parse_args(["train", "/normals"]).method == bundled["method"] == "dae"
+    cfg = default_config("dae")
+    assert cfg.scoring == ScoringConfig.from_dict(bundled["scoring"])
+    assert cfg.scoring.flip_tta
+    tc = bundled["training"]["train_config"]
+    assert (cfg.noise_std, cfg.noise_res) == (tc["noise_std"], tc["noise_res"])
+    over = default_config("dae", scoring={"rec_q": 0.01}).scoring
+    assert over.rec_q == 0.01 and over.flip_tta
+    assert not default_config("vae").scoring.flip_tta

@@ -24,7 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--synthetic", type=int, default=None, metavar="N",
                    help="train on N synthetic normal series generated in memory")
     p.add_argument("--seed", type=int, default=1000, help="synthetic data seed (and training seed)")
-    p.add_argument("--method", default="multitask", choices=ALL_METHODS)
+    p.add_argument("--method", default="dae", choices=ALL_METHODS,
+                   help="dae = the bundled default's method (see model/weights/MODEL_CARD.md); "
+                        "multitask = the seed paper's model; the rest are baselines")
     p.add_argument("--out", type=Path, default=None, help="checkpoint path (default: ./<method>.pt)")
     p.add_argument("--steps", type=int, default=3000, help="total optimisation steps")
     p.add_argument("--pretrain-fraction", type=float, default=0.2,
@@ -39,9 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="share of series held out for normalisation and threshold calibration")
     p.add_argument("--target-specificity", type=float, default=0.95)
     p.add_argument("--rec-q", type=float, default=None,
-                   help="s_r = mean of this top fraction of the residual map (default 0.01)")
+                   help="s_r = mean of this top fraction of the residual map "
+                        "(default 0.003 for dae, else 0.01)")
     p.add_argument("--norm-bins", type=int, default=None,
                    help="normalise s_g/s_r per this many brain-area bins (default 0 = global)")
+    p.add_argument("--flip-tta", default=None, action=argparse.BooleanOptionalAction,
+                   help="score with the mirrored slice's reconstruction averaged in "
+                        "(default: on for dae, off otherwise)")
     p.add_argument("--cache", type=Path, default=Path(".cache/preprocessed"),
                    help="folder for preprocessed .npz arrays")
     p.add_argument("--resume", action="store_true")
@@ -110,13 +116,8 @@ def run(args: argparse.Namespace) -> int:
     summary.update(train_slices=len(tr), val_slices=len(va))
     over: dict[str, Any] = {k: v for k, v in (("lr", args.lr), ("eps", args.eps), ("beta", args.beta))
             if v is not None}
-    from dataclasses import replace
-
-    from model.scoring import ScoringConfig
-
-    sc_over = {k: v for k, v in (("rec_q", args.rec_q), ("norm_bins", args.norm_bins))
-               if v is not None}
-    over["scoring"] = replace(ScoringConfig(), **sc_over)
+    over["scoring"] = {k: v for k, v in (("rec_q", args.rec_q), ("norm_bins", args.norm_bins),
+                                         ("flip_tta", args.flip_tta)) if v is not None}
     cfg = default_config(args.method, total_steps=args.steps,
                          pretrain_fraction=args.pretrain_fraction, batch_size=args.batch_size,
                          seed=args.seed, num_threads=args.threads,
