@@ -55,6 +55,9 @@ class TrainConfig:
     steps: int = 2400
     batch_size: int = 32
     lr: float = 5e-4
+    # the last ``lr_decay_steps`` steps lower the learning rate linearly towards zero (0 = a
+    # constant rate throughout); resuming a run with more steps and this set anneals it
+    lr_decay_steps: int = 0
     weight_decay: float = 0.0
     eps: float = 0.05  # weight of the reconstruction (+KL) term in the multitask loss
     beta: float = 0.1  # KL weight
@@ -74,6 +77,13 @@ class TrainConfig:
         if self.method == "hu_threshold":
             return 0
         return (self.pretrain_steps if self.method in PRETRAINED_METHODS else 0) + self.steps
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of the step that starts at ``step`` (0-based)."""
+        total, d = self.total_steps(), self.lr_decay_steps
+        if d > 0 and step >= total - d:
+            return self.lr * max(total - step, 0) / d
+        return self.lr
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -252,6 +262,8 @@ class Trainer:
     def step(self) -> dict[str, float]:
         c, dev = self.cfg, self.dd.device
         phase = self.phase()
+        for g in self.opt.param_groups:
+            g["lr"] = c.lr_at(self.step_no)
         x, m = self.batch()
         inp, tgt, labels, extra = self.make_inputs(x, m, phase)
         inp, tgt = inp.to(dev).unsqueeze(1), tgt.to(dev).unsqueeze(1)
@@ -472,6 +484,8 @@ def train(
                    mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
     t_loop = time.time()
     start_step = tr.step_no
+    if start_step:
+        summary["resumed_at_step"] = start_step
     stopped_early = False
     pre_share = (cfg.pretrain_steps / total) if total and cfg.method in PRETRAINED_METHODS else 0.0
     while tr.step_no < total:
@@ -577,6 +591,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                     help="with --slices: stop early when this much wall time is spent")
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--lr-decay-steps", type=int, default=None,
+                    help="with --slices: the last N steps lower the learning rate linearly to 0")
+    ap.add_argument("--resume", action="store_true",
+                    help="with --slices: continue from OUT's .state.pt (to --steps in total)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     if a.slices is not None:
@@ -592,13 +611,14 @@ def main(argv: list[str] | None = None) -> int:
         net = NetConfig(input_size=int(data.x.shape[-1]))
         if a.base_channels:
             net = replace(net, base_channels=a.base_channels)
-        extra = {k: v for k, v in (("noise_std", a.noise_std), ("noise_res", a.noise_res))
+        extra = {k: v for k, v in (("noise_std", a.noise_std), ("noise_res", a.noise_res),
+                                   ("lr", a.lr), ("lr_decay_steps", a.lr_decay_steps))
                  if v is not None}
         cfg = default_config(a.method, total_steps=a.steps, pretrain_fraction=a.pretrain_fraction,
                              batch_size=a.batch_size, seed=a.seed, num_threads=a.threads,
                              net=net, scoring=sc, **extra)
         ck = train(cfg, tr, va, a.out, progress=a.progress, device=a.device, data_summary=summary,
-                   time_budget_s=a.time_budget)
+                   time_budget_s=a.time_budget, resume=a.resume)
         if ck is not None:
             t = ck["training"]
             print(f"wrote {a.out}: {a.method} {t['steps']} steps, {t['wall_s']:.0f} s, "

@@ -205,3 +205,32 @@ def test_site_training_defaults_are_the_bundled_models_configuration():
     over = default_config("dae", scoring={"rec_q": 0.01}).scoring
     assert over.rec_q == 0.01 and over.flip_tta
     assert not default_config("vae").scoring.flip_tta
+
+
+def test_lr_decay_anneals_the_last_steps_and_resume_continues_a_run(tmp_path: Path):
+    """``lr_decay_steps`` lowers the learning rate linearly to zero over the last steps; resuming a
+    finished constant-rate run with more steps and a decay anneals it (how the bundled weights'
+    GPU run was finished on a CPU), and the checkpoint records where it resumed."""
+    cfg = TrainConfig(method="dae", steps=100, lr=1e-3, lr_decay_steps=40)
+    assert cfg.lr_at(0) == cfg.lr_at(59) == 1e-3
+    assert cfg.lr_at(60) == pytest.approx(1e-3) and cfg.lr_at(80) == pytest.approx(5e-4)
+    assert cfg.lr_at(99) == pytest.approx(2.5e-5) and cfg.lr_at(100) == 0.0
+    assert TrainConfig(steps=100).lr_at(99) == TrainConfig().lr  # no decay by default
+
+    torch.set_num_threads(1)
+    data = random_slices(16, 32, seed=3, n_series=4)
+    tr, va = data.split(0.25, seed=0)
+    net = NetConfig(input_size=32, base_channels=4, max_channels=8, unet_levels=2)
+    out = tmp_path / "dae.pt"
+    train(TrainConfig(method="dae", net=net, steps=4, batch_size=2, ckpt_every=0), tr, va, out,
+          progress=False, device="cpu")
+    first = load_detector(out, device="cpu").ckpt
+    ck = train(TrainConfig(method="dae", net=net, steps=7, batch_size=2, ckpt_every=0,
+                           lr_decay_steps=3), tr, va, out, progress=False, device="cpu",
+               resume=True)
+    assert ck is not None
+    t = ck["training"]
+    assert t["resumed_at_step"] == 4 and t["steps"] == 7
+    assert t["train_config"]["lr_decay_steps"] == 3
+    assert any(not torch.equal(first["state_dict"][k], ck["state_dict"][k])
+               for k in first["state_dict"])

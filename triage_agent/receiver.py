@@ -83,7 +83,12 @@ AssociationSocket.recv = _bounded_recv  # type: ignore[method-assign]
 class HardenedServer(ThreadedAssociationServer):
     """Association server with per-address connection limits, a bounded PDU read and TLS
     handshakes moved off the accept thread (stock pynetdicom handshakes while accepting, so one
-    silent TLS client stalls every other sender until the network timeout)."""
+    silent TLS client stalls every other sender until the network timeout).
+
+    pynetdicom builds the server itself (``AE.make_server(server_class=...)``), so the settings
+    and the connection counts live on a class: ``configured`` makes a fresh subclass per
+    receiver, and two receivers in one process never share counts or callbacks.
+    """
 
     max_per_address = 5
     on_refused: Any = None
@@ -91,6 +96,16 @@ class HardenedServer(ThreadedAssociationServer):
     # their association threads exist. Decremented by the EVT_CONN_CLOSE handler.
     open_by_ip: dict[str, int] = {}
     open_lock = threading.Lock()
+
+    @classmethod
+    def configured(cls, *, max_per_address: int, on_refused: Any, on_tls_failed: Any,
+                   tls_handshake_timeout_s: float) -> type[HardenedServer]:
+        return type(cls.__name__, (cls,), {
+            "max_per_address": max_per_address, "on_refused": staticmethod(on_refused),
+            "on_tls_failed": staticmethod(on_tls_failed),
+            "tls_handshake_timeout_s": tls_handshake_timeout_s,
+            "open_by_ip": {}, "open_lock": threading.Lock(),
+        })
 
     def get_request(self) -> tuple[Any, tuple[str, int]]:
         client_socket, address = self.socket.accept()  # type: ignore[union-attr]
@@ -161,6 +176,7 @@ class Receiver:
     sessions: sessionmaker[Session]
     ae: AE = field(init=False)
     _server: Any = None
+    _server_class: type[HardenedServer] = HardenedServer
     _stopped: threading.Event = field(default_factory=threading.Event)
     _tracked: set[Any] = field(default_factory=set)
     _tracked_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -190,16 +206,16 @@ class Receiver:
 
     def start(self) -> None:
         node = self.cfg.node
-        HardenedServer.max_per_address = node.max_connections_per_address
-        HardenedServer.on_refused = staticmethod(self._refused_connection)
-        HardenedServer.on_tls_failed = staticmethod(self._tls_failed)
-        HardenedServer.tls_handshake_timeout_s = node.acse_timeout_s
+        self._server_class = HardenedServer.configured(
+            max_per_address=node.max_connections_per_address,
+            on_refused=self._refused_connection, on_tls_failed=self._tls_failed,
+            tls_handshake_timeout_s=node.acse_timeout_s)
         threading.Thread(target=self._watchdog, name="association-watchdog", daemon=True).start()
         self._server = self.ae.make_server(
             (node.bind_address, node.port),
             evt_handlers=self.handlers(),
             ssl_context=build_ssl_context(self.cfg),
-            server_class=HardenedServer,
+            server_class=self._server_class,
         )
         self.ae._servers.append(self._server)
         threading.Thread(target=self._server.serve_forever, name="acceptor", daemon=True).start()
@@ -323,6 +339,7 @@ def _quiet_abort(assoc: Any) -> None:
 
 
 def handle_conn_open(event: Any, rx: Receiver) -> None:
+    event.assoc.triage_server_class = rx._server_class
     event.assoc.triage_closed = False
     with rx._tracked_lock:
         rx._tracked.add(event.assoc)
@@ -334,11 +351,14 @@ def handle_conn_open(event: Any, rx: Receiver) -> None:
 
 def _release_slot(assoc: Any) -> None:
     """Give back the per-address slot once (on close, or when the watchdog finds it dead)."""
-    with HardenedServer.open_lock:
+    server_class = getattr(assoc, "triage_server_class", None)
+    if server_class is None:  # never opened through a receiver: no slot was counted
+        return
+    with server_class.open_lock:
         if getattr(assoc, "triage_closed", True):
             return
         assoc.triage_closed = True
-    HardenedServer.connection_closed(str(assoc.requestor.address))
+    server_class.connection_closed(str(assoc.requestor.address))
 
 
 def _hard_kill(assoc: Any) -> None:

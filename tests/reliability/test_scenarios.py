@@ -370,7 +370,7 @@ def test_pacs(node_factory: Any, tiny_ckpt: Path, tmp_path: Path) -> None:  # no
     """Destination down (connection refused: retried with capped backoff), then rejecting
     associations (A-ASSOCIATE-RJ permanent: dead-lettered), then up: an admin runs
     `triage-agent retry` and everything is delivered, nothing twice."""
-    from tests.peers import free_port, wait_echo
+    from tests.peers import StoreSCP, free_port
 
     port = free_port()
     node: Node = node_factory(
@@ -391,17 +391,12 @@ def test_pacs(node_factory: Any, tiny_ckpt: Path, tmp_path: Path) -> None:  # no
     for f in sets:
         assert storescu(node.port, f).returncode == 0
     time.sleep(4)  # PACS down: attempts fail and back off
-    refusing = subprocess.Popen(["storescp", "--refuse", "-aet", "PACS", str(port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(3)  # PACS refusing associations
-    refusing.terminate()
-    refusing.wait(10)
+    refusing = StoreSCP(tmp_path / "refused", "--refuse", port=port)
+    time.sleep(2.5)  # PACS refusing associations (StoreSCP waited 0.5 s for it to listen)
+    refusing.stop()
     outdir = tmp_path / "pacs"
-    outdir.mkdir()
-    pacs = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(outdir), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pacs = StoreSCP(outdir, port=port)
     try:
-        wait_echo(port, "PACS")
         dead = sum(d["state"] == "dead" for r in node.status() for d in r.get("deliveries", []))
         r = node.cli("retry")
         assert r.returncode == 0 and f"{dead} dead-lettered" in r.stdout
@@ -415,8 +410,7 @@ def test_pacs(node_factory: Any, tiny_ckpt: Path, tmp_path: Path) -> None:  # no
         assert all(r["state"] == "delivered" for r in recs) and len(recs) == n_series
         assert len(received) == expected and dead > 0
     finally:
-        pacs.terminate()
-        pacs.wait(10)
+        pacs.stop()
 
 
 
@@ -424,16 +418,13 @@ def test_kill_pipeline(node_factory: Any, tiny_ckpt: Path, tmp_path: Path) -> No
     """kill -9 during inference, output building and delivery; after restarts every series is
     delivered and the PACS holds exactly one SR and one heat-map series per series."""
     from model.synth import make_case
-    from tests.peers import free_port, wait_echo
+    from tests.peers import StoreSCP
     from triage_agent.synth_dicom import write_case_dicom
 
     rounds, n_series = size(2, 20), size(1, 6)
-    port = free_port()
     outdir = tmp_path / "pacs"
-    outdir.mkdir()
-    pacs = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(outdir), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_echo(port, "PACS")
+    pacs = StoreSCP(outdir)
+    port = pacs.port
     node: Node = node_factory(
         worker={"count": 1, "poll_interval_s": 0.1, "lease_s": 5.0, "max_attempts": 50},
         model={"weights": str(tiny_ckpt)}, triage={"threshold": -1.0e9},
@@ -467,8 +458,7 @@ def test_kill_pipeline(node_factory: Any, tiny_ckpt: Path, tmp_path: Path) -> No
         assert len(sr) == n_series and len(other) == 5 * n_series
         assert out == {"lost": 0, "duplicates": 0, "tmp_left": 0}
     finally:
-        pacs.terminate()
-        pacs.wait(10)
+        pacs.stop()
 
 
 @pytest.mark.postgres

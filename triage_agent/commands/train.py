@@ -33,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="share of the steps spent on context-restoration pretraining")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr-decay-steps", type=int, default=None,
+                   help="the last N steps lower the learning rate linearly to 0 (default: none)")
     p.add_argument("--eps", type=float, default=None, help="multitask reconstruction weight")
     p.add_argument("--beta", type=float, default=None, help="KL weight")
     p.add_argument("--input-size", type=int, default=128)
@@ -114,8 +116,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     tr, va = data.split(args.val_fraction, seed=args.seed)
     summary.update(train_slices=len(tr), val_slices=len(va))
-    over: dict[str, Any] = {k: v for k, v in (("lr", args.lr), ("eps", args.eps), ("beta", args.beta))
-            if v is not None}
+    over: dict[str, Any] = {k: v for k, v in (("lr", args.lr), ("eps", args.eps), ("beta", args.beta),
+                                              ("lr_decay_steps", args.lr_decay_steps))
+                            if v is not None}
     over["scoring"] = {k: v for k, v in (("rec_q", args.rec_q), ("norm_bins", args.norm_bins),
                                          ("flip_tta", args.flip_tta)) if v is not None}
     cfg = default_config(args.method, total_steps=args.steps,
