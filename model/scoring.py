@@ -33,8 +33,8 @@ class ScoringConfig:
     residual: str = "abs"  # "abs" | "squared"
     norm_bins: int = 0  # > 0: normalise per quantile bin of the slice's brain-area fraction
     # reconstruction = mean of the network's output for the slice and for its left-right mirror
-    # image (mirrored back): halves the variance of normal reconstructions at twice the cost.
-    # Valid for networks trained with flip augmentation (TrainConfig.flip_aug, the default).
+    # image (mirrored back), at twice the cost; chosen for the bundled model on the development
+    # set (MODEL_CARD.md). Meant for networks trained with flip augmentation (the default).
     flip_tta: bool = False
 
     def to_dict(self) -> dict[str, Any]:
