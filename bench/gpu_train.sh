@@ -15,8 +15,10 @@ mkdir -p "$OUTDIR" /tmp/gpu_train
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
 timeout 150 $PY bench/gpu_check.py --json "$OUTDIR/gpu_check.json" 2>&1 | tail -25
+# every run ends annealed: the last 15 % of its steps or of the budget, whichever comes first,
+# lowers the learning rate to 0 (the bundled weights had to be annealed afterwards on a CPU)
 common=(--slices "$SLICES" --steps "$STEPS" --batch-size 32 --seed 1000 --device auto
-        --threads 2 --time-budget "$BUDGET")
+        --threads 2 --time-budget "$BUDGET" --lr-decay-fraction 0.15)
 run() {  # name method [extra args]
   local name=$1 method=$2; shift 2
   $PY -m model.train "/tmp/gpu_train/$name.pt" --method "$method" "${common[@]}" "$@" \

@@ -58,6 +58,10 @@ class TrainConfig:
     # the last ``lr_decay_steps`` steps lower the learning rate linearly towards zero (0 = a
     # constant rate throughout); resuming a run with more steps and this set anneals it
     lr_decay_steps: int = 0
+    # the last fraction of the run lowers it linearly towards zero; the run's progress is the
+    # larger of steps done / planned and, under a time budget, wall time spent / budget, so a
+    # run that the budget stops is annealed too (0 = off)
+    lr_decay_fraction: float = 0.0
     weight_decay: float = 0.0
     eps: float = 0.05  # weight of the reconstruction (+KL) term in the multitask loss
     beta: float = 0.1  # KL weight
@@ -78,12 +82,18 @@ class TrainConfig:
             return 0
         return (self.pretrain_steps if self.method in PRETRAINED_METHODS else 0) + self.steps
 
-    def lr_at(self, step: int) -> float:
-        """Learning rate of the step that starts at ``step`` (0-based)."""
-        total, d = self.total_steps(), self.lr_decay_steps
+    def lr_at(self, step: int, time_fraction: float = 0.0) -> float:
+        """Learning rate of the step that starts at ``step`` (0-based); ``time_fraction`` = share
+        of a time budget already spent (0 without one)."""
+        total, d, f = self.total_steps(), self.lr_decay_steps, self.lr_decay_fraction
+        scale = 1.0
         if d > 0 and step >= total - d:
-            return self.lr * max(total - step, 0) / d
-        return self.lr
+            scale = max(total - step, 0) / d
+        if f > 0 and total:
+            progress = max(step / total, time_fraction)
+            if progress > 1.0 - f:
+                scale = min(scale, max(1.0 - progress, 0.0) / f)
+        return self.lr * scale
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -259,11 +269,12 @@ class Trainer:
             return pretext.coarse_noise(x, self.gen, c.noise_res, c.noise_std, mask=m), x, None, None
         return x, x, None, None
 
-    def step(self) -> dict[str, float]:
+    def step(self, time_fraction: float = 0.0) -> dict[str, float]:
         c, dev = self.cfg, self.dd.device
         phase = self.phase()
+        lr = c.lr_at(self.step_no, time_fraction)
         for g in self.opt.param_groups:
-            g["lr"] = c.lr_at(self.step_no)
+            g["lr"] = lr
         x, m = self.batch()
         inp, tgt, labels, extra = self.make_inputs(x, m, phase)
         inp, tgt = inp.to(dev).unsqueeze(1), tgt.to(dev).unsqueeze(1)
@@ -298,6 +309,7 @@ class Trainer:
         self.step_no += 1
         rec = {k: float(v.detach()) for k, v in terms.items()}
         rec["step"] = self.step_no
+        rec["lr"] = lr
         return rec
 
     # ------------------------------------------------------------------------- resumable state
@@ -502,7 +514,10 @@ def train(
             log.warning("time budget of %.0f s spent: stopping at step %d of %d",
                         time_budget_s, tr.step_no, total)
             break
-        rec = tr.step()
+        tf = 0.0
+        if time_budget_s is not None and cfg.lr_decay_fraction > 0:
+            tf = (time.time() - t0) / max(time_budget_s, 1e-9)
+        rec = tr.step(tf)
         if rec["step"] % 10 == 0 or tr.step_no == total:
             rec["phase"] = 0.0 if tr.phase(tr.step_no - 1) == "pretrain" else 1.0
             tr.history.append(rec)
@@ -594,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--lr-decay-steps", type=int, default=None,
                     help="with --slices: the last N steps lower the learning rate linearly to 0")
+    ap.add_argument("--lr-decay-fraction", type=float, default=None,
+                    help="with --slices: the last fraction of the run (of --steps, or of "
+                         "--time-budget if that ends it first) lowers the learning rate to 0")
     ap.add_argument("--resume", action="store_true",
                     help="with --slices: continue from OUT's .state.pt (to --steps in total)")
     a = ap.parse_args(argv)
@@ -612,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.base_channels:
             net = replace(net, base_channels=a.base_channels)
         extra = {k: v for k, v in (("noise_std", a.noise_std), ("noise_res", a.noise_res),
-                                   ("lr", a.lr), ("lr_decay_steps", a.lr_decay_steps))
+                                   ("lr", a.lr), ("lr_decay_steps", a.lr_decay_steps),
+                                   ("lr_decay_fraction", a.lr_decay_fraction))
                  if v is not None}
         cfg = default_config(a.method, total_steps=a.steps, pretrain_fraction=a.pretrain_fraction,
                              batch_size=a.batch_size, seed=a.seed, num_threads=a.threads,

@@ -234,3 +234,28 @@ def test_lr_decay_anneals_the_last_steps_and_resume_continues_a_run(tmp_path: Pa
     assert t["train_config"]["lr_decay_steps"] == 3
     assert any(not torch.equal(first["state_dict"][k], ck["state_dict"][k])
                for k in first["state_dict"])
+
+
+def test_lr_decay_fraction_anneals_a_run_that_the_time_budget_stops(tmp_path: Path, monkeypatch):
+    """With ``lr_decay_fraction`` the run's progress is the larger of steps and wall time spent, so
+    a run planned far beyond its time budget still ends with the learning rate near zero."""
+    import model.train as mt
+
+    cfg = TrainConfig(method="dae", steps=100, lr=1e-3, lr_decay_fraction=0.2)
+    assert cfg.lr_at(50) == 1e-3 and cfg.lr_at(90) == pytest.approx(5e-4)
+    assert cfg.lr_at(10, time_fraction=0.9) == pytest.approx(5e-4)  # the clock is further on
+    assert cfg.lr_at(10, time_fraction=1.0) == 0.0
+    clock = iter(range(10**6))
+    monkeypatch.setattr(mt.time, "time", lambda: float(next(clock)))  # 1 s per clock read
+    torch.set_num_threads(1)
+    data = random_slices(16, 32, seed=3, n_series=4)
+    tr, va = data.split(0.25, seed=0)
+    net = NetConfig(input_size=32, base_channels=4, max_channels=8, unet_levels=2)
+    ck = train(TrainConfig(method="dae", net=net, steps=10_000, batch_size=2, ckpt_every=0,
+                           lr=1e-3, lr_decay_fraction=0.5),
+               tr, va, tmp_path / "d.pt", progress=False, device="cpu", time_budget_s=80)
+    assert ck is not None
+    t = ck["training"]
+    assert t["stopped_by_time_budget"] and t["steps"] < 100
+    last = t["final_losses"]  # the last step recorded (every 10th)
+    assert last["step"] >= 10 and last["lr"] < 0.3e-3, "the budget-stopped run was not annealed"

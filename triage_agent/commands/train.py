@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--lr-decay-steps", type=int, default=None,
                    help="the last N steps lower the learning rate linearly to 0 (default: none)")
+    p.add_argument("--lr-decay-fraction", type=float, default=None,
+                   help="the last fraction of the steps lowers the learning rate linearly to 0")
     p.add_argument("--eps", type=float, default=None, help="multitask reconstruction weight")
     p.add_argument("--beta", type=float, default=None, help="KL weight")
     p.add_argument("--input-size", type=int, default=128)
@@ -117,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     tr, va = data.split(args.val_fraction, seed=args.seed)
     summary.update(train_slices=len(tr), val_slices=len(va))
     over: dict[str, Any] = {k: v for k, v in (("lr", args.lr), ("eps", args.eps), ("beta", args.beta),
-                                              ("lr_decay_steps", args.lr_decay_steps))
+                                              ("lr_decay_steps", args.lr_decay_steps),
+                                              ("lr_decay_fraction", args.lr_decay_fraction))
                             if v is not None}
     over["scoring"] = {k: v for k, v in (("rec_q", args.rec_q), ("norm_bins", args.norm_bins),
                                          ("flip_tta", args.flip_tta)) if v is not None}
