@@ -509,14 +509,17 @@ def train(
             log.info("pretraining's share of the time budget spent: main phase from step %d",
                      tr.step_no)
             cfg.steps, cfg.pretrain_steps = total - tr.step_no, tr.step_no
-        if time_budget_s is not None and dd.world == 1 and time.time() - t0 > time_budget_s:
-            stopped_early = True
-            log.warning("time budget of %.0f s spent: stopping at step %d of %d",
-                        time_budget_s, tr.step_no, total)
-            break
+        # one clock read per step serves the stop and the learning-rate decay; single process
+        # only, as every rank must step with the same learning rate
         tf = 0.0
-        if time_budget_s is not None and cfg.lr_decay_fraction > 0:
-            tf = (time.time() - t0) / max(time_budget_s, 1e-9)
+        if time_budget_s is not None and dd.world == 1:
+            elapsed = time.time() - t0
+            if elapsed > time_budget_s:
+                stopped_early = True
+                log.warning("time budget of %.0f s spent: stopping at step %d of %d",
+                            time_budget_s, tr.step_no, total)
+                break
+            tf = elapsed / max(time_budget_s, 1e-9)
         rec = tr.step(tf)
         if rec["step"] % 10 == 0 or tr.step_no == total:
             rec["phase"] = 0.0 if tr.phase(tr.step_no - 1) == "pretrain" else 1.0
