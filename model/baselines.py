@@ -19,6 +19,7 @@ learned method sees the same number of optimisation steps.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,39 @@ DAE_SCORING = ScoringConfig(rec_q=0.003, norm_bins=0, flip_tta=True)
 
 def default_scoring(method: str) -> ScoringConfig:
     return DAE_SCORING if method == "dae" else ScoringConfig()
+
+
+TRAIN_OVERRIDES = ("lr", "lr_decay_steps", "lr_decay_fraction")
+SCORING_OVERRIDES = ("rec_q", "norm_bins", "flip_tta")
+
+
+def add_override_options(p: argparse.ArgumentParser) -> None:
+    """The options both training commands (``triage-agent train``, ``python -m model.train``)
+    take to override ``default_config``; read them back with ``overrides_from_args``."""
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr-decay-steps", type=int, default=None,
+                   help="the last N steps lower the learning rate linearly to 0 (default: none)")
+    p.add_argument("--lr-decay-fraction", type=float, default=None,
+                   help="the last fraction of the run (of the steps, or of --time-budget if that "
+                        "ends it first) lowers the learning rate linearly to 0")
+    p.add_argument("--rec-q", type=float, default=None,
+                   help="s_r = mean of this top fraction of the residual map "
+                        "(default 0.003 for dae, else 0.01)")
+    p.add_argument("--norm-bins", type=int, default=None,
+                   help="normalise s_g/s_r per this many brain-area bins (default 0 = global)")
+    p.add_argument("--flip-tta", default=None, action=argparse.BooleanOptionalAction,
+                   help="score with the mirrored slice's reconstruction averaged in "
+                        "(default: on for dae, off otherwise)")
+
+
+def overrides_from_args(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``default_config`` keyword overrides from the options given (left out: None), the
+    ``TRAIN_OVERRIDES`` and ``extra`` fields, plus ``scoring`` = the scoring fields given."""
+    over = {k: getattr(args, k) for k in (*TRAIN_OVERRIDES, *extra)
+            if getattr(args, k) is not None}
+    over["scoring"] = {k: getattr(args, k) for k in SCORING_OVERRIDES
+                       if getattr(args, k) is not None}
+    return over
 
 
 def default_config(method: str, *, total_steps: int = 3000, pretrain_fraction: float = 0.2,

@@ -582,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
       ``python -m model.train OUT --slices train.npz --method dae --steps 6000 --seed 1000``
       (same split, configuration and calibration as ``triage-agent train``; full-size network).
     """
+    from model.baselines import add_override_options  # model.baselines imports this module
+
     ap = argparse.ArgumentParser(prog="python -m model.train")
     ap.add_argument("out", type=Path)
     ap.add_argument("--random", type=int, default=64, help="number of random phantom slices")
@@ -596,11 +598,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=1000, help="with --slices: split and training seed")
     ap.add_argument("--val-fraction", type=float, default=0.2)
-    ap.add_argument("--rec-q", type=float, default=None)
-    ap.add_argument("--norm-bins", type=int, default=None)
-    ap.add_argument("--flip-tta", default=None, action=argparse.BooleanOptionalAction,
-                    help="score with the mirrored slice's reconstruction averaged in "
-                         "(default: on for dae)")
     ap.add_argument("--base-channels", type=int, default=None)
     ap.add_argument("--noise-std", type=float, default=None, help="dae: coarse noise std")
     ap.add_argument("--noise-res", type=int, default=None, help="dae: coarse noise grid side")
@@ -609,12 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                     help="with --slices: stop early when this much wall time is spent")
-    ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--lr-decay-steps", type=int, default=None,
-                    help="with --slices: the last N steps lower the learning rate linearly to 0")
-    ap.add_argument("--lr-decay-fraction", type=float, default=None,
-                    help="with --slices: the last fraction of the run (of --steps, or of "
-                         "--time-budget if that ends it first) lowers the learning rate to 0")
+    add_override_options(ap)  # with --slices: --lr, --lr-decay-*, --rec-q, --norm-bins, --flip-tta
     ap.add_argument("--resume", action="store_true",
                     help="with --slices: continue from OUT's .state.pt (to --steps in total)")
     a = ap.parse_args(argv)
@@ -622,23 +614,18 @@ def main(argv: list[str] | None = None) -> int:
     if a.slices is not None:
         from dataclasses import replace
 
-        from model.baselines import default_config
+        from model.baselines import default_config, overrides_from_args
 
         data, summary = SliceSet.load(a.slices)
         tr, va = data.split(a.val_fraction, seed=a.seed)
         summary.update(train_slices=len(tr), val_slices=len(va), slices_file=a.slices.name)
-        sc = {k: v for k, v in (("rec_q", a.rec_q), ("norm_bins", a.norm_bins),
-                                ("flip_tta", a.flip_tta)) if v is not None}
         net = NetConfig(input_size=int(data.x.shape[-1]))
         if a.base_channels:
             net = replace(net, base_channels=a.base_channels)
-        extra = {k: v for k, v in (("noise_std", a.noise_std), ("noise_res", a.noise_res),
-                                   ("lr", a.lr), ("lr_decay_steps", a.lr_decay_steps),
-                                   ("lr_decay_fraction", a.lr_decay_fraction))
-                 if v is not None}
+        over = overrides_from_args(a, ("noise_std", "noise_res"))
         cfg = default_config(a.method, total_steps=a.steps, pretrain_fraction=a.pretrain_fraction,
                              batch_size=a.batch_size, seed=a.seed, num_threads=a.threads,
-                             net=net, scoring=sc, **extra)
+                             net=net, **over)
         ck = train(cfg, tr, va, a.out, progress=a.progress, device=a.device, data_summary=summary,
                    time_budget_s=a.time_budget, resume=a.resume)
         if ck is not None:

@@ -204,6 +204,14 @@ def test_site_training_defaults_are_the_bundled_models_configuration():
     assert (cfg.noise_std, cfg.noise_res) == (tc["noise_std"], tc["noise_res"])
     over = default_config("dae", scoring={"rec_q": 0.01}).scoring
     assert over.rec_q == 0.01 and over.flip_tta
+    from model.baselines import overrides_from_args
+
+    args = ap.parse_args(["train", "/normals", "--rec-q", "0.01", "--no-flip-tta",
+                          "--lr-decay-steps", "5", "--eps", "0.1"])
+    assert overrides_from_args(args, ("eps", "beta")) == {
+        "lr_decay_steps": 5, "eps": 0.1, "scoring": {"rec_q": 0.01, "flip_tta": False}}
+    given = default_config("dae", **overrides_from_args(args, ("eps", "beta")))
+    assert not given.scoring.flip_tta and given.scoring.rec_q == 0.01 and given.lr_decay_steps == 5
     assert not default_config("vae").scoring.flip_tta
 
 

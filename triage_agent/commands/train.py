@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from model.baselines import ALL_METHODS
+    from model.baselines import ALL_METHODS, add_override_options
 
     p = sub.add_parser("train", help="train the detector (or a baseline) on normal series")
     p.add_argument("folder", nargs="?", type=Path, help="folder of normal DICOM series")
@@ -32,11 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrain-fraction", type=float, default=0.2,
                    help="share of the steps spent on context-restoration pretraining")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--lr-decay-steps", type=int, default=None,
-                   help="the last N steps lower the learning rate linearly to 0 (default: none)")
-    p.add_argument("--lr-decay-fraction", type=float, default=None,
-                   help="the last fraction of the steps lowers the learning rate linearly to 0")
+    add_override_options(p)  # --lr, --lr-decay-*, --rec-q, --norm-bins, --flip-tta
     p.add_argument("--eps", type=float, default=None, help="multitask reconstruction weight")
     p.add_argument("--beta", type=float, default=None, help="KL weight")
     p.add_argument("--input-size", type=int, default=128)
@@ -44,14 +39,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of series held out for normalisation and threshold calibration")
     p.add_argument("--target-specificity", type=float, default=0.95)
-    p.add_argument("--rec-q", type=float, default=None,
-                   help="s_r = mean of this top fraction of the residual map "
-                        "(default 0.003 for dae, else 0.01)")
-    p.add_argument("--norm-bins", type=int, default=None,
-                   help="normalise s_g/s_r per this many brain-area bins (default 0 = global)")
-    p.add_argument("--flip-tta", default=None, action=argparse.BooleanOptionalAction,
-                   help="score with the mirrored slice's reconstruction averaged in "
-                        "(default: on for dae, off otherwise)")
     p.add_argument("--cache", type=Path, default=Path(".cache/preprocessed"),
                    help="folder for preprocessed .npz arrays")
     p.add_argument("--resume", action="store_true")
@@ -102,7 +89,7 @@ def cases_to_slices(cases: list):
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.baselines import default_config
+    from model.baselines import default_config, overrides_from_args
     from model.network import NetConfig
     from model.train import train
 
@@ -118,12 +105,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     tr, va = data.split(args.val_fraction, seed=args.seed)
     summary.update(train_slices=len(tr), val_slices=len(va))
-    over: dict[str, Any] = {k: v for k, v in (("lr", args.lr), ("eps", args.eps), ("beta", args.beta),
-                                              ("lr_decay_steps", args.lr_decay_steps),
-                                              ("lr_decay_fraction", args.lr_decay_fraction))
-                            if v is not None}
-    over["scoring"] = {k: v for k, v in (("rec_q", args.rec_q), ("norm_bins", args.norm_bins),
-                                         ("flip_tta", args.flip_tta)) if v is not None}
+    over = overrides_from_args(args, ("eps", "beta"))
     cfg = default_config(args.method, total_steps=args.steps,
                          pretrain_fraction=args.pretrain_fraction, batch_size=args.batch_size,
                          seed=args.seed, num_threads=args.threads,
