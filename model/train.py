@@ -160,6 +160,18 @@ class SliceSet:
             x = z["x"].astype(np.float32) / 255.0
             return cls(x, brain, z["series"].astype(np.int64)), json.loads(str(z["summary"]))
 
+    @classmethod
+    def concat(cls, sets: list[SliceSet]) -> SliceSet:
+        """One set from several; series ids are renumbered so that no two sets share one."""
+        series, base = [], 0
+        for s in sets:
+            _, inv = np.unique(s.series, return_inverse=True)
+            series.append(inv.reshape(-1) + base)
+            base += s.n_series
+        hu = None if any(s.hu is None for s in sets) else np.concatenate([s.hu for s in sets])
+        return cls(np.concatenate([s.x for s in sets]), np.concatenate([s.brain for s in sets]),
+                   np.concatenate(series).astype(np.int64), hu)
+
     def split(self, val_fraction: float, seed: int) -> tuple[SliceSet, SliceSet]:
         ids = np.unique(self.series)
         rng = np.random.default_rng(seed)
@@ -589,6 +601,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--random", type=int, default=64, help="number of random phantom slices")
     ap.add_argument("--slices", type=Path, default=None,
                     help="slice archive (triage-agent train --export-slices) instead of phantoms")
+    ap.add_argument("--more-slices", type=Path, nargs="+", default=[], metavar="FILE",
+                    help="with --slices: further archives used for training only; the validation "
+                         "series (calibration) are split from --slices alone, so adding data "
+                         "keeps them held out")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--method", default="multitask", choices=sorted(METHODS))
     ap.add_argument("--steps", type=int, default=3)
@@ -619,6 +635,14 @@ def main(argv: list[str] | None = None) -> int:
         data, summary = SliceSet.load(a.slices)
         tr, va = data.split(a.val_fraction, seed=a.seed)
         summary.update(train_slices=len(tr), val_slices=len(va), slices_file=a.slices.name)
+        if a.more_slices:
+            more = [SliceSet.load(f) for f in a.more_slices]
+            tr = SliceSet.concat([tr] + [m for m, _ in more])
+            keep = ("source", "normals", "seed", "matrix")
+            summary.update(train_slices=len(tr), more_slices=[
+                {"file": f.name, "slices": len(m), "series": m.n_series,
+                 **{k: v for k, v in sm.items() if k in keep}}
+                for f, (m, sm) in zip(a.more_slices, more, strict=True)])
         net = NetConfig(input_size=int(data.x.shape[-1]))
         if a.base_channels:
             net = replace(net, base_channels=a.base_channels)

@@ -112,16 +112,28 @@ def test_export_slices_then_train_with_the_pytorch_only_launcher(tmp_path: Path)
     data, summary = SliceSet.load(arch)
     assert summary["source"] == "synthetic" and summary["normals"] == 2
     assert data.n_series == 2 and data.x.shape[1:] == (32, 32)
+    more = tmp_path / "more.npz"  # more normals: training data only, validation stays held out
+    rc = cli(["train", "--synthetic", "3", "--seed", "8", "--matrix", "128", "--input-size", "32",
+              "--cache", str(tmp_path / "cache"), "--export-slices", str(more), "--no-progress"])
+    assert rc == 0
+    extra, _ = SliceSet.load(more)
     out = tmp_path / "dae.pt"
     p = subprocess.run([sys.executable, "-m", "model.train", str(out), "--slices", str(arch),
-                        "--method", "dae", "--steps", "2", "--batch-size", "2", "--seed", "7",
-                        "--val-fraction", "0.5", "--device", "cpu"],
+                        "--more-slices", str(more), "--method", "dae", "--steps", "2",
+                        "--batch-size", "2", "--seed", "7", "--val-fraction", "0.5",
+                        "--device", "cpu"],
                        capture_output=True, text=True, timeout=240, cwd=REPO)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "dae 2 steps" in p.stdout
     det = load_detector(out, device="cpu")
     t = det.ckpt["training"]
     assert t["data"]["source"] == "synthetic" and t["steps"] == 2
+    # one of the first archive's two series is validation; the other and all 3 more train
+    assert t["val_series"] == 1 and t["train_series"] == 4
+    assert t["train_slices"] + t["val_slices"] == len(data) + len(extra)
+    assert t["data"]["more_slices"] == [{"file": "more.npz", "slices": len(extra), "series": 3,
+                                         "source": "synthetic", "normals": 3, "seed": 8,
+                                         "matrix": 128}]
     assert t["stopped_by_time_budget"] is False
     assert det.score(data.x, data.brain).score.shape == (len(data),)
     p = subprocess.run([sys.executable, "-m", "model.train", str(tmp_path / "b.pt"), "--slices",
