@@ -7,6 +7,8 @@
 # At most 8 files come back from a lent machine: gpu_check.json, train.log and six checkpoints.
 # Then evaluate them here with `triage-agent evaluate --model ...` (see model/weights/MODEL_CARD.md).
 # Usage: bench/gpu_train.sh SLICES.npz OUTDIR BUDGET_S [STEPS]
+#   MORE_SLICES="a.npz b.npz" adds training-only archives (python -m model.train --more-slices);
+#   the validation series still come from SLICES alone.
 set -u
 SLICES=$1; OUTDIR=$2; BUDGET=$3; STEPS=${4:-40000}
 export PYTHONUNBUFFERED=1
@@ -19,6 +21,8 @@ timeout 150 $PY bench/gpu_check.py --json "$OUTDIR/gpu_check.json" 2>&1 | tail -
 # lowers the learning rate to 0 (the bundled weights had to be annealed afterwards on a CPU)
 common=(--slices "$SLICES" --steps "$STEPS" --batch-size 32 --seed 1000 --device auto
         --threads 2 --time-budget "$BUDGET" --lr-decay-fraction 0.15)
+# shellcheck disable=SC2206  # MORE_SLICES is a space-separated list of files
+[ -n "${MORE_SLICES:-}" ] && common+=(--more-slices ${MORE_SLICES})
 run() {  # name method [extra args]
   local name=$1 method=$2; shift 2
   $PY -m model.train "/tmp/gpu_train/$name.pt" --method "$method" "${common[@]}" "$@" \
