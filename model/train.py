@@ -163,6 +163,10 @@ class SliceSet:
     @classmethod
     def concat(cls, sets: list[SliceSet]) -> SliceSet:
         """One set from several; series ids are renumbered so that no two sets share one."""
+        shapes = sorted({tuple(s.x.shape[1:]) for s in sets})
+        if len(shapes) > 1:
+            raise ValueError(f"slice sets of different slice sizes cannot be combined: {shapes} "
+                             "(export them with the same --input-size)")
         series, base = [], 0
         for s in sets:
             _, inv = np.unique(s.series, return_inverse=True)

@@ -93,6 +93,10 @@ def test_slice_archive_roundtrip_and_rejects_other_files(tmp_path: Path):
     assert back.x.shape == data.x.shape and back.x.dtype == np.float32
     assert np.abs(back.x - data.x).max() <= 0.5 / 255 + 1e-6  # 8-bit quantisation only
     assert np.array_equal(back.brain, data.brain) and np.array_equal(back.series, data.series)
+    both = SliceSet.concat([data, random_slices(4, 32, seed=5, n_series=2)])
+    assert both.n_series == 5 and len(both) == 14 and np.array_equal(both.x[:10], data.x)
+    with pytest.raises(ValueError, match="different slice sizes"):
+        SliceSet.concat([data, random_slices(4, 16, seed=5, n_series=2)])
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(ValueError, match="not a slice archive"):
         SliceSet.load(tmp_path / "other.npz")
