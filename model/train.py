@@ -617,6 +617,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --slices: share of --steps spent on pretraining")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=1000, help="with --slices: split and training seed")
+    ap.add_argument("--split-seed", type=int, default=None,
+                    help="with --slices: seed of the training/validation split alone (default: "
+                         "--seed); keep it fixed and vary --seed to train replicas of one model on "
+                         "the same split, e.g. for an ensemble calibrated on the same held-out "
+                         "series")
     ap.add_argument("--val-fraction", type=float, default=0.2)
     ap.add_argument("--base-channels", type=int, default=None)
     ap.add_argument("--noise-std", type=float, default=None, help="dae: coarse noise std")
@@ -637,8 +642,11 @@ def main(argv: list[str] | None = None) -> int:
         from model.baselines import default_config, overrides_from_args
 
         data, summary = SliceSet.load(a.slices)
-        tr, va = data.split(a.val_fraction, seed=a.seed)
-        summary.update(train_slices=len(tr), val_slices=len(va), slices_file=a.slices.name)
+        split_seed = a.seed if a.split_seed is None else a.split_seed
+        tr, va = data.split(a.val_fraction, seed=split_seed)
+        summary.update(train_slices=len(tr), val_slices=len(va), slices_file=a.slices.name,
+                       split_seed=split_seed,
+                       val_series_ids=[int(i) for i in np.unique(va.series)])
         if a.more_slices:
             more = [SliceSet.load(f) for f in a.more_slices]
             tr = SliceSet.concat([tr] + [m for m, _ in more])

@@ -140,6 +140,23 @@ def test_export_slices_then_train_with_the_pytorch_only_launcher(tmp_path: Path)
                                          "matrix": 128}]
     assert t["stopped_by_time_budget"] is False
     assert det.score(data.x, data.brain).score.shape == (len(data),)
+    # replicas: another training seed on the same split (--split-seed) holds out the same series
+    # and trains different weights; without --split-seed the seed moves the split too
+    def replica(name: str, *opts: str) -> dict:
+        p = subprocess.run([sys.executable, "-m", "model.train", str(tmp_path / name), "--slices",
+                            str(arch), "--method", "dae", "--steps", "2", "--batch-size", "2",
+                            "--val-fraction", "0.5", "--device", "cpu", *opts],
+                           capture_output=True, text=True, timeout=240, cwd=REPO)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return torch.load(tmp_path / name, map_location="cpu", weights_only=False)
+    seeds = {s: replica(f"s{s}.pt", "--seed", str(s)) for s in range(6)}
+    held_out = {s: ck["training"]["data"]["val_series_ids"] for s, ck in seeds.items()}
+    assert len({tuple(v) for v in held_out.values()}) == 2  # both series get held out by some seed
+    r = replica("r.pt", "--seed", "5", "--split-seed", "0")
+    assert r["training"]["data"]["val_series_ids"] == held_out[0]
+    assert r["training"]["data"]["split_seed"] == 0 and r["training"]["train_config"]["seed"] == 5
+    w0, w5 = seeds[0]["state_dict"], r["state_dict"]
+    assert any(not torch.equal(w0[k], w5[k]) for k in w0)
     p = subprocess.run([sys.executable, "-m", "model.train", str(tmp_path / "b.pt"), "--slices",
                         str(arch), "--method", "vae", "--steps", "50", "--batch-size", "2",
                         "--val-fraction", "0.5", "--time-budget", "0", "--device", "cpu"],
