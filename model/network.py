@@ -33,7 +33,9 @@ class NetConfig:
     geo_head: bool = True
     n_geo_classes: int = N_GEO_CLASSES
     arch: str = "vae"  # "vae" (MultitaskVAE) | "unet" (DenoisingUNet, the ``dae`` method)
+    #                    | "ensemble" (UNetEnsemble: the mean reconstruction of ``members``)
     unet_levels: int = 4  # stride-2 downsamplings of the U-Net
+    members: tuple[dict[str, Any], ...] = ()  # ensemble: each member's own config (arch "unet")
 
     def __post_init__(self) -> None:
         s = self.input_size
@@ -41,10 +43,23 @@ class NetConfig:
             raise ValueError(f"input_size must be a power of two >= 16, got {s}")
         if self.bottleneck_size < 1 or s % self.bottleneck_size or s < 2 * self.bottleneck_size:
             raise ValueError("bottleneck_size must divide input_size and be at most input_size/2")
-        if self.arch not in ("vae", "unet"):
-            raise ValueError(f"arch must be 'vae' or 'unet', got {self.arch!r}")
+        if self.arch not in ("vae", "unet", "ensemble"):
+            raise ValueError(f"arch must be 'vae', 'unet' or 'ensemble', got {self.arch!r}")
         if self.arch == "unet" and not 1 <= self.unet_levels <= 6:
             raise ValueError("unet_levels must be in 1..6")
+        if self.arch == "ensemble":
+            object.__setattr__(self, "members", tuple(dict(m) for m in self.members))
+            if len(self.members) < 2:
+                raise ValueError("an ensemble needs at least two members")
+            for m in self.member_configs():
+                if m.arch != "unet" or m.input_size != s:
+                    raise ValueError(f"ensemble members must be {s}x{s} U-Nets (arch 'unet'), "
+                                     f"got arch {m.arch!r} at {m.input_size}x{m.input_size}")
+        elif self.members:
+            raise ValueError("members are for arch 'ensemble' only")
+
+    def member_configs(self) -> list[NetConfig]:
+        return [NetConfig.from_dict(m) for m in self.members]
 
     @property
     def n_down(self) -> int:
@@ -208,8 +223,30 @@ class DenoisingUNet(nn.Module):
         return NetOutput(self.out(h), empty, empty, None)
 
 
+class UNetEnsemble(nn.Module):
+    """Several denoising U-Nets trained apart (other seeds or widths) on the same normal data;
+    the reconstruction is the mean of theirs. Averaging removes what each member got wrong on
+    its own (its idiosyncratic residual on normal tissue) and keeps what they agree is abnormal.
+    Inference only: members are trained one by one and combined by ``model.ensemble``."""
+
+    def __init__(self, cfg: NetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.members = nn.ModuleList(DenoisingUNet(m) for m in cfg.member_configs())
+
+    def forward(self, x: torch.Tensor, *, sample: bool | None = None,
+                generator: torch.Generator | None = None, decode: bool = True) -> NetOutput:
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        recon = torch.stack([m(x).recon for m in self.members]).mean(0)
+        empty = x.new_zeros(x.shape[0], 0)
+        return NetOutput(recon, empty, empty, None)
+
+
 def build_network(cfg: NetConfig) -> nn.Module:
-    """The network a config describes: ``MultitaskVAE`` or ``DenoisingUNet``."""
+    """The network a config describes: ``MultitaskVAE``, ``DenoisingUNet`` or ``UNetEnsemble``."""
+    if cfg.arch == "ensemble":
+        return UNetEnsemble(cfg)
     return DenoisingUNet(cfg) if cfg.arch == "unet" else MultitaskVAE(cfg)
 
 

@@ -300,3 +300,51 @@ def test_lr_decay_fraction_anneals_a_run_that_the_time_budget_stops(tmp_path: Pa
     assert t["stopped_by_time_budget"] and t["steps"] < 100
     last = t["final_losses"]  # the last step recorded (every 10th)
     assert last["step"] >= 10 and last["lr"] < 0.3e-3, "the budget-stopped run was not annealed"
+
+
+def test_ensemble_of_replicas_averages_their_reconstructions(tmp_path: Path):
+    """`python -m model.ensemble` combines U-Nets trained apart on the same held-out series into
+    one checkpoint that reconstructs with their mean and is calibrated afresh; members that were
+    validated on other series, or are not U-Nets, are refused with a clear error."""
+    from model.ensemble import main as ensemble
+
+    arch = tmp_path / "slices.npz"
+    random_slices(24, 32, seed=6, n_series=6).save(arch, {"source": "random"})
+
+    def member(name: str, *opts: str) -> Path:
+        p = subprocess.run([sys.executable, "-m", "model.train", str(tmp_path / name), "--slices",
+                            str(arch), "--steps", "3", "--batch-size", "2", "--device", "cpu",
+                            "--base-channels", "4", *opts],
+                           capture_output=True, text=True, timeout=240, cwd=REPO)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return tmp_path / name
+
+    a = member("a.pt", "--method", "dae", "--seed", "1", "--split-seed", "0")
+    b = member("b.pt", "--method", "dae", "--seed", "2", "--split-seed", "0", "--base-channels", "8")
+    out = tmp_path / "ens.pt"
+    assert ensemble([str(out), str(a), str(b), "--slices", str(arch)]) == 0
+    det, da, db = (load_detector(p, device="cpu") for p in (out, a, b))
+    x = torch.from_numpy(random_slices(3, 32, seed=8, n_series=1).x).unsqueeze(1)
+    with torch.inference_mode():
+        want = (da.net(x).recon + db.net(x).recon) / 2
+        got = det.net(x).recon
+    assert torch.allclose(got, want, atol=1e-6)
+    t = det.ckpt["training"]
+    assert det.method == "dae" and det.ckpt["net_config"]["arch"] == "ensemble"
+    assert [m["sha256"] for m in t["members"]] == [da.weights_sha256, db.weights_sha256]
+    assert t["val_series"] == da.ckpt["training"]["val_series"] == 1
+    cal = det.ckpt["calibration"]
+    assert cal["val_series"] == 1 and det.threshold == max(cal["val_series_scores_max"])
+    assert det.threshold != da.threshold  # calibrated afresh, not copied from a member
+    data, _ = SliceSet.load(arch)
+    assert det.score(data.x, data.brain).score.shape == (len(data),)
+
+    c = member("c.pt", "--method", "dae", "--seed", "3")  # its own split: other series held out
+    assert da.ckpt["training"]["data"]["val_series_ids"] != \
+        load_detector(c, device="cpu").ckpt["training"]["data"]["val_series_ids"]
+    v = member("v.pt", "--method", "vae", "--seed", "1", "--split-seed", "0")
+    for bad, why in ((c, "validated on different series"), (v, "only denoising U-Nets")):
+        p = subprocess.run([sys.executable, "-m", "model.ensemble", str(tmp_path / "x.pt"), str(a),
+                            str(bad), "--slices", str(arch)],
+                           capture_output=True, text=True, timeout=240, cwd=REPO)
+        assert p.returncode == 2 and why in p.stderr and not (tmp_path / "x.pt").exists()
