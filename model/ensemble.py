@@ -17,7 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from model.checkpoint import CheckpointError, make_checkpoint, read_checkpoint, save_checkpoint
+from model.checkpoint import (
+    DISPLAY_NAMES,
+    CheckpointError,
+    make_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from model.network import NetConfig, build_network
 from model.scoring import ScoringConfig
 from model.train import SliceSet, calibrate
@@ -74,8 +80,10 @@ def combine(members: list[tuple[dict[str, Any], str]], *, name: str | None = Non
                      "training": ck.get("training", {})} for ck, digest in members],
         "data": first.get("training", {}).get("data", {}),
     }
-    return make_checkpoint("dae", net=net, scoring=ScoringConfig.from_dict(first.get("scoring")),
-                           training=training, name=name or f"ssl-ood-dae-ensemble{len(members)}")
+    ck = make_checkpoint("dae", net=net, scoring=ScoringConfig.from_dict(first.get("scoring")),
+                         training=training, name=name or f"ssl-ood-dae-ensemble{len(members)}")
+    ck["display_name"] = f"{DISPLAY_NAMES['dae']}, mean of {len(members)} U-Nets"
+    return ck
 
 
 def main(argv: list[str] | None = None) -> int:

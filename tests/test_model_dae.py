@@ -331,6 +331,7 @@ def test_ensemble_of_replicas_averages_their_reconstructions(tmp_path: Path):
     assert torch.allclose(got, want, atol=1e-6)
     t = det.ckpt["training"]
     assert det.method == "dae" and det.ckpt["net_config"]["arch"] == "ensemble"
+    assert det.ckpt["display_name"].endswith("mean of 2 U-Nets")
     assert [m["sha256"] for m in t["members"]] == [da.weights_sha256, db.weights_sha256]
     assert t["val_series"] == da.ckpt["training"]["val_series"] == 1
     cal = det.ckpt["calibration"]
