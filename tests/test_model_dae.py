@@ -233,8 +233,11 @@ def test_site_training_defaults_are_the_bundled_models_configuration():
     cfg = default_config("dae")
     assert cfg.scoring == ScoringConfig.from_dict(bundled["scoring"])
     assert cfg.scoring.flip_tta
-    tc = bundled["training"]["train_config"]
-    assert (cfg.noise_std, cfg.noise_res) == (tc["noise_std"], tc["noise_res"])
+    t = bundled["training"]  # an ensemble's members were each trained like a single U-Net
+    for tc in [m["training"]["train_config"] for m in t["members"]] if t.get("ensemble") \
+            else [t["train_config"]]:
+        assert tc["method"] == "dae"
+        assert (cfg.noise_std, cfg.noise_res) == (tc["noise_std"], tc["noise_res"])
     over = default_config("dae", scoring={"rec_q": 0.01}).scoring
     assert over.rec_q == 0.01 and over.flip_tta
     from model.baselines import overrides_from_args
