@@ -8,7 +8,9 @@ Without a CUDA device it prints "SKIP: ..." and exits 0 (nothing to check here).
   a GradScaler) through the real loss on random-phantom batches, checks the loss stays finite and
   decreases, and reports steps/s and slices/s;
 * measures ``Detector.score`` throughput (all 20 test-time transforms) in fp32 and the bare
-  encoder/decoder forward throughput under autocast, in slices/s.
+  encoder/decoder forward throughput under autocast, in slices/s;
+* measures the bundled default detector's ``Detector.score`` throughput in fp32 (as the node
+  runs it, with its own test-time passes), in slices/s.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import losses, pretext  # noqa: E402
-from model.checkpoint import Detector, make_checkpoint  # noqa: E402
+from model.checkpoint import Detector, load_detector, make_checkpoint  # noqa: E402
 from model.network import MultitaskVAE, NetConfig  # noqa: E402
 from model.train import random_slices  # noqa: E402
 
@@ -117,6 +119,15 @@ def main(argv: list[str] | None = None) -> int:
         sync()
     bare = 8 * nb / (time.perf_counter() - t0)
 
+    # the bundled default (the node's model), fp32 as the node runs it, with its test-time passes
+    bundled = load_detector(None, device=str(dev))
+    bundled.score(xs.x[:64], xs.brain[:64])
+    sync()
+    t0 = time.perf_counter()
+    bundled.score(xs.x, xs.brain, batch_size=128)
+    sync()
+    infer_bundled = len(xs) / (time.perf_counter() - t0)
+
     res = {
         "device": torch.cuda.get_device_name(0) if kind == "cuda" else "cpu (dry run)", "dtype": a.dtype, "torch": str(torch.__version__),
         "train_steps": a.steps, "batch_size": a.batch_size,
@@ -124,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         "loss_first20": first, "loss_last20": last, "loss_finite": finite,
         "infer_fp32_slices_per_s_20_transforms": infer,
         "infer_bare_amp_slices_per_s_20_transforms": bare,
+        "infer_bundled_name": bundled.name,
+        "infer_bundled_fp32_slices_per_s": infer_bundled,
         "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if kind == "cuda" else 0.0,
     }
     for k, v in res.items():
