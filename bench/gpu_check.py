@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import losses, pretext  # noqa: E402
 from model.checkpoint import Detector, load_detector, make_checkpoint  # noqa: E402
 from model.network import MultitaskVAE, NetConfig  # noqa: E402
-from model.train import random_slices  # noqa: E402
+from model.train import SliceSet, random_slices  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     def sync() -> None:
         if kind == "cuda":
             torch.cuda.synchronize()
+
+    def score_rate(det: Detector, xs: SliceSet) -> float:
+        """``Detector.score`` slices/s over ``xs`` (fp32, as the node runs it), after a warm-up."""
+        det.score(xs.x[:64], xs.brain[:64])
+        sync()
+        t0 = time.perf_counter()
+        det.score(xs.x, xs.brain, batch_size=128)
+        sync()
+        return len(xs) / (time.perf_counter() - t0)
 
     dt = torch.bfloat16 if a.dtype == "bf16" else torch.float16
     torch.backends.cudnn.benchmark = True
@@ -95,12 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     det = Detector(make_checkpoint("multitask", net=net.cpu()), device=dev)
     xs = random_slices(1024 if kind == "cuda" else 16, a.input_size, seed=1)
-    det.score(xs.x[:64], xs.brain[:64])
-    sync()
-    t0 = time.perf_counter()
-    det.score(xs.x, xs.brain, batch_size=128)
-    sync()
-    infer = len(xs) / (time.perf_counter() - t0)
+    infer = score_rate(det, xs)
 
     net_d = det.net
     assert net_d is not None
@@ -121,12 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # the bundled default (the node's model), fp32 as the node runs it, with its test-time passes
     bundled = load_detector(None, device=str(dev))
-    bundled.score(xs.x[:64], xs.brain[:64])
-    sync()
-    t0 = time.perf_counter()
-    bundled.score(xs.x, xs.brain, batch_size=128)
-    sync()
-    infer_bundled = len(xs) / (time.perf_counter() - t0)
+    infer_bundled = score_rate(bundled, xs)
 
     res = {
         "device": torch.cuda.get_device_name(0) if kind == "cuda" else "cpu (dry run)", "dtype": a.dtype, "torch": str(torch.__version__),

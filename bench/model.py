@@ -187,9 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     vae_net = NetConfig(input_size=cfg_net.input_size) if cfg_net.arch != "vae" else \
         NetConfig.from_dict({**cfg_net.to_dict(), "geo_head": True})
     res.update(bench_training(vae_net, a.batch_size, a.steps))
-    # an ensemble trains member by member: time one member's training
-    dae_net = cfg_net.member_configs()[0] if cfg_net.arch == "ensemble" else \
-        cfg_net if cfg_net.arch == "unet" else NetConfig(input_size=cfg_net.input_size)
+    if cfg_net.arch == "ensemble":  # an ensemble trains member by member: time one member
+        dae_net = cfg_net.member_configs()[0]
+    elif cfg_net.arch == "unet":
+        dae_net = cfg_net
+    else:
+        dae_net = NetConfig(input_size=cfg_net.input_size)
     res.update(bench_training_dae(dae_net, a.batch_size, a.steps))
     mt = det if det.method == "multitask" else Detector(
         make_checkpoint("multitask", net=MultitaskVAE(vae_net)), device="cpu")

@@ -28,8 +28,6 @@ from model.network import NetConfig, build_network
 from model.scoring import ScoringConfig
 from model.train import SliceSet, calibrate
 
-log = logging.getLogger(__name__)
-
 
 class EnsembleError(ValueError):
     """The checkpoints cannot be combined (wrong method, size or validation split)."""
@@ -107,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     seed, n_val = split_of(members[0][0])
     _, va = data.split(n_val / data.n_series, seed=seed)
     ids = members[0][0]["training"].get("data", {}).get("val_series_ids")
-    if va.n_series != n_val or (ids is not None and sorted(set(va.series.tolist())) != list(ids)):
+    if va.n_series != n_val or (ids is not None and va.series_ids != list(ids)):
         print(f"error: {a.slices} does not split into the members' validation series; give the "
               "archive they were trained on", file=sys.stderr)
         return 2

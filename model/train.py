@@ -124,8 +124,13 @@ class SliceSet:
         return int(self.x.shape[0])
 
     @property
+    def series_ids(self) -> list[int]:
+        """The set's series ids, ascending (e.g. the held-out validation series of a split)."""
+        return [int(i) for i in np.unique(self.series)]
+
+    @property
     def n_series(self) -> int:
-        return int(len(np.unique(self.series))) if len(self) else 0
+        return len(self.series_ids)
 
     def subset(self, series_ids: np.ndarray) -> SliceSet:
         keep = np.isin(self.series, series_ids)
@@ -646,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
         tr, va = data.split(a.val_fraction, seed=split_seed)
         summary.update(train_slices=len(tr), val_slices=len(va), slices_file=a.slices.name,
                        split_seed=split_seed,
-                       val_series_ids=[int(i) for i in np.unique(va.series)])
+                       val_series_ids=va.series_ids)
         if a.more_slices:
             more = [SliceSet.load(f) for f in a.more_slices]
             tr = SliceSet.concat([tr] + [m for m, _ in more])

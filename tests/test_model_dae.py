@@ -18,6 +18,15 @@ from model.train import SliceSet, TrainConfig, random_slices, train
 REPO = Path(__file__).resolve().parents[1]
 
 
+def launch_train(out: Path, slices: Path, *opts: str) -> Path:
+    """`python -m model.train OUT --slices SLICES --device cpu OPTS...`, as a GPU machine runs it."""
+    p = subprocess.run([sys.executable, "-m", "model.train", str(out), "--slices", str(slices),
+                        "--device", "cpu", *opts],
+                       capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
 def test_coarse_noise_is_coarse_masked_and_seeded():
     x = torch.full((4, 64, 64), 0.5)
     mask = torch.zeros(4, 64, 64, dtype=torch.bool)
@@ -143,12 +152,9 @@ def test_export_slices_then_train_with_the_pytorch_only_launcher(tmp_path: Path)
     # replicas: another training seed on the same split (--split-seed) holds out the same series
     # and trains different weights; without --split-seed the seed moves the split too
     def replica(name: str, *opts: str) -> dict:
-        p = subprocess.run([sys.executable, "-m", "model.train", str(tmp_path / name), "--slices",
-                            str(arch), "--method", "dae", "--steps", "2", "--batch-size", "2",
-                            "--val-fraction", "0.5", "--device", "cpu", *opts],
-                           capture_output=True, text=True, timeout=240, cwd=REPO)
-        assert p.returncode == 0, p.stderr[-3000:]
-        return torch.load(tmp_path / name, map_location="cpu", weights_only=False)
+        out = launch_train(tmp_path / name, arch, "--method", "dae", "--steps", "2",
+                           "--batch-size", "2", "--val-fraction", "0.5", *opts)
+        return torch.load(out, map_location="cpu", weights_only=False)
     seeds = {s: replica(f"s{s}.pt", "--seed", str(s)) for s in range(6)}
     held_out = {s: ck["training"]["data"]["val_series_ids"] for s, ck in seeds.items()}
     assert len({tuple(v) for v in held_out.values()}) == 2  # both series get held out by some seed
@@ -315,12 +321,8 @@ def test_ensemble_of_replicas_averages_their_reconstructions(tmp_path: Path):
     random_slices(24, 32, seed=6, n_series=6).save(arch, {"source": "random"})
 
     def member(name: str, *opts: str) -> Path:
-        p = subprocess.run([sys.executable, "-m", "model.train", str(tmp_path / name), "--slices",
-                            str(arch), "--steps", "3", "--batch-size", "2", "--device", "cpu",
-                            "--base-channels", "4", *opts],
-                           capture_output=True, text=True, timeout=240, cwd=REPO)
-        assert p.returncode == 0, p.stderr[-3000:]
-        return tmp_path / name
+        return launch_train(tmp_path / name, arch, "--steps", "3", "--batch-size", "2",
+                            "--base-channels", "4", *opts)
 
     a = member("a.pt", "--method", "dae", "--seed", "1", "--split-seed", "0")
     b = member("b.pt", "--method", "dae", "--seed", "2", "--split-seed", "0", "--base-channels", "8")
