@@ -47,7 +47,7 @@ def default_scoring(method: str) -> ScoringConfig:
 
 
 TRAIN_OVERRIDES = ("lr", "lr_decay_steps", "lr_decay_fraction")
-SCORING_OVERRIDES = ("rec_q", "norm_bins", "flip_tta")
+SCORING_OVERRIDES = ("rec_q", "norm_bins", "flip_tta", "symmetry")
 
 
 def add_override_options(p: argparse.ArgumentParser) -> None:
@@ -67,6 +67,10 @@ def add_override_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flip-tta", default=None, action=argparse.BooleanOptionalAction,
                    help="score with the mirrored slice's reconstruction averaged in "
                         "(default: on for dae, off otherwise)")
+    p.add_argument("--symmetry", default=None, action=argparse.BooleanOptionalAction,
+                   help="s_r also from the asymmetric residual: the residual that the mirrored "
+                        "place across the fitted midline does not show (model/symmetry.py); "
+                        "costs a midline fit per slice")
 
 
 def overrides_from_args(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> dict[str, Any]:

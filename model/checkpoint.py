@@ -32,6 +32,7 @@ from model.scoring import (
     residual_map,
     smooth,
 )
+from model.symmetry import asymmetric_residual, fit_midline
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,10 @@ class Detector:
     @torch.inference_mode()
     def raw_scores(self, x: np.ndarray, brain: np.ndarray, batch_size: int = 32,
                    hu: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Un-normalised (s_g, s_r, heatmap) for (N,S,S) inputs (``hu``: HU-threshold only)."""
+        """Un-normalised (s_g, s_r, heatmap) for (N,S,S) inputs (``hu``: HU-threshold only).
+
+        With ``ScoringConfig.symmetry`` s_r is (N,2): the residual's statistic and that of its
+        asymmetric part (``NormStats.apply`` takes the larger z)."""
         x = np.asarray(x, dtype=np.float32)
         brain = np.asarray(brain, dtype=bool)
         if x.ndim != 3 or x.shape != brain.shape:
@@ -162,7 +166,8 @@ class Detector:
             raise ValueError(f"this detector expects {self.input_size}x{self.input_size} slices, "
                              f"got {x.shape[1]}x{x.shape[2]}")
         g_all = np.zeros(n, np.float32)
-        r_all = np.zeros(n, np.float32)
+        sym = self.scoring.symmetry and self.uses["rec"] and self.method != "hu_threshold"
+        r_all = np.zeros((n, 2) if sym else n, np.float32)
         heat = np.zeros(x.shape, np.float32)
         for s in range(0, n, batch_size):
             xb = torch.from_numpy(x[s:s + batch_size]).to(self.device)
@@ -205,6 +210,9 @@ class Detector:
                 recon = 0.5 * (recon + mirrored.flip(-1))
             heat = residual_map(x1, recon, mb, self.scoring)
             r = masked_stat(heat, mb, self.scoring)
+            if self.scoring.symmetry:
+                asym = asymmetric_residual(heat, mb, fit_midline(xb))
+                r = torch.stack([r, masked_stat(asym, mb, self.scoring)], 1)
         else:
             heat, r = torch.zeros_like(xb), zeros
         g = zeros

@@ -93,11 +93,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="the members' training archive: its validation series calibrate")
     ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--name", default=None)
+    ap.add_argument("--symmetry", default=None, action=argparse.BooleanOptionalAction,
+                    help="score with the asymmetric residual too (default: as the first member)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     try:
         members = [read_checkpoint(p) for p in a.members]
         ck = combine(members, name=a.name)
+        if a.symmetry is not None:
+            ck["scoring"]["symmetry"] = bool(a.symmetry)
     except (CheckpointError, EnsembleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

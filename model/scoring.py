@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,9 @@ class ScoringConfig:
     # image (mirrored back), at twice the cost; chosen for the bundled model on the development
     # set (MODEL_CARD.md). Meant for networks trained with flip augmentation (the default).
     flip_tta: bool = False
+    # s_r = max(z of the residual, z of its asymmetric part): the residual that the mirrored
+    # place on the other side of the fitted midline does not show (model/symmetry.py)
+    symmetry: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +67,8 @@ class NormStats:
     g_std_bins: tuple[float, ...] = ()
     r_mean_bins: tuple[float, ...] = ()
     r_std_bins: tuple[float, ...] = ()
+    a_mean: float = 0.0  # the asymmetric residual's statistic (ScoringConfig.symmetry)
+    a_std: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -87,6 +92,12 @@ class NormStats:
     @classmethod
     def fit(cls, g_raw: np.ndarray, r_raw: np.ndarray, area: np.ndarray | None = None,
             n_bins: int = 0, min_per_bin: int = 20) -> NormStats:
+        """``r_raw`` (N,) or, with symmetry, (N,2): residual and asymmetric residual."""
+        r_raw = np.asarray(r_raw)
+        if r_raw.ndim == 2:
+            am, asd = cls._ms(r_raw[:, 1])
+            return replace(cls.fit(g_raw, r_raw[:, 0], area, n_bins, min_per_bin),
+                           a_mean=am, a_std=asd)
         gm, gs = cls._ms(g_raw)
         rm, rs = cls._ms(r_raw)
         if not n_bins or area is None or len(area) < n_bins * min_per_bin:
@@ -102,9 +113,14 @@ class NormStats:
 
     def apply(self, g_raw: np.ndarray, r_raw: np.ndarray, area: np.ndarray | None = None
               ) -> tuple[np.ndarray, np.ndarray]:
-        """z-scores of the raw terms (per brain-area bin when fitted that way)."""
+        """z-scores of the raw terms (per brain-area bin when fitted that way); an (N,2)
+        ``r_raw`` gives the larger of the residual's and the asymmetric residual's z."""
         g = np.asarray(g_raw, np.float64)
         r = np.asarray(r_raw, np.float64)
+        if r.ndim == 2:
+            zg, zr = self.apply(g, r[:, 0], area)
+            za = ((r[:, 1] - self.a_mean) / self.a_std).astype(np.float32)
+            return zg, np.maximum(zr, za)
         if self.area_edges and area is not None:
             b = np.searchsorted(np.asarray(self.area_edges), np.asarray(area), side="right")
             gm, gs = np.asarray(self.g_mean_bins)[b], np.asarray(self.g_std_bins)[b]

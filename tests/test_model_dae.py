@@ -344,6 +344,13 @@ def test_ensemble_of_replicas_averages_their_reconstructions(tmp_path: Path):
     assert det.threshold != da.threshold  # calibrated afresh, not copied from a member
     data, _ = SliceSet.load(arch)
     assert det.score(data.x, data.brain).score.shape == (len(data),)
+    # the same members scored with the asymmetric residual too: calibrated for it
+    sym = tmp_path / "sym.pt"
+    assert ensemble([str(sym), str(a), str(b), "--slices", str(arch), "--symmetry"]) == 0
+    ds = load_detector(sym, device="cpu")
+    assert ds.scoring.symmetry and not det.scoring.symmetry
+    assert ds.norm.a_std != 1.0 and ds.norm.r_mean == pytest.approx(det.norm.r_mean, rel=1e-5)
+    assert ds.threshold >= det.threshold - 1e-6  # max(z_r, z_a) >= z_r on every slice
 
     c = member("c.pt", "--method", "dae", "--seed", "3")  # its own split: other series held out
     assert da.ckpt["training"]["data"]["val_series_ids"] != \
