@@ -12,7 +12,9 @@ Prints, in one run:
 * inference slices/s of ``Detector.score`` for the multitask model (all 20 test-time transforms
   + reconstruction + residual maps + normalisation) and for the bundled default weights, next
   to the bare forward passes they need (one decode pass, two with ``flip_tta``, plus 20
-  encoder/head passes per slice for the multitask model) on random tensors, and the ratio;
+  encoder/head passes per slice for the multitask model) on random tensors, and the ratio
+  (with the symmetry scoring option, the midline fit's own rate too: it is scoring work that
+  the bare loop does not do);
 * wall time to score one 40-slice synthetic DICOM series end to end (``score_series``: read,
   preprocess, model), with its parts.
 """
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import losses, pretext  # noqa: E402
 from model.checkpoint import Detector, load_detector, make_checkpoint  # noqa: E402
 from model.network import MultitaskVAE, NetConfig, build_network  # noqa: E402
+from model.symmetry import fit_midline  # noqa: E402
 from model.train import TrainConfig, Trainer, random_slices  # noqa: E402
 
 
@@ -137,6 +140,10 @@ def bench_inference(det: Detector, batch: int, reps: int, prefix: str = "infer"
 
     out[f"{prefix}_bare_slices_per_s"] = n / _time(bare, reps, warmup=1)
     out[f"{prefix}_ratio"] = out[f"{prefix}_slices_per_s"] / out[f"{prefix}_bare_slices_per_s"]
+    if det.scoring.symmetry:  # part of the scoring above, not of the bare loop: its own rate
+        x = torch.from_numpy(data.x)
+        out[f"{prefix}_midline_fit_slices_per_s"] = n / _time(
+            lambda: [fit_midline(x[i:i + batch]) for i in range(0, n, batch)], reps, warmup=1)
     return out
 
 
