@@ -60,32 +60,36 @@ def _rotate(img: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def _search(img: torch.Tensor, thetas: torch.Tensor, shifts: torch.Tensor
+def _search(img: torch.Tensor, thetas: torch.Tensor, base: torch.Tensor, deltas: range
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per slice, the best (theta, shift) among candidate angles ``thetas`` (B,A) and integer
-    column shifts ``shifts`` (B,K): the slice rotated by theta is compared with its left-right
-    flip moved by ``shift`` columns, which is its mirror image about the vertical line
-    ``shift / 2`` pixels right of the centre. Cost: one resampling per angle."""
+    """Per slice, the best (theta, shift) among candidate angles ``thetas`` (B,A) and column
+    shifts ``base + d`` (``base`` (B,), d in ``deltas``): the slice rotated by theta is compared
+    with its left-right flip moved by ``shift`` columns (zeros moved in), which is its mirror
+    image about the vertical line ``shift / 2`` pixels right of the centre. Cost: one
+    resampling per angle; the shifts are views of one padded copy."""
     b, a = thetas.shape
     size = img.shape[-1]
+    pad = max(abs(d) for d in deltas)
     best_e = torch.full((b,), float("inf"), device=img.device)
     best_t = torch.zeros(b, device=img.device)
     best_s = torch.zeros(b, dtype=torch.long, device=img.device)
     cols = torch.arange(size, device=img.device)
+    uniform = bool(torch.all(base == base[0])) if b else True
     for i in range(a):
         r = _rotate(img, thetas[:, i])[:, 0]  # (B,S,S)
         f = r.flip(-1)
-        for j in range(shifts.shape[1]):
-            s = shifts[:, j]  # (B,)
-            src = (cols[None, :] - s[:, None])  # column of f that lands on each column
+        if not uniform or int(base[0]) != 0:  # move each slice's flip by its base shift first
+            src = cols[None, :] - base[:, None]
             valid = (src >= 0) & (src < size)
-            moved = torch.gather(f, 2, src.clamp(0, size - 1)[:, None, :].expand(-1, size, -1))
-            moved = moved * valid[:, None, :]
-            e = (r - moved).abs().mean((1, 2))
+            f = torch.gather(f, 2, src.clamp(0, size - 1)[:, None, :].expand(-1, size, -1))
+            f = f * valid[:, None, :]
+        fp = F.pad(f, (pad, pad))
+        for d in deltas:
+            e = (r - fp[..., pad - d:pad - d + size]).abs().mean((1, 2))
             better = e < best_e
             best_e = torch.where(better, e, best_e)
             best_t = torch.where(better, thetas[:, i], best_t)
-            best_s = torch.where(better, s, best_s)
+            best_s = torch.where(better, base + d, best_s)
     return best_t, best_s
 
 
@@ -104,13 +108,12 @@ def fit_midline(x: torch.Tensor) -> torch.Tensor:
     max_s = int(round(2 * MAX_OFFSET_PX * size / 128.0 / scale))
     angles = torch.as_tensor(np.radians(np.arange(-MAX_ANGLE_DEG, MAX_ANGLE_DEG + 1e-6, 2.0)),
                              dtype=torch.float32, device=dev)
-    t, s = _search(half, angles[None].expand(b, -1),
-                   torch.arange(-max_s, max_s + 1, device=dev)[None].expand(b, -1))
+    t, s = _search(half, angles[None].expand(b, -1), torch.zeros(b, dtype=torch.long, device=dev),
+                   range(-max_s, max_s + 1))
     # fine, at full resolution: 0.5 degree, half-pixel midline steps around the coarse optimum
     dt = torch.as_tensor(np.radians(np.arange(-1.5, 1.5 + 1e-6, 0.5)), dtype=torch.float32,
                          device=dev)
-    t, s = _search(img, t[:, None] + dt[None], s[:, None] * scale
-                   + torch.arange(-scale, scale + 1, device=dev)[None])
+    t, s = _search(img, t[:, None] + dt[None], s * scale, range(-scale, scale + 1))
     # the line sits s/2 pixels right of the centre in the rotated frame
     return reflection(t, s.float() / 2 * (2.0 / size))
 
