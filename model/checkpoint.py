@@ -122,6 +122,10 @@ class Detector:
         self.version: str = str(ckpt.get("version", MODEL_VERSION))
         self.weights_sha256 = weights_sha256
         self.scoring = ScoringConfig.from_dict(ckpt.get("scoring"))
+        # s_r gets the asymmetric residual's column (ScoringConfig.symmetry): reconstruction
+        # methods only, the HU threshold has no residual map to mirror
+        self.symmetry = (self.scoring.symmetry and self.uses["rec"]
+                         and self.method != "hu_threshold")
         self.norm = NormStats.from_dict(ckpt.get("norm"))
         self.thresholds: dict[str, float] = {k: float(v) for k, v in
                                              (ckpt.get("thresholds") or {}).items()}
@@ -166,8 +170,7 @@ class Detector:
             raise ValueError(f"this detector expects {self.input_size}x{self.input_size} slices, "
                              f"got {x.shape[1]}x{x.shape[2]}")
         g_all = np.zeros(n, np.float32)
-        sym = self.scoring.symmetry and self.uses["rec"] and self.method != "hu_threshold"
-        r_all = np.zeros((n, 2) if sym else n, np.float32)
+        r_all = np.zeros((n, 2) if self.symmetry else n, np.float32)
         heat = np.zeros(x.shape, np.float32)
         for s in range(0, n, batch_size):
             xb = torch.from_numpy(x[s:s + batch_size]).to(self.device)
@@ -210,7 +213,7 @@ class Detector:
                 recon = 0.5 * (recon + mirrored.flip(-1))
             heat = residual_map(x1, recon, mb, self.scoring)
             r = masked_stat(heat, mb, self.scoring)
-            if self.scoring.symmetry:
+            if self.symmetry:
                 asym = asymmetric_residual(heat, mb, fit_midline(xb))
                 r = torch.stack([r, masked_stat(asym, mb, self.scoring)], 1)
         else:

@@ -74,11 +74,11 @@ def _search(img: torch.Tensor, thetas: torch.Tensor, base: torch.Tensor, deltas:
     best_t = torch.zeros(b, device=img.device)
     best_s = torch.zeros(b, dtype=torch.long, device=img.device)
     cols = torch.arange(size, device=img.device)
-    uniform = bool(torch.all(base == base[0])) if b else True
+    moved = bool(torch.any(base != 0))
     for i in range(a):
         r = _rotate(img, thetas[:, i])[:, 0]  # (B,S,S)
         f = r.flip(-1)
-        if not uniform or int(base[0]) != 0:  # move each slice's flip by its base shift first
+        if moved:  # move each slice's flip by its base shift first
             src = cols[None, :] - base[:, None]
             valid = (src >= 0) & (src < size)
             f = torch.gather(f, 2, src.clamp(0, size - 1)[:, None, :].expand(-1, size, -1))
