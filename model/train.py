@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import losses, pretext
-from model.checkpoint import METHODS, Detector, make_checkpoint, save_checkpoint
+from model.checkpoint import METHODS, Detector, make_checkpoint, read_checkpoint, save_checkpoint
 from model.network import NetConfig, build_network
 from model.scoring import NormStats, ScoringConfig, aggregate
 
@@ -68,6 +68,9 @@ class TrainConfig:
     n_swaps: int = 4  # context-restoration swaps per slice
     ce_factor: float = 0.5  # ceVAE restoration term weight
     noise_res: int = 16  # dae: side of the coarse noise grid
+    # dae: > 0 = each training slice draws its noise grid side from {noise_res, noise_res_alt}
+    # with equal odds (two blob scales, e.g. 16 and 32 for small lesions too); 0 = one scale
+    noise_res_alt: int = 0
     noise_std: float = 0.2  # dae: noise standard deviation (brain-window units)
     flip_aug: bool = True
     seed: int = 0
@@ -287,7 +290,12 @@ class Trainer:
         if c.method == "cevae":
             return x, x, None, pretext.context_encoding_noise(x, self.gen)
         if c.method == "dae":
-            return pretext.coarse_noise(x, self.gen, c.noise_res, c.noise_std, mask=m), x, None, None
+            noisy = pretext.coarse_noise(x, self.gen, c.noise_res, c.noise_std, mask=m)
+            if c.noise_res_alt > 0:
+                alt = pretext.coarse_noise(x, self.gen, c.noise_res_alt, c.noise_std, mask=m)
+                pick = torch.rand(len(x), generator=self.gen) < 0.5
+                noisy = torch.where(pick.view(-1, *([1] * (x.dim() - 1))), alt, noisy)
+            return noisy, x, None, None
         return x, x, None, None
 
     def step(self, time_fraction: float = 0.0) -> dict[str, float]:
@@ -473,12 +481,14 @@ def train(
     device: str = "auto",
     data_summary: dict[str, Any] | None = None,
     time_budget_s: float | None = None,
+    init_from: Path | str | None = None,
 ) -> dict[str, Any] | None:
     """Train ``cfg.method`` and write the calibrated checkpoint to ``out`` (rank 0).
 
     ``time_budget_s`` stops the loop early (at a step boundary, single process only) when the
     wall-clock budget is spent; the checkpoint then records the steps actually run, and
-    ``--steps`` that number reproduces it. Returns the checkpoint dict on rank 0, None on the
+    ``--steps`` that number reproduces it. ``init_from`` starts the network from a checkpoint's
+    weights (same method and network configuration; a fresh optimiser; fine-tuning). Returns the checkpoint dict on rank 0, None on the
     other ranks.
     """
     out = Path(out)
@@ -503,6 +513,18 @@ def train(
         return ck
 
     tr = Trainer(cfg, train_set, dd)
+    if init_from is not None and not (resume and state_path(Path(out)).exists()):
+        init_ck, init_sha = read_checkpoint(init_from)
+        if init_ck.get("method") != cfg.method or "state_dict" not in init_ck:
+            raise ValueError(f"{init_from}: a {init_ck.get('method')!r} checkpoint cannot start "
+                             f"a {cfg.method!r} network")
+        try:
+            tr.model.load_state_dict(init_ck["state_dict"])
+        except RuntimeError as e:
+            raise ValueError(f"{init_from}: its network does not match this configuration "
+                             f"(--base-channels, input size): {str(e).splitlines()[0]}") from None
+        summary["init_from"] = {"file": Path(init_from).name, "sha256": init_sha}
+        log.info("network starts from %s (%s)", init_from, init_sha[:12])
     sp = state_path(out)
     if resume and sp.exists():
         st = torch.load(sp, map_location="cpu", weights_only=False)
@@ -631,6 +653,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-channels", type=int, default=None)
     ap.add_argument("--noise-std", type=float, default=None, help="dae: coarse noise std")
     ap.add_argument("--noise-res", type=int, default=None, help="dae: coarse noise grid side")
+    ap.add_argument("--noise-res-alt", type=int, default=None,
+                    help="dae: a second grid side; each slice draws one of the two (0 = off)")
+    ap.add_argument("--init", type=Path, default=None, metavar="CKPT",
+                    help="with --slices: start the network from this checkpoint's weights "
+                         "(fine-tuning; fresh optimiser and step count)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--progress", action="store_true")
@@ -663,12 +690,12 @@ def main(argv: list[str] | None = None) -> int:
         net = NetConfig(input_size=int(data.x.shape[-1]))
         if a.base_channels:
             net = replace(net, base_channels=a.base_channels)
-        over = overrides_from_args(a, ("noise_std", "noise_res"))
+        over = overrides_from_args(a, ("noise_std", "noise_res", "noise_res_alt"))
         cfg = default_config(a.method, total_steps=a.steps, pretrain_fraction=a.pretrain_fraction,
                              batch_size=a.batch_size, seed=a.seed, num_threads=a.threads,
                              net=net, **over)
         ck = train(cfg, tr, va, a.out, progress=a.progress, device=a.device, data_summary=summary,
-                   time_budget_s=a.time_budget, resume=a.resume)
+                   time_budget_s=a.time_budget, resume=a.resume, init_from=a.init)
         if ck is not None:
             t = ck["training"]
             print(f"wrote {a.out}: {a.method} {t['steps']} steps, {t['wall_s']:.0f} s, "

@@ -163,6 +163,11 @@ def test_export_slices_then_train_with_the_pytorch_only_launcher(tmp_path: Path)
     assert r["training"]["data"]["split_seed"] == 0 and r["training"]["train_config"]["seed"] == 5
     w0, w5 = seeds[0]["state_dict"], r["state_dict"]
     assert any(not torch.equal(w0[k], w5[k]) for k in w0)
+    # fine-tuning from r with a second noise scale: the options reach the run and its record
+    ft = replica("ft.pt", "--seed", "5", "--split-seed", "0", "--init", str(tmp_path / "r.pt"),
+                 "--noise-res-alt", "8")
+    assert ft["training"]["init_from"]["file"] == "r.pt"
+    assert ft["training"]["train_config"]["noise_res_alt"] == 8
     p = subprocess.run([sys.executable, "-m", "model.train", str(tmp_path / "b.pt"), "--slices",
                         str(arch), "--method", "vae", "--steps", "50", "--batch-size", "2",
                         "--val-fraction", "0.5", "--time-budget", "0", "--device", "cpu"],
@@ -363,3 +368,64 @@ def test_ensemble_of_replicas_averages_their_reconstructions(tmp_path: Path):
                             str(bad), "--slices", str(arch)],
                            capture_output=True, text=True, timeout=240, cwd=REPO)
         assert p.returncode == 2 and why in p.stderr and not (tmp_path / "x.pt").exists()
+
+
+def _roughness(noise: torch.Tensor) -> torch.Tensor:
+    """Mean absolute neighbour difference over mean absolute value, per slice: low for blobs."""
+    dx = (noise[:, :, 1:] - noise[:, :, :-1]).abs().mean((1, 2))
+    return dx / noise.abs().mean((1, 2)).clamp(min=1e-9)
+
+
+def test_second_noise_scale_mixes_blob_sizes_per_slice():
+    """With ``noise_res_alt`` some slices of a batch get the fine noise grid and the others the
+    coarse one; without it every slice gets the coarse grid (as before)."""
+    from model.train import Trainer
+
+    data = random_slices(32, 64, seed=2, n_series=4)
+    x = torch.from_numpy(data.x[:32])
+    full = torch.ones_like(x, dtype=torch.bool)
+    net = NetConfig(input_size=64, base_channels=4, max_channels=8, unet_levels=2)
+    rough = {}
+    for alt in (0, 32):
+        cfg = TrainConfig(method="dae", net=net, noise_res=4, noise_res_alt=alt, noise_std=0.3,
+                          ckpt_every=0)
+        tr = Trainer(cfg, data)
+        inp, tgt, _, _ = tr.make_inputs(x, full, "main")
+        assert torch.equal(tgt, x)
+        rough[alt] = _roughness(inp - x)
+    assert float(rough[0].max()) < 0.2  # 4x4 grid on 64 px: smooth blobs everywhere
+    fine = rough[32] > 0.2
+    assert 8 <= int(fine.sum()) <= 24, rough[32]  # about half the slices, drawn per slice
+    assert float(rough[32][fine].min()) > 2 * float(rough[0].max())
+
+
+def test_init_starts_from_a_checkpoint_and_refuses_a_mismatch(tmp_path: Path):
+    torch.set_num_threads(1)
+    data = random_slices(16, 32, seed=0, n_series=4)
+    tr, va = data.split(0.25, seed=0)
+    net = NetConfig(input_size=32, base_channels=4, max_channels=8, unet_levels=2)
+    cfg = TrainConfig(method="dae", net=net, steps=3, batch_size=4, ckpt_every=0)
+    first = train(cfg, tr, va, tmp_path / "a.pt", progress=False, device="cpu")
+    assert first is not None
+    # learning rate 0: the fine-tuned network must be exactly the one it started from
+    cfg0 = TrainConfig(method="dae", net=net, steps=3, batch_size=4, ckpt_every=0, lr=0.0, seed=7)
+    again = train(cfg0, tr, va, tmp_path / "b.pt", progress=False, device="cpu",
+                  init_from=tmp_path / "a.pt")
+    assert again is not None and again["training"]["init_from"]["file"] == "a.pt"
+    for k, v in first["state_dict"].items():
+        assert torch.equal(v, again["state_dict"][k]), k
+    fresh = train(cfg0, tr, va, tmp_path / "c.pt", progress=False, device="cpu")
+    assert fresh is not None
+    assert any(not torch.equal(v, fresh["state_dict"][k]) for k, v in first["state_dict"].items())
+    wider = TrainConfig(method="dae", net=NetConfig(input_size=32, base_channels=8,
+                                                    max_channels=16, unet_levels=2),
+                        steps=1, batch_size=4, ckpt_every=0)
+    with pytest.raises(ValueError, match="does not match"):
+        train(wider, tr, va, tmp_path / "d.pt", progress=False, device="cpu",
+              init_from=tmp_path / "a.pt")
+    vae = TrainConfig(method="vae", net=NetConfig(input_size=32, base_channels=4,
+                                                  max_channels=8, z_dim=4), steps=1,
+                      batch_size=4, ckpt_every=0)
+    with pytest.raises(ValueError, match="cannot start"):
+        train(vae, tr, va, tmp_path / "e.pt", progress=False, device="cpu",
+              init_from=tmp_path / "a.pt")
