@@ -488,8 +488,8 @@ def train(
     ``time_budget_s`` stops the loop early (at a step boundary, single process only) when the
     wall-clock budget is spent; the checkpoint then records the steps actually run, and
     ``--steps`` that number reproduces it. ``init_from`` starts the network from a checkpoint's
-    weights (same method and network configuration; a fresh optimiser; fine-tuning). Returns the checkpoint dict on rank 0, None on the
-    other ranks.
+    weights (same method and network configuration; a fresh optimiser; fine-tuning). Returns
+    the checkpoint dict on rank 0, None on the other ranks.
     """
     out = Path(out)
     if cfg.num_threads:
@@ -515,9 +515,11 @@ def train(
     tr = Trainer(cfg, train_set, dd)
     if init_from is not None and not (resume and state_path(Path(out)).exists()):
         init_ck, init_sha = read_checkpoint(init_from)
-        if init_ck.get("method") != cfg.method or "state_dict" not in init_ck:
+        if init_ck.get("method") != cfg.method:
             raise ValueError(f"{init_from}: a {init_ck.get('method')!r} checkpoint cannot start "
                              f"a {cfg.method!r} network")
+        if "state_dict" not in init_ck:
+            raise ValueError(f"{init_from}: holds no network weights to start from")
         try:
             tr.model.load_state_dict(init_ck["state_dict"])
         except RuntimeError as e:
