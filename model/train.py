@@ -488,8 +488,10 @@ def train(
     ``time_budget_s`` stops the loop early (at a step boundary, single process only) when the
     wall-clock budget is spent; the checkpoint then records the steps actually run, and
     ``--steps`` that number reproduces it. ``init_from`` starts the network from a checkpoint's
-    weights (same method and network configuration; a fresh optimiser; fine-tuning). Returns
-    the checkpoint dict on rank 0, None on the other ranks.
+    weights (same method and layer shapes; a fresh optimiser; fine-tuning). The denoising U-Net
+    is fully convolutional, so its weights may start a network of another input size (e.g. a
+    128-px member fine-tuned at 256 px). Returns the checkpoint dict on rank 0, None on the
+    other ranks.
     """
     out = Path(out)
     if cfg.num_threads:
