@@ -34,20 +34,13 @@ from model.network import NetConfig, build_network  # noqa: E402
 
 
 def training_normals(cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    from model.synth import make_dataset_plan
-    from triage_agent.inference import synthetic_case
+    """The bundled members' 128 training series: the 160 normals of seed 1000 minus the fifth
+    held out for calibration, split as ``python -m model.train --slices ... --seed 1000`` did."""
+    from triage_agent.commands.train import cases_to_slices
+    from triage_agent.inference import synthetic_cases
 
-    plan = make_dataset_plan(160, 0, 1000)
-    ids = np.arange(len(plan))
-    np.random.default_rng(1000).shuffle(ids)
-    xs, ms = [], []
-    for k, i in enumerate(sorted(ids[32:])):
-        c = synthetic_case(plan[i][0], plan[i][1], cache_dir=cache)
-        xs.append(c.x.astype(np.float32))
-        ms.append(c.brain)
-        if k % 16 == 0:
-            print(f"training normals: {k + 1}/128", flush=True)
-    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ms))
+    train, _ = cases_to_slices(synthetic_cases(160, 0, 1000, cache_dir=cache)).split(0.2, 1000)
+    return torch.from_numpy(train.x), torch.from_numpy(train.brain)
 
 
 def spots(m: torch.Tensor, gen: torch.Generator, grid: tuple[torch.Tensor, torch.Tensor]
@@ -83,11 +76,10 @@ def main() -> int:
     torch.manual_seed(77)
     gen = torch.Generator().manual_seed(4242)
     ck, _ = read_checkpoint(default_weights_path())
-    cfg = NetConfig.from_dict(ck["net_config"]["members"][a.member])
-    net = build_network(cfg)
-    pre = f"members.{a.member}."
-    net.load_state_dict({k[len(pre):]: v for k, v in ck["state_dict"].items()
-                         if k.startswith(pre)})
+    ens_cfg = NetConfig.from_dict(ck["net_config"])
+    ensemble = build_network(ens_cfg)
+    ensemble.load_state_dict(ck["state_dict"])
+    cfg, net = ens_cfg.member_configs()[a.member], ensemble.members[a.member]
     x_all, m_all = training_normals(a.cache)
     s = x_all.shape[-1]
     grid = torch.meshgrid(torch.arange(s, dtype=torch.float32),
