@@ -2,13 +2,16 @@
 ensemble so that it also repairs small spots, the scale of the subtle lesions it misses.
 
     python bench/spot_pilot.py OUT.pt --member 0 --budget 1800 --lr 5e-4 --weight 20
+    python bench/spot_pilot.py OUT.pt --member 1 --steps 1000 --seed 4243      # (eleventh session)
 
 Corruption per training slice: the shipped coarse noise (std 0.3 on a 16 x 16 grid) plus 2-6
 Gaussian spots inside the brain (sigma 0.7-2.0 px, 8-30 HU, 70 % hyperdense). The squared
 error is weighted 1 + WEIGHT inside the spots (where the spot field exceeds 0.8 HU), because
 unweighted the spots are about 5 % of the loss and the network does not learn them
 (``--weight 0``, half of the slices spotted: the RULE13 run in the model card). The learning
-rate is constant, then falls linearly to 0 over the last 30 % of the time budget.
+rate is constant, then falls linearly to 0 over the last 30 % of the time budget (of the steps
+with ``--steps``). The spots are ``model.pretext.small_spots``, the same corruption that
+``python -m model.train --slices ... --init CKPT --spot-weight 20`` trains with.
 
 Training data: the 128 training normals of ``make_dataset_plan(160, 0, seed=1000)`` (the 32
 held-out validation series removed, split seed 1000, as for the bundled members), generated on
@@ -43,30 +46,15 @@ def training_normals(cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(train.x), torch.from_numpy(train.brain)
 
 
-def spots(m: torch.Tensor, gen: torch.Generator, grid: tuple[torch.Tensor, torch.Tensor]
-          ) -> torch.Tensor:
-    """(B,S,S) additive field of 2-6 small Gaussian spots per slice, inside the mask."""
-    yy, xx = grid
-    f = torch.zeros(m.shape)
-    for i in range(m.shape[0]):
-        pts = torch.nonzero(m[i])
-        if len(pts) < 50:
-            continue
-        for _ in range(int(torch.randint(2, 7, (1,), generator=gen))):
-            p = pts[int(torch.randint(0, len(pts), (1,), generator=gen))].float()
-            sg = 0.7 + 1.3 * float(torch.rand(1, generator=gen))
-            amp = (8 + 22 * float(torch.rand(1, generator=gen))) / 80.0
-            if torch.rand(1, generator=gen) < 0.3:
-                amp = -amp
-            f[i] += amp * torch.exp(-((yy - p[0]) ** 2 + (xx - p[1]) ** 2) / (2 * sg * sg))
-    return f * m
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--member", type=int, default=0, help="ensemble member to start from")
     ap.add_argument("--budget", type=float, default=1800.0, help="seconds of training")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="train this many steps instead of a time budget (the schedule then "
+                         "follows the step count, so a busy CPU does not shorten training)")
+    ap.add_argument("--seed", type=int, default=4242, help="seed of batches, flips and spots")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--weight", type=float, default=20.0, help="extra loss weight in the spots")
     ap.add_argument("--threads", type=int, default=2)
@@ -74,21 +62,21 @@ def main() -> int:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(77)
-    gen = torch.Generator().manual_seed(4242)
+    gen = torch.Generator().manual_seed(a.seed)
     ck, _ = read_checkpoint(default_weights_path())
     ens_cfg = NetConfig.from_dict(ck["net_config"])
     ensemble = build_network(ens_cfg)
     ensemble.load_state_dict(ck["state_dict"])
     cfg, net = ens_cfg.member_configs()[a.member], ensemble.members[a.member]
     x_all, m_all = training_normals(a.cache)
-    s = x_all.shape[-1]
-    grid = torch.meshgrid(torch.arange(s, dtype=torch.float32),
-                          torch.arange(s, dtype=torch.float32), indexing="ij")
     opt = torch.optim.Adam(net.parameters(), lr=a.lr)
     t0, step, hist = time.time(), 0, []
     net.train()
-    while (el := time.time() - t0) < a.budget:
-        frac = el / a.budget
+    while True:
+        el = time.time() - t0
+        frac = step / a.steps if a.steps else el / a.budget
+        if frac >= 1:
+            break
         lr = a.lr if frac < 0.7 else a.lr * max(0.0, (1 - frac) / 0.3)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -97,9 +85,9 @@ def main() -> int:
         fl = torch.rand(32, generator=gen) < 0.5
         x = torch.where(fl[:, None, None], x.flip(-1), x)
         m = torch.where(fl[:, None, None], m.flip(-1), m)
-        sp = spots(m, gen, grid)
+        sp = pretext.small_spots(m, gen)
         noisy = pretext.coarse_noise(x, gen, 16, 0.3, mask=m) + sp
-        w = (1 + a.weight * (sp.abs() > 0.01).float()).unsqueeze(1)
+        w = (1 + a.weight * (sp.abs() > pretext.SPOT_WEIGHT_THRESHOLD).float()).unsqueeze(1)
         loss = losses.rec_loss(net(noisy.unsqueeze(1)).recon, x.unsqueeze(1), w)
         opt.zero_grad(set_to_none=True)
         loss.backward()

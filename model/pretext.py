@@ -195,3 +195,37 @@ def coarse_noise(x: torch.Tensor, generator: torch.Generator, resolution: int = 
         n = n * m.to(n.dtype)
     y = xs + n
     return y[:, 0] if squeeze else y
+
+
+# Spot corruption (tenth/eleventh sessions, model card): small Gaussian spots, the scale of a
+# subtle cavernoma or aneurysm, which coarse noise alone does not teach the U-Net to repair.
+SPOT_COUNT = (2, 6)  # spots per slice, inclusive
+SPOT_SIGMA_PX = (0.7, 2.0)  # Gaussian sigma in pixels of the model input
+SPOT_AMPLITUDE = (8 / 80, 30 / 80)  # 8-30 HU in brain-window units (the 80 HU window)
+SPOT_HYPERDENSE = 0.7  # share of spots brighter than the tissue
+SPOT_WEIGHT_THRESHOLD = 0.01  # window units (0.8 HU): where the loss weight applies
+
+
+def small_spots(mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Additive field of 2-6 small Gaussian spots per slice, centred on random brain pixels.
+
+    ``mask`` (B,S,S) bool, the brain; slices with under 50 brain pixels get none. Sigma 0.7-2.0
+    px, peak 8-30 HU (window units), 70 % hyperdense; the field is zero outside ``mask``."""
+    b, h, w = mask.shape
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32),
+                            torch.arange(w, dtype=torch.float32), indexing="ij")
+    f = torch.zeros((b, h, w))
+    lo_n, hi_n = SPOT_COUNT
+    (lo_s, hi_s), (lo_a, hi_a) = SPOT_SIGMA_PX, SPOT_AMPLITUDE
+    for i in range(b):
+        pts = torch.nonzero(mask[i].cpu())
+        if len(pts) < 50:
+            continue
+        for _ in range(int(torch.randint(lo_n, hi_n + 1, (1,), generator=generator))):
+            p = pts[int(torch.randint(0, len(pts), (1,), generator=generator))].float()
+            sg = lo_s + (hi_s - lo_s) * float(torch.rand(1, generator=generator))
+            amp = lo_a + (hi_a - lo_a) * float(torch.rand(1, generator=generator))
+            if torch.rand(1, generator=generator) < 1.0 - SPOT_HYPERDENSE:
+                amp = -amp
+            f[i] += amp * torch.exp(-((yy - p[0]) ** 2 + (xx - p[1]) ** 2) / (2 * sg * sg))
+    return f * mask.cpu()

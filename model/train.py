@@ -72,6 +72,10 @@ class TrainConfig:
     # with equal odds (two blob scales, e.g. 16 and 32 for small lesions too); 0 = one scale
     noise_res_alt: int = 0
     noise_std: float = 0.2  # dae: noise standard deviation (brain-window units)
+    # dae: > 0 = also paint 2-6 small spots into every training slice (``pretext.small_spots``)
+    # and weight the squared error 1 + spot_weight inside them, so that the U-Net learns to
+    # repair lesions smaller than the coarse noise's blobs; 0 = off (model card, "spots")
+    spot_weight: float = 0.0
     flip_aug: bool = True
     seed: int = 0
     ckpt_every: int = 200
@@ -295,6 +299,11 @@ class Trainer:
                 alt = pretext.coarse_noise(x, self.gen, c.noise_res_alt, c.noise_std, mask=m)
                 pick = torch.rand(len(x), generator=self.gen) < 0.5
                 noisy = torch.where(pick.view(-1, *([1] * (x.dim() - 1))), alt, noisy)
+            if c.spot_weight > 0:
+                sp = pretext.small_spots(m, self.gen)
+                noisy = noisy + sp
+                weight = 1.0 + c.spot_weight * (sp.abs() > pretext.SPOT_WEIGHT_THRESHOLD).float()
+                return noisy, x, None, weight
             return noisy, x, None, None
         return x, x, None, None
 
@@ -311,7 +320,8 @@ class Trainer:
         if phase == "pretrain" or c.method in ("vae", "vae_pretrained"):
             terms = losses.vae_loss(self.net(inp), tgt, c.beta)
         elif c.method == "dae":
-            rec_l = losses.rec_loss(self.net(inp).recon, tgt)
+            w = None if extra is None else extra.to(dev).unsqueeze(1)
+            rec_l = losses.rec_loss(self.net(inp).recon, tgt, w)
             terms = {"loss": rec_l, "rec": rec_l.detach()}
         elif c.method in ("multitask", "geometry_only"):
             eps = c.eps if c.method == "multitask" else 0.0
@@ -659,6 +669,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noise-res", type=int, default=None, help="dae: coarse noise grid side")
     ap.add_argument("--noise-res-alt", type=int, default=None,
                     help="dae: a second grid side; each slice draws one of the two (0 = off)")
+    ap.add_argument("--spot-weight", type=float, default=None,
+                    help="dae: paint 2-6 small spots per slice and weight the error inside them "
+                         "1 + this (0 = off; the bundled members' fine-tune used 20)")
     ap.add_argument("--init", type=Path, default=None, metavar="CKPT",
                     help="with --slices: start the network from this checkpoint's weights "
                          "(fine-tuning; fresh optimiser and step count)")
@@ -694,7 +707,8 @@ def main(argv: list[str] | None = None) -> int:
         net = NetConfig(input_size=int(data.x.shape[-1]))
         if a.base_channels:
             net = replace(net, base_channels=a.base_channels)
-        over = overrides_from_args(a, ("noise_std", "noise_res", "noise_res_alt"))
+        over = overrides_from_args(a, ("noise_std", "noise_res", "noise_res_alt",
+                                           "spot_weight"))
         cfg = default_config(a.method, total_steps=a.steps, pretrain_fraction=a.pretrain_fraction,
                              batch_size=a.batch_size, seed=a.seed, num_threads=a.threads,
                              net=net, **over)

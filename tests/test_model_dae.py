@@ -165,9 +165,10 @@ def test_export_slices_then_train_with_the_pytorch_only_launcher(tmp_path: Path)
     assert any(not torch.equal(w0[k], w5[k]) for k in w0)
     # fine-tuning from r with a second noise scale: the options reach the run and its record
     ft = replica("ft.pt", "--seed", "5", "--split-seed", "0", "--init", str(tmp_path / "r.pt"),
-                 "--noise-res-alt", "8")
+                 "--noise-res-alt", "8", "--spot-weight", "20")
     assert ft["training"]["init_from"]["file"] == "r.pt"
     assert ft["training"]["train_config"]["noise_res_alt"] == 8
+    assert ft["training"]["train_config"]["spot_weight"] == 20
     p = subprocess.run([sys.executable, "-m", "model.train", str(tmp_path / "b.pt"), "--slices",
                         str(arch), "--method", "vae", "--steps", "50", "--batch-size", "2",
                         "--val-fraction", "0.5", "--time-budget", "0", "--device", "cpu"],
@@ -397,6 +398,40 @@ def test_second_noise_scale_mixes_blob_sizes_per_slice():
     fine = rough[32] > 0.2
     assert 8 <= int(fine.sum()) <= 24, rough[32]  # about half the slices, drawn per slice
     assert float(rough[32][fine].min()) > 2 * float(rough[0].max())
+
+
+def test_spot_corruption_paints_small_spots_in_the_brain_and_weights_their_error():
+    """``spot_weight`` adds 2-6 small spots (8-30 HU peaks, sigma 0.7-2 px) inside the brain of
+    every slice and returns the loss weight 1 + spot_weight on them; off, the batch is as before;
+    a slice with almost no brain gets none; the weighted loss is what the step minimises."""
+    from model.train import Trainer
+
+    data = random_slices(16, 64, seed=3, n_series=4)
+    x, m = torch.from_numpy(data.x), torch.from_numpy(data.brain)
+    m[0] = False
+    m[0, :5, :5] = True  # 25 brain pixels: too few for a spot
+    net = NetConfig(input_size=64, base_channels=4, max_channels=8, unet_levels=2)
+    cfg = TrainConfig(method="dae", net=net, noise_std=0.0, spot_weight=20.0, ckpt_every=0,
+                      batch_size=16)
+    tr = Trainer(cfg, data)
+    inp, tgt, _, w = tr.make_inputs(x, m, "main")
+    assert torch.equal(tgt, x) and w is not None
+    d = inp - x
+    assert float(d[~m].abs().max()) == 0.0  # nothing outside the brain
+    assert float(d[0].abs().max()) == 0.0 and float(w[0].max()) == 1.0
+    peak = d[1:].abs().flatten(1).max(1).values
+    assert float(peak.min()) >= 8 / 80 * 0.9 and float(peak.max()) <= 3 * 30 / 80
+    spot = d.abs() > pretext.SPOT_WEIGHT_THRESHOLD
+    # small, not blobs: a spot's support (> 0.8 HU) has radius <= 2 px * sqrt(2 ln(30 / 0.8))
+    area = spot[1:].flatten(1).sum(1)
+    assert int(area.min()) > 0 and int(area.max()) <= 6 * np.pi * 5.5**2
+    assert torch.equal(w, 1.0 + 20.0 * spot.float())
+    assert float((d > 0).sum()) > float((d < 0).sum())  # mostly hyperdense
+    off = Trainer(TrainConfig(method="dae", net=net, noise_std=0.0, ckpt_every=0), data)
+    inp0, _, _, w0 = off.make_inputs(x, m, "main")
+    assert w0 is None and torch.equal(inp0, x)
+    rec = tr.step()
+    assert rec["loss"] > 0 and np.isfinite(rec["loss"])
 
 
 def test_init_starts_from_a_checkpoint_and_refuses_a_mismatch(tmp_path: Path):
