@@ -255,12 +255,15 @@ def test_site_training_defaults_are_the_bundled_models_configuration():
     from model.baselines import overrides_from_args
 
     args = ap.parse_args(["train", "/normals", "--rec-q", "0.01", "--no-flip-tta",
-                          "--lr-decay-steps", "5", "--eps", "0.1", "--symmetry"])
-    assert overrides_from_args(args, ("eps", "beta")) == {
-        "lr_decay_steps": 5, "eps": 0.1,
+                          "--lr-decay-steps", "5", "--eps", "0.1", "--symmetry",
+                          "--spot-weight", "20"])
+    extra = ("eps", "beta", "spot_weight")
+    assert overrides_from_args(args, extra) == {
+        "lr_decay_steps": 5, "eps": 0.1, "spot_weight": 20.0,
         "scoring": {"rec_q": 0.01, "flip_tta": False, "symmetry": True}}
-    given = default_config("dae", **overrides_from_args(args, ("eps", "beta")))
+    given = default_config("dae", **overrides_from_args(args, extra))
     assert not given.scoring.flip_tta and given.scoring.rec_q == 0.01 and given.lr_decay_steps == 5
+    assert given.spot_weight == 20.0 and cfg.spot_weight == 0.0  # an option, off by default
     assert given.scoring.symmetry and not cfg.scoring.symmetry  # an option, off by default
     assert not default_config("vae").scoring.flip_tta
 
