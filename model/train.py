@@ -669,9 +669,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noise-res", type=int, default=None, help="dae: coarse noise grid side")
     ap.add_argument("--noise-res-alt", type=int, default=None,
                     help="dae: a second grid side; each slice draws one of the two (0 = off)")
-    ap.add_argument("--spot-weight", type=float, default=None,
-                    help="dae: paint 2-6 small spots per slice and weight the error inside them "
-                         "1 + this (0 = off; the bundled members' fine-tune used 20)")
     ap.add_argument("--init", type=Path, default=None, metavar="CKPT",
                     help="with --slices: start the network from this checkpoint's weights "
                          "(fine-tuning; fresh optimiser and step count)")
@@ -680,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                     help="with --slices: stop early when this much wall time is spent")
-    add_override_options(ap)  # with --slices: --lr, --lr-decay-*, --rec-q, --norm-bins, --flip-tta
+    add_override_options(ap)  # with --slices: --lr, --lr-decay-*, --spot-weight, --rec-q, ...
     ap.add_argument("--resume", action="store_true",
                     help="with --slices: continue from OUT's .state.pt (to --steps in total)")
     a = ap.parse_args(argv)
@@ -707,8 +704,7 @@ def main(argv: list[str] | None = None) -> int:
         net = NetConfig(input_size=int(data.x.shape[-1]))
         if a.base_channels:
             net = replace(net, base_channels=a.base_channels)
-        over = overrides_from_args(a, ("noise_std", "noise_res", "noise_res_alt",
-                                           "spot_weight"))
+        over = overrides_from_args(a, ("noise_std", "noise_res", "noise_res_alt"))
         cfg = default_config(a.method, total_steps=a.steps, pretrain_fraction=a.pretrain_fraction,
                              batch_size=a.batch_size, seed=a.seed, num_threads=a.threads,
                              net=net, **over)

@@ -31,13 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrain-fraction", type=float, default=0.2,
                    help="share of the steps spent on context-restoration pretraining")
     p.add_argument("--batch-size", type=int, default=32)
-    add_override_options(p)  # --lr, --lr-decay-*, --rec-q, --norm-bins, --flip-tta
+    add_override_options(p)  # --lr, --lr-decay-*, --spot-weight, --rec-q, --norm-bins, ...
     p.add_argument("--eps", type=float, default=None, help="multitask reconstruction weight")
     p.add_argument("--beta", type=float, default=None, help="KL weight")
-    p.add_argument("--spot-weight", type=float, default=None,
-                   help="dae: paint 2-6 small spots into every training slice and weight the "
-                        "error inside them 1 + this, so that small lesions get repaired too "
-                        "(0 = off, the default; the bundled members were fine-tuned with 20)")
     p.add_argument("--input-size", type=int, default=128)
     p.add_argument("--matrix", type=int, default=512, help="synthetic in-plane matrix")
     p.add_argument("--val-fraction", type=float, default=0.2,
@@ -109,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     tr, va = data.split(args.val_fraction, seed=args.seed)
     summary.update(train_slices=len(tr), val_slices=len(va))
-    over = overrides_from_args(args, ("eps", "beta", "spot_weight"))
+    over = overrides_from_args(args, ("eps", "beta"))
     cfg = default_config(args.method, total_steps=args.steps,
                          pretrain_fraction=args.pretrain_fraction, batch_size=args.batch_size,
                          seed=args.seed, num_threads=args.threads,

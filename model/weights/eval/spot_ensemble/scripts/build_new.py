@@ -1,4 +1,5 @@
 # ruff: noqa -- research script of the eleventh session, kept as run for provenance (paths are that machine's)
+# mypy: ignore-errors
 """Build the calibrated spot-fine-tuned ensemble checkpoint from the shipped one.
 python build_new.py OUT.pt REC_Q MEMBER0.pt|- MEMBER1.pt|- ...  ('-' keeps the shipped member)"""
 import sys, copy, dataclasses, hashlib, io

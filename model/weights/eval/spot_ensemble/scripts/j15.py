@@ -1,4 +1,5 @@
 # ruff: noqa -- research script of the eleventh session, kept as run for provenance (paths are that machine's)
+# mypy: ignore-errors
 """RULE15 judgement: python j15.py dev6   (val and the set from /work/runs/s11/*.npz)"""
 import sys, json
 import numpy as np, torch

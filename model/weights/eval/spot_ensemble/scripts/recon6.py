@@ -1,4 +1,5 @@
 # ruff: noqa -- research script of the eleventh session, kept as run for provenance (paths are that machine's)
+# mypy: ignore-errors
 """One pass over a synthetic set: cache inputs, the shipped ensemble's flip-TTA mean reconstruction
 (rec) and the spot-fine-tuned ensemble's (rec_new: S2 + N1..N3).
 python recon6.py NAME NORMALS ABNORMALS SEED [--val]  -> /work/runs/s11/NAME.npz"""
