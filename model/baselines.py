@@ -49,7 +49,14 @@ def default_scoring(method: str) -> ScoringConfig:
 
 
 TRAIN_OVERRIDES = ("lr", "lr_decay_steps", "lr_decay_fraction", "spot_weight")
-SCORING_OVERRIDES = ("rec_q", "norm_bins", "flip_tta", "symmetry")
+SCORING_OVERRIDES = ("rec_q", "norm_bins", "flip_tta", "symmetry", "slice_context")
+
+
+def _non_negative(text: str) -> float:
+    v = float(text)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
 
 
 def add_override_options(p: argparse.ArgumentParser) -> None:
@@ -77,6 +84,9 @@ def add_override_options(p: argparse.ArgumentParser) -> None:
                    help="s_r also from the asymmetric residual: the residual that the mirrored "
                         "place across the fitted midline does not show (model/symmetry.py); "
                         "costs a midline fit per slice")
+    p.add_argument("--slice-context", type=_non_negative, default=None, metavar="W",
+                   help="average each slice's statistic with its neighbours' in the series, "
+                        "weight W each (default 0 = off; the bundled model uses 0.5)")
 
 
 def overrides_from_args(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> dict[str, Any]:

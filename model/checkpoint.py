@@ -26,6 +26,7 @@ from model.network import NetConfig, build_network
 from model.scoring import (
     NormStats,
     ScoringConfig,
+    apply_slice_context,
     combine,
     geo_error,
     masked_stat,
@@ -246,11 +247,15 @@ class Detector:
         """Score (N,S,S) brain-window slices in [0,1] with their brain masks.
 
         Methods with a single term ignore ``lambda_`` (score = that term). ``hu`` (N,S,S), the
-        slices in Hounsfield units, is used by the HU-threshold baseline only.
+        slices in Hounsfield units, is used by the HU-threshold baseline only. With
+        ``ScoringConfig.slice_context`` the slices must be one series in slice order.
         """
         if not 0.0 <= lambda_ <= 1.0:
             raise ValueError(f"lambda must be in [0, 1], got {lambda_}")
         g_raw, r_raw, heat = self.raw_scores(x, brain, batch_size, hu=hu)
+        if self.scoring.slice_context:  # x is one series in slice order
+            g_raw = apply_slice_context(g_raw, self.scoring.slice_context)
+            r_raw = apply_slice_context(r_raw, self.scoring.slice_context)
         area = np.asarray(brain, bool).reshape(len(g_raw), -1).mean(1) if len(g_raw) else None
         score, s_g, s_r = self.normalise(g_raw, r_raw, lambda_, area)
         return SliceScores(score=score, s_g=s_g, s_r=s_r, heatmap=heat)

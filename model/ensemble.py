@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=None)
     ap.add_argument("--symmetry", default=None, action=argparse.BooleanOptionalAction,
                     help="score with the asymmetric residual too (default: as the first member)")
+    ap.add_argument("--slice-context", type=float, default=None, metavar="W",
+                    help="average each slice's statistic with its neighbours' (weight W each; "
+                         "default: as the first member)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     try:
@@ -102,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         ck = combine(members, name=a.name)
         if a.symmetry is not None:
             ck["scoring"]["symmetry"] = bool(a.symmetry)
+        if a.slice_context is not None:
+            if a.slice_context < 0:
+                raise EnsembleError(f"--slice-context must be >= 0, got {a.slice_context}")
+            ck["scoring"]["slice_context"] = float(a.slice_context)
     except (CheckpointError, EnsembleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

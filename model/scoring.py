@@ -39,6 +39,15 @@ class ScoringConfig:
     # s_r = max(z of the residual, z of its asymmetric part): the residual that the mirrored
     # place on the other side of the fitted midline does not show (model/symmetry.py)
     symmetry: bool = False
+    # slice context: each slice's raw statistics become (s_i + w (s_{i-1} + s_{i+1})) / (1 + 2w)
+    # within its series, before the z-normalisation (``apply_slice_context``). A lesion spans
+    # adjacent slices, the normal residual's slice-to-slice scatter does not. 0 = off. The heat
+    # maps stay per slice. 0.5 for the bundled model (twelfth session, MODEL_CARD.md).
+    slice_context: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.slice_context >= 0:
+            raise ValueError(f"slice_context must be >= 0, got {self.slice_context}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,6 +137,31 @@ class NormStats:
             return ((g - gm) / gs).astype(np.float32), ((r - rm) / rs).astype(np.float32)
         return (((g - self.g_mean) / self.g_std).astype(np.float32),
                 ((r - self.r_mean) / self.r_std).astype(np.float32))
+
+
+def apply_slice_context(raw: np.ndarray, w: float, series: np.ndarray | None = None) -> np.ndarray:
+    """Average each slice's raw statistic with its two neighbours' (weight ``w`` each, 1 for the
+    slice itself) along axis 0.
+
+    ``raw`` holds the slices of one series in slice order, or of several series with ``series``
+    (N,) naming each slice's series (each series' slices in slice order). A series' first and
+    last slice stand in for their missing neighbour. Extra axes (the symmetry option's (N,2)) are
+    averaged column by column. ``w = 0`` returns the values unchanged.
+    """
+    a = np.asarray(raw, dtype=np.float64)
+    if w < 0:
+        raise ValueError(f"slice_context must be >= 0, got {w}")
+    if w == 0 or a.shape[0] == 0:
+        return np.asarray(raw, dtype=np.float32)
+    out = np.empty_like(a)
+    groups = [np.arange(a.shape[0])] if series is None else \
+        [np.flatnonzero(np.asarray(series) == sid) for sid in np.unique(series)]
+    for idx in groups:
+        v = a[idx]
+        prev = np.concatenate([v[:1], v[:-1]])
+        nxt = np.concatenate([v[1:], v[-1:]])
+        out[idx] = (v + w * (prev + nxt)) / (1.0 + 2.0 * w)
+    return out.astype(np.float32)
 
 
 def normalise(raw: np.ndarray | torch.Tensor, mean: float, std: float) -> Any:

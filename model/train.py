@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import losses, pretext
 from model.checkpoint import METHODS, Detector, make_checkpoint, read_checkpoint, save_checkpoint
 from model.network import NetConfig, build_network
-from model.scoring import NormStats, ScoringConfig, aggregate
+from model.scoring import NormStats, ScoringConfig, aggregate, apply_slice_context
 
 log = logging.getLogger(__name__)
 
@@ -416,7 +416,11 @@ def calibrate_from_raw(ckpt: dict[str, Any], val: SliceSet, g_raw: np.ndarray, r
                        lambda_: float = 0.5) -> dict[str, Any]:
     """Calibration from already computed raw validation scores (see ``calibrate``)."""
     area = val.brain.reshape(len(val), -1).mean(1)
-    norm_bins = ScoringConfig.from_dict(ckpt.get("scoring")).norm_bins
+    sc = ScoringConfig.from_dict(ckpt.get("scoring"))
+    if sc.slice_context:  # as Detector.score does, series by series
+        g_raw = apply_slice_context(g_raw, sc.slice_context, val.series)
+        r_raw = apply_slice_context(r_raw, sc.slice_context, val.series)
+    norm_bins = sc.norm_bins
     ckpt["norm"] = NormStats.fit(g_raw, r_raw, area, norm_bins).to_dict()
     det = Detector(ckpt, device="cpu")
     score, _, _ = det.normalise(g_raw, r_raw, lambda_, area)

@@ -256,15 +256,16 @@ def test_site_training_defaults_are_the_bundled_models_configuration():
 
     args = ap.parse_args(["train", "/normals", "--rec-q", "0.01", "--no-flip-tta",
                           "--lr-decay-steps", "5", "--eps", "0.1", "--symmetry",
-                          "--spot-weight", "20"])
+                          "--spot-weight", "20", "--slice-context", "0.5"])
     extra = ("eps", "beta")  # --spot-weight comes with the shared override options
     assert overrides_from_args(args, extra) == {
         "lr_decay_steps": 5, "eps": 0.1, "spot_weight": 20.0,
-        "scoring": {"rec_q": 0.01, "flip_tta": False, "symmetry": True}}
+        "scoring": {"rec_q": 0.01, "flip_tta": False, "symmetry": True, "slice_context": 0.5}}
     given = default_config("dae", **overrides_from_args(args, extra))
     assert not given.scoring.flip_tta and given.scoring.rec_q == 0.01 and given.lr_decay_steps == 5
     assert given.spot_weight == 20.0 and cfg.spot_weight == 0.0  # an option, off by default
     assert given.scoring.symmetry and not cfg.scoring.symmetry  # an option, off by default
+    assert given.scoring.slice_context == 0.5
     assert not default_config("vae").scoring.flip_tta
 
 

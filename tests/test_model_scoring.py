@@ -123,3 +123,26 @@ def test_normalisation_per_brain_area_bin():
     _, zr_global = st.apply(g, r)  # without areas: global statistics
     assert abs(zr_global.mean()) < 1e-6
     assert scoring.NormStats.fit(g, r, area[:10], n_bins=5).area_edges == ()  # too few slices
+
+
+def test_slice_context_averages_neighbours_within_each_series():
+    """Each slice's statistic becomes (s_i + w (s_prev + s_next)) / (1 + 2w); a series' end
+    slices stand in for their missing neighbour; series never borrow from each other."""
+    f = scoring.apply_slice_context
+    np.testing.assert_allclose(f(np.array([0, 0, 4, 0, 0.0]), 0.5), [0, 1, 2, 1, 0])
+    np.testing.assert_allclose(f(np.array([1, 2, 3, 10, 20.0]), 0.5, np.array([0, 0, 0, 1, 1])),
+                               [1.25, 2.0, 2.75, 12.5, 17.5])
+    np.testing.assert_allclose(f(np.array([[1, 2], [3, 4.0]]), 1.0), [[5 / 3, 8 / 3], [7 / 3, 10 / 3]],
+                               rtol=1e-6)  # the symmetry option's (N,2): column by column
+    a = np.array([3.0, -1.0, 7.0])
+    np.testing.assert_array_equal(f(a, 0.0), a)  # off
+    np.testing.assert_array_equal(f(np.array([5.0]), 0.5), [5.0])  # one slice
+    assert f(np.zeros(0), 0.5).shape == (0,)
+    # slices of one series need not be contiguous in a set: only the order within it counts
+    np.testing.assert_allclose(f(np.array([1, 10, 2, 20, 3.0]), 0.5, np.array([0, 1, 0, 1, 0])),
+                               [1.25, 12.5, 2.0, 17.5, 2.75])
+    with pytest.raises(ValueError, match="slice_context"):
+        f(a, -0.5)
+    with pytest.raises(ValueError, match="slice_context"):
+        scoring.ScoringConfig(slice_context=-1.0)
+    assert scoring.ScoringConfig.from_dict({"rec_q": 0.01}).slice_context == 0.0  # old files

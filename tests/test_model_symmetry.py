@@ -119,3 +119,38 @@ def test_detector_with_symmetry_scores_the_larger_of_the_two_terms():
     s = det.score(data.x, data.brain).score
     np.testing.assert_allclose(s, np.maximum((r[:, 0] - 0.1) / 0.05, (r[:, 1] - 0.02) / 0.01),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_slice_context_scores_neighbour_averaged_statistics_and_calibrates_the_same_way():
+    """With ``slice_context`` the detector's slice scores are z-scores of the neighbour-averaged
+    statistics of the series, the heat maps stay per slice, and calibration averages the
+    validation statistics series by series before fitting the normalisation, so that a normal
+    validation slice still scores about 0."""
+    from model.train import calibrate
+
+    torch.manual_seed(0)
+    net = build_network(NetConfig(input_size=32, base_channels=4, max_channels=16, arch="unet",
+                                  geo_head=False, unet_levels=3))
+    data = random_slices(12, 32, seed=5, n_series=3)
+    plain = Detector(make_checkpoint("dae", net=net, input_size=32,
+                                     scoring=ScoringConfig(rec_q=0.05),
+                                     norm=NormStats(r_mean=0.1, r_std=0.05)), device="cpu")
+    ck = make_checkpoint("dae", net=net, input_size=32,
+                         scoring=ScoringConfig(rec_q=0.05, slice_context=0.5),
+                         norm=NormStats(r_mean=0.1, r_std=0.05))
+    det = Detector(ck, device="cpu")
+    one = data.series == data.series[0]
+    x, brain = data.x[one], data.brain[one]
+    _, r, _ = plain.raw_scores(x, brain)
+    ctx = (r + 0.5 * (np.r_[r[:1], r[:-1]] + np.r_[r[1:], r[-1:]])) / 2.0
+    got, ref = det.score(x, brain), plain.score(x, brain)
+    np.testing.assert_allclose(got.score, (ctx - 0.1) / 0.05, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(got.score, ref.score)
+    np.testing.assert_allclose(got.heatmap, ref.heatmap, atol=1e-6)
+    cal = calibrate(ck, data)
+    _, r_all, _ = plain.raw_scores(data.x, data.brain)
+    want = np.concatenate([(lambda v: (v + 0.5 * (np.r_[v[:1], v[:-1]] + np.r_[v[1:], v[-1:]]))
+                            / 2.0)(r_all[data.series == s]) for s in np.unique(data.series)])
+    assert cal["norm"]["r_mean"] == pytest.approx(float(want.mean()), rel=1e-5)
+    assert cal["norm"]["r_std"] == pytest.approx(float(want.std()), rel=1e-4)
+    assert cal["scoring"]["slice_context"] == 0.5
