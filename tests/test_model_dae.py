@@ -363,6 +363,15 @@ def test_ensemble_of_replicas_averages_their_reconstructions(tmp_path: Path):
     assert ds.scoring.symmetry and not det.scoring.symmetry
     assert ds.norm.a_std != 1.0 and ds.norm.r_mean == pytest.approx(det.norm.r_mean, rel=1e-5)
     assert ds.threshold >= det.threshold - 1e-6  # max(z_r, z_a) >= z_r on every slice
+    # ... or with slice context: recorded, and normalised on the averaged statistics
+    ctx = tmp_path / "ctx.pt"
+    assert ensemble([str(ctx), str(a), str(b), "--slices", str(arch), "--slice-context", "0.5"]) == 0
+    dc = load_detector(ctx, device="cpu")
+    assert dc.scoring.slice_context == 0.5 and det.scoring.slice_context == 0.0
+    assert dc.norm.r_std != pytest.approx(det.norm.r_std, rel=1e-4)
+    assert ensemble([str(tmp_path / "neg.pt"), str(a), str(b), "--slices", str(arch),
+                     "--slice-context", "-1"]) == 2
+    assert not (tmp_path / "neg.pt").exists()
 
     c = member("c.pt", "--method", "dae", "--seed", "3")  # its own split: other series held out
     assert da.ckpt["training"]["data"]["val_series_ids"] != \
