@@ -86,7 +86,7 @@ def add_override_options(p: argparse.ArgumentParser) -> None:
                         "costs a midline fit per slice")
     p.add_argument("--slice-context", type=_non_negative, default=None, metavar="W",
                    help="average each slice's statistic with its neighbours' in the series, "
-                        "weight W each (default 0 = off; the bundled model uses 0.5)")
+                        "weight W each (default 0 = off, as in the bundled model)")
 
 
 def overrides_from_args(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -42,7 +42,8 @@ class ScoringConfig:
     # slice context: each slice's raw statistics become (s_i + w (s_{i-1} + s_{i+1})) / (1 + 2w)
     # within its series, before the z-normalisation (``apply_slice_context``). A lesion spans
     # adjacent slices, the normal residual's slice-to-slice scatter does not. 0 = off. The heat
-    # maps stay per slice. 0.5 for the bundled model (twelfth session, MODEL_CARD.md).
+    # maps stay per slice. The bundled model does not use it: on dev7 it raised slice AUROC but
+    # not series AUROC (twelfth session, MODEL_CARD.md).
     slice_context: float = 0.0
 
     def __post_init__(self) -> None:
