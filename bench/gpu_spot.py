@@ -74,6 +74,8 @@ def main() -> int:
     ap.add_argument("--slices", type=Path, required=True)
     ap.add_argument("--member", type=int, default=0)
     ap.add_argument("--init", choices=["bundled", "scratch"], default="bundled")
+    ap.add_argument("--init-file", type=Path, default=None,
+                    help="start from a member this script saved (overrides --init)")
     ap.add_argument("--seed", type=int, default=5342)
     ap.add_argument("--budget", type=float, default=400.0, help="seconds of training")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (dry runs)")
@@ -94,6 +96,9 @@ def main() -> int:
         net = ensemble.members[a.member]
     else:
         net = build_network(cfg)
+    if a.init_file is not None:
+        net = build_network(cfg)
+        net.load_state_dict(torch.load(a.init_file, weights_only=False)["state_dict"])
     net = net.to(dev).train()
     z = np.load(a.slices)
     shape = tuple(int(v) for v in z["shape"])

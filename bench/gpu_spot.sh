@@ -2,9 +2,11 @@
 # One prepared run on a lent CUDA machine (thirteenth session): eight U-Net members trained side
 # by side with bench/gpu_spot.py for the same wall-clock budget. B0-B3 fine-tune the four bundled
 # members with coarse noise + small spots (the eleventh session's recipe, far more steps);
-# S0-S3 train the same architecture from scratch on that corruption. The members of each
-# candidate are packed into one file (OUTDIR/B.pt, OUTDIR/S.pt; a member whose final save is
-# missing falls back to its half-budget copy), with the logs in OUTDIR/train.log.
+# S0-S3 train the same architecture from scratch on that corruption. The members are packed two
+# to a file (OUTDIR/B01.pt, B23.pt, S01.pt, S23.pt, 10.3 MB each: a lent machine returns at most
+# 8 files of at most 16 MB, and the thirteenth session's four-member files, 20.7 MB, did not come
+# back); a member whose final save is missing falls back to its half-budget copy. Logs in
+# OUTDIR/train.log. Each member's state is {"cfg", "state_dict", "steps", recipe...}.
 # Usage: bench/gpu_spot.sh SLICES.npz OUTDIR BUDGET_S
 set -u
 SLICES=$1; OUTDIR=$2; BUDGET=$3
@@ -26,15 +28,16 @@ import sys, torch
 from pathlib import Path
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
 for cand in sorted({p.name[0] for p in work.glob("*.log")}):
-    members = []
-    for k in range(4):
-        p = work / f"{cand}{k}.pt"
-        p = p if p.exists() else p.with_suffix(".half")
-        if p.exists():
-            members.append(torch.load(p, weights_only=False))
-            print(f"{cand}{k}: {p.name}, {members[-1]['steps']} steps")
-    if members:
-        torch.save({"members": members}, out / f"{cand}.pt")
+    for pair in ("01", "23"):
+        members = {}
+        for k in pair:
+            p = work / f"{cand}{k}.pt"
+            p = p if p.exists() else p.with_suffix(".half")
+            if p.exists():
+                members[int(k)] = torch.load(p, weights_only=False)
+                print(f"{cand}{k}: {p.name}, {members[int(k)]['steps']} steps")
+        if members:
+            torch.save({"members": members}, out / f"{cand}{pair}.pt")
 PYEOF
 for f in "$WORK"/*.log; do echo "== $f"; tail -3 "$f"; done > "$OUTDIR/train.log" 2>&1
 cat "$OUTDIR/train.log"; ls -la "$OUTDIR"
