@@ -21,7 +21,7 @@ assert len(nets) == 4
 def tta(net, xb):
     return 0.5 * (net(xb, sample=False, decode=True).recon + net(xb.flip(-1), sample=False, decode=True).recon.flip(-1))[:, 0]
 
-src = "/work/runs/s12/val_bundled.npz" if name == "val" else f"/work/runs/s13/{name}_bundled.npz"
+src = {"val": "/work/runs/s12/val_bundled.npz", "dev7": "/work/runs/s12/dev7_bundled.npz"}.get(name, f"/work/runs/s13/{name}_bundled.npz")
 z = dict(np.load(src))
 x = z["x"]; R = []
 t0 = time.time()
