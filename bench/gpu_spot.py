@@ -90,15 +90,15 @@ def main() -> int:
     ck, _ = read_checkpoint(default_weights_path())
     ens_cfg = NetConfig.from_dict(ck["net_config"])
     cfg = ens_cfg.member_configs()[a.member]
-    if a.init == "bundled":
+    if a.init_file is not None:
+        net = build_network(cfg)
+        net.load_state_dict(torch.load(a.init_file, weights_only=False)["state_dict"])
+    elif a.init == "bundled":
         ensemble = build_network(ens_cfg)
         ensemble.load_state_dict(ck["state_dict"])
         net = ensemble.members[a.member]
     else:
         net = build_network(cfg)
-    if a.init_file is not None:
-        net = build_network(cfg)
-        net.load_state_dict(torch.load(a.init_file, weights_only=False)["state_dict"])
     net = net.to(dev).train()
     z = np.load(a.slices)
     shape = tuple(int(v) for v in z["shape"])
@@ -134,10 +134,8 @@ def main() -> int:
         fl = torch.rand(bs, generator=gen, device=dev) < 0.5
         x = torch.where(fl[:, None, None], x.flip(-1), x)
         m = torch.where(fl[:, None, None], m.flip(-1), m)
-        noise = torch.randn((bs, 1, 16, 16), generator=gen, device=dev) * 0.3
-        noise = torch.nn.functional.interpolate(noise, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         sp = spots_vectorised(m, gen)
-        noisy = x + noise * m.float() + sp
+        noisy = pretext.coarse_noise(x, gen, 16, 0.3, mask=m) + sp
         w = (1 + a.weight * (sp.abs() > pretext.SPOT_WEIGHT_THRESHOLD).float()).unsqueeze(1)
         loss = losses.rec_loss(net(noisy.unsqueeze(1)).recon, x.unsqueeze(1), w)
         opt.zero_grad(set_to_none=True)

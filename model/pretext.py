@@ -183,11 +183,13 @@ def coarse_noise(x: torch.Tensor, generator: torch.Generator, resolution: int = 
     """Denoising-autoencoder corruption (Kascenas et al. 2022): Gaussian noise drawn on a coarse
     ``resolution`` x ``resolution`` grid, bilinearly upsampled to the image and added (inside
     ``mask`` when given). Coarse noise makes the network restore blob-sized intensity changes,
-    the scale of lesions, rather than pixel noise. (B,S,S) or (B,1,S,S) in, same shape out."""
+    the scale of lesions, rather than pixel noise. (B,S,S) or (B,1,S,S) in, same shape out.
+    The noise is drawn on ``generator``'s device (a CUDA generator keeps it on the GPU)."""
     squeeze = x.dim() == 3
     xs = x.unsqueeze(1) if squeeze else x
     b, _, h, w = xs.shape
-    n = torch.randn((b, 1, resolution, resolution), generator=generator) * std
+    n = torch.randn((b, 1, resolution, resolution), generator=generator,
+                    device=generator.device) * std
     n = torch.nn.functional.interpolate(n, size=(h, w), mode="bilinear", align_corners=False)
     n = n.to(xs.device, xs.dtype)
     if mask is not None:
