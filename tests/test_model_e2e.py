@@ -172,3 +172,37 @@ def test_score_series_not_assessable(tiny_ckpt: Path, tmp_path: Path):
     res = score_series([junk, junk], det)
     assert res.verdict == "not_assessable" and res.score is None and res.reason
     assert res.threshold == det.threshold
+
+
+def _write_case_repeatedly(path: str, barrier, n: int) -> None:
+    from triage_agent.inference import Case, _save_case
+
+    rng = np.random.default_rng(0)
+    c = Case("synth-1-normal", "normal", False, rng.random((6, 32, 32), dtype=np.float32),
+             rng.random((6, 32, 32)) > 0.5, None)
+    barrier.wait()
+    for _ in range(n):
+        _save_case(Path(path), c)
+
+
+def test_case_cache_survives_concurrent_writers(tmp_path: Path):
+    """Two evaluate/score jobs sharing a --cache folder may generate the same case at the same
+    time. Each writer must finish (a shared temporary name made one rename fail, and the job died
+    after an hour's work), and the entry left behind must read back whole."""
+    import multiprocessing as mp
+
+    from triage_agent.inference import _load_case
+
+    path = tmp_path / "synth-normal-seed1-m512-s32-x.npz"
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(4)
+    procs = [ctx.Process(target=_write_case_repeatedly, args=(str(path), barrier, 60))
+             for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    c = _load_case(path)
+    assert c.x.shape == (6, 32, 32) and c.label == "normal" and c.lesion is None
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left over

@@ -13,6 +13,7 @@ import csv
 import functools
 import hashlib
 import logging
+import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -195,15 +196,20 @@ class Case:
 
 def _save_case(path: Path, c: Case) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(
-        tmp, x=c.x.astype(np.float16), brain=c.brain,
-        lesion=c.lesion if c.lesion is not None else np.zeros((0,), bool),
-        has_lesion=np.array(c.lesion is not None), label=np.array(c.label),
-        hu=c.hu.astype(np.float16) if c.hu is not None else np.zeros((0,), np.float16),
-        subtle=np.array(c.subtle), case_id=np.array(c.case_id),
-    )
-    tmp.replace(path)
+    # a temporary name of this process's own: two jobs that share a cache folder (evaluate runs
+    # side by side, DDP ranks) may write the same case at once, and the last rename wins
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
+    try:
+        np.savez_compressed(
+            tmp, x=c.x.astype(np.float16), brain=c.brain,
+            lesion=c.lesion if c.lesion is not None else np.zeros((0,), bool),
+            has_lesion=np.array(c.lesion is not None), label=np.array(c.label),
+            hu=c.hu.astype(np.float16) if c.hu is not None else np.zeros((0,), np.float16),
+            subtle=np.array(c.subtle), case_id=np.array(c.case_id),
+        )
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _load_case(path: Path) -> Case:
