@@ -30,6 +30,10 @@ def tta(net, xb):
     return 0.5 * (net(xb, sample=False, decode=True).recon + net(xb.flip(-1), sample=False, decode=True).recon.flip(-1))[:, 0]
 
 order = list(range(len(plan)))[::-1] if "--reverse" in sys.argv else list(range(len(plan)))
+part = ""
+if "--part" in sys.argv:  # --part K/P: only the plan indices i with i % P == K (a restart split over both cores)
+    k_, p_ = map(int, sys.argv[sys.argv.index("--part") + 1].split("/"))
+    order = [i for i in order if i % p_ == k_]; part = f".part{k_}"
 out = {}
 t0 = time.time()
 for k, i in enumerate(order):
@@ -44,11 +48,11 @@ for k, i in enumerate(order):
     if k % 10 == 0:
         print(f"{name}/{tag}: {k+1}/{len(plan)} series, {time.time()-t0:.0f}s", flush=True)
 X, R, B, L, sl_series, sl_les, ser = [], [], [], [], [], [], []
-for i in range(len(plan)):
-    x, r, b, les, m = out[i]
+for i in sorted(out):
+    x, r, b, les, m = out[i]; m["plan_index"] = i
     X.append(x); R.append(r); B.append(b); L.append(les); ser.append(m)
-    sl_series += [i] * len(x); sl_les += list(les.reshape(len(les), -1).any(1))
-np.savez(f"/work/runs/s14/{name}_{tag}.npz", x=np.concatenate(X), rec=np.concatenate(R),
+    sl_series += [len(ser) - 1] * len(x); sl_les += list(les.reshape(len(les), -1).any(1))
+np.savez(f"/work/runs/s14/{name}_{tag}{part}.npz", x=np.concatenate(X), rec=np.concatenate(R),
          brain=np.packbits(np.concatenate(B)), lesion=np.packbits(np.concatenate(L)),
          shape=np.array(np.concatenate(X).shape), series=np.array(sl_series),
          slice_lesion=np.array(sl_les), meta=np.array(json.dumps(ser)))
