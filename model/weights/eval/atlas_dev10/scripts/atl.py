@@ -1,3 +1,5 @@
+# ruff: noqa -- research script of the fifteenth session, kept as run for provenance (paths are that machine's)
+# mypy: ignore-errors
 import sys, json, numpy as np, torch
 sys.path.insert(0, "/work/main")
 from model.scoring import smooth

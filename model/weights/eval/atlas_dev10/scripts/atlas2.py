@@ -1,3 +1,5 @@
+# ruff: noqa -- research script of the fifteenth session, kept as run for provenance (paths are that machine's)
+# mypy: ignore-errors
 """s15 exploration (SPENT sets): normative residual atlas variants. Atlas from dev6+dev7 normals; val normalises; dev8, dev9 scored."""
 import sys, json, numpy as np, torch
 sys.path.insert(0, "/work/main")

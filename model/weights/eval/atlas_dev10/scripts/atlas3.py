@@ -1,3 +1,5 @@
+# ruff: noqa -- research script of the fifteenth session, kept as run for provenance (paths are that machine's)
+# mypy: ignore-errors
 """s15 exploration (SPENT sets), mirroring the planned build: atlas (NB 16, sigma 1.5, eps 0.002) from the normals of two
 spent sets, z-normalisation and threshold (95th pct of series max) on 152 normals (val 32 + dev6 120), scored on a third."""
 import sys, numpy as np

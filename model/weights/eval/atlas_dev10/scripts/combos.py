@@ -1,3 +1,5 @@
+# ruff: noqa -- research script of the fifteenth session, kept as run for provenance (paths are that machine's)
+# mypy: ignore-errors
 """s15: exploration on SPENT sets (dev7, dev8, dev9): shipped vs B2, with/without slice context, max vs top-k."""
 import json, numpy as np
 from sklearn.metrics import roc_auc_score

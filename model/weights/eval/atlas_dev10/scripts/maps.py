@@ -1,3 +1,5 @@
+# ruff: noqa -- research script of the fifteenth session, kept as run for provenance (paths are that machine's)
+# mypy: ignore-errors
 """s15: cache smoothed abs residual maps (sigma 1.5, float16), brain masks, relative height, of a recon cache.
 python maps.py NAME PATH RECKEY [normals_only]"""
 import sys, json, numpy as np, torch

@@ -1,3 +1,5 @@
+# ruff: noqa -- research script of the fifteenth session, kept as run for provenance (paths are that machine's)
+# mypy: ignore-errors
 """s14: one pass over a fresh synthetic set with ONE ensemble (flip-TTA mean reconstruction).
 python recon9.py NAME NORMALS ABNORMALS SEED TAG [--reverse]   TAG = bundled | B2 (members /work/runs/s13/gpu/B20-B23.pt)
 --reverse walks the plan backwards (two jobs side by side then generate each case once, via the cache);

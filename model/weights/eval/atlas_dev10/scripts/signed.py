@@ -1,3 +1,5 @@
+# ruff: noqa -- research script of the fifteenth session, kept as run for provenance (paths are that machine's)
+# mypy: ignore-errors
 """s15 exploration on SPENT sets: signed residual, bone/CSF-proximity exclusion (bundled caches)."""
 import sys, json, numpy as np, torch, torch.nn.functional as F
 sys.path.insert(0, "/work/main")
