@@ -25,12 +25,14 @@ from model import pretext
 from model.network import NetConfig, build_network
 from model.scoring import (
     NormStats,
+    ResidualAtlas,
     ScoringConfig,
     apply_slice_context,
     combine,
     geo_error,
     masked_stat,
     residual_map,
+    slice_heights,
     smooth,
 )
 from model.symmetry import asymmetric_residual, fit_midline
@@ -128,6 +130,17 @@ class Detector:
         self.symmetry = (self.scoring.symmetry and self.uses["rec"]
                          and self.method != "hu_threshold")
         self.norm = NormStats.from_dict(ckpt.get("norm"))
+        # the residual atlas (ScoringConfig.atlas_bins): reconstruction methods with a network
+        self.atlas: ResidualAtlas | None = None
+        if self.scoring.atlas_bins and self.uses["rec"] and self.method != "hu_threshold":
+            if not ckpt.get("atlas"):
+                raise CheckpointError("the checkpoint's scoring uses a residual atlas "
+                                      f"(atlas_bins={self.scoring.atlas_bins}) but holds none; "
+                                      "fit one with `python -m model.atlas`")
+            try:
+                self.atlas = ResidualAtlas.from_dict(ckpt["atlas"])
+            except (KeyError, ValueError, TypeError) as e:
+                raise CheckpointError(f"unreadable residual atlas in checkpoint: {e}") from e
         self.thresholds: dict[str, float] = {k: float(v) for k, v in
                                              (ckpt.get("thresholds") or {}).items()}
         self.threshold: float = float(self.thresholds.get("max", ckpt.get("threshold", 3.0)))
@@ -157,16 +170,23 @@ class Detector:
 
     @torch.inference_mode()
     def raw_scores(self, x: np.ndarray, brain: np.ndarray, batch_size: int = 32,
-                   hu: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   hu: np.ndarray | None = None, heights: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Un-normalised (s_g, s_r, heatmap) for (N,S,S) inputs (``hu``: HU-threshold only).
 
         With ``ScoringConfig.symmetry`` s_r is (N,2): the residual's statistic and that of its
-        asymmetric part (``NormStats.apply`` takes the larger z)."""
+        asymmetric part (``NormStats.apply`` takes the larger z). With a residual atlas each
+        slice's relative height in its series is needed: ``heights`` (N,), or, when omitted,
+        x is taken to be one series in slice order (``slice_heights``)."""
         x = np.asarray(x, dtype=np.float32)
         brain = np.asarray(brain, dtype=bool)
         if x.ndim != 3 or x.shape != brain.shape:
             raise ValueError(f"x and brain must both be (N,S,S); got {x.shape} and {brain.shape}")
         n = x.shape[0]
+        if self.atlas is not None:
+            heights = slice_heights(n) if heights is None else np.asarray(heights, np.float32)
+            if heights.shape != (n,):
+                raise ValueError(f"heights must be ({n},), got {heights.shape}")
         if n and x.shape[1:] != (self.input_size, self.input_size):
             raise ValueError(f"this detector expects {self.input_size}x{self.input_size} slices, "
                              f"got {x.shape[1]}x{x.shape[2]}")
@@ -179,13 +199,26 @@ class Detector:
             hb = None
             if hu is not None and self.method == "hu_threshold":
                 hb = torch.from_numpy(np.asarray(hu[s:s + batch_size], np.float32)).to(self.device)
-            g, r, h = self._batch(xb, mb, hb)
+            hts = None if heights is None else heights[s:s + batch_size]
+            g, r, h = self._batch(xb, mb, hb, hts)
             g_all[s:s + len(xb)] = g.float().cpu().numpy()
             r_all[s:s + len(xb)] = r.float().cpu().numpy()
             heat[s:s + len(xb)] = h.float().cpu().numpy()
         return g_all, r_all, heat
 
-    def _batch(self, xb: torch.Tensor, mb: torch.Tensor, hb: torch.Tensor | None = None
+    def rec_stat(self, x1: torch.Tensor, recon: torch.Tensor, mb: torch.Tensor,
+                 heights: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(statistic (B,), heat map (B,S,S)) of a reconstruction: the smoothed residual and its
+        top-q statistic, taken of the atlas z-map when the checkpoint has an atlas."""
+        heat = residual_map(x1, recon, mb, self.scoring)
+        if self.atlas is None:
+            return masked_stat(heat, mb, self.scoring), heat
+        if heights is None:
+            raise ValueError("this detector's residual atlas needs each slice's height")
+        return masked_stat(self.atlas.zmap(heat, heights), mb, self.scoring), heat
+
+    def _batch(self, xb: torch.Tensor, mb: torch.Tensor, hb: torch.Tensor | None = None,
+               heights: np.ndarray | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b = xb.shape[0]
         zeros = xb.new_zeros(b)
@@ -212,8 +245,7 @@ class Detector:
             if self.scoring.flip_tta:
                 mirrored = self.net(x1.flip(-1), sample=False, decode=True).recon
                 recon = 0.5 * (recon + mirrored.flip(-1))
-            heat = residual_map(x1, recon, mb, self.scoring)
-            r = masked_stat(heat, mb, self.scoring)
+            r, heat = self.rec_stat(x1, recon, mb, heights)
             if self.symmetry:
                 asym = asymmetric_residual(heat, mb, fit_midline(xb))
                 r = torch.stack([r, masked_stat(asym, mb, self.scoring)], 1)
@@ -248,7 +280,8 @@ class Detector:
 
         Methods with a single term ignore ``lambda_`` (score = that term). ``hu`` (N,S,S), the
         slices in Hounsfield units, is used by the HU-threshold baseline only. With
-        ``ScoringConfig.slice_context`` the slices must be one series in slice order.
+        ``ScoringConfig.slice_context`` or a residual atlas the slices must be one series in
+        slice order.
         """
         if not 0.0 <= lambda_ <= 1.0:
             raise ValueError(f"lambda must be in [0, 1], got {lambda_}")

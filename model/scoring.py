@@ -45,10 +45,23 @@ class ScoringConfig:
     # maps stay per slice. The bundled model does not use it: on dev7 it raised slice AUROC but
     # not series AUROC (twelfth session, MODEL_CARD.md).
     slice_context: float = 0.0
+    # residual atlas: the slice statistic is taken of the pixel-wise z-map
+    # (h - mu_b(p)) / (sd_b(p) + atlas_eps) instead of the smoothed residual h itself, where mu_b, sd_b
+    # are h's mean and spread at pixel p on normal slices at the same relative height in their
+    # series (``atlas_bins`` equal bins; ``ResidualAtlas``, stored in the checkpoint). Places where
+    # normal anatomy always leaves residual (skull base, bone edges) count for less. The heat map
+    # stays h. 0 = off. Fifteenth session, MODEL_CARD.md.
+    atlas_bins: int = 0
+    atlas_sigma: float = 1.5  # Gaussian smoothing (pixels) of the atlas sums
+    atlas_eps: float = 0.002  # floor added to sd, in window units
 
     def __post_init__(self) -> None:
         if not self.slice_context >= 0:
             raise ValueError(f"slice_context must be >= 0, got {self.slice_context}")
+        if self.atlas_bins < 0:
+            raise ValueError(f"atlas_bins must be >= 0, got {self.atlas_bins}")
+        if self.atlas_bins and not self.atlas_eps > 0:
+            raise ValueError(f"atlas_eps must be > 0, got {self.atlas_eps}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,6 +178,117 @@ def apply_slice_context(raw: np.ndarray, w: float, series: np.ndarray | None = N
     return out.astype(np.float32)
 
 
+def slice_heights(n_or_series: int | np.ndarray) -> np.ndarray:
+    """Relative height of each slice in its series, ``(i + 0.5) / n`` for the i-th of n slices.
+
+    An int ``n`` means one series of n slices in slice order; an array names each slice's series
+    (each series' slices in slice order, as ``apply_slice_context`` takes them)."""
+    if isinstance(n_or_series, (int, np.integer)):
+        n = int(n_or_series)
+        return ((np.arange(n) + 0.5) / max(n, 1)).astype(np.float32)
+    series = np.asarray(n_or_series)
+    h = np.zeros(len(series), np.float32)
+    for sid in np.unique(series):
+        idx = np.flatnonzero(series == sid)
+        h[idx] = (np.arange(len(idx)) + 0.5) / len(idx)
+    return h
+
+
+@dataclass(frozen=True)
+class ResidualAtlas:
+    """Mean and spread of the normal smoothed residual at every pixel, per relative-height bin.
+
+    ``mu``, ``sd``: (bins, S, S) float32. Fitted with ``AtlasFitter`` on normal series; stored in
+    the checkpoint under ``atlas`` (float16). See ``ScoringConfig.atlas_bins``."""
+
+    mu: np.ndarray
+    sd: np.ndarray
+    eps: float = 0.002
+    n_series: int = 0
+    n_slices: int = 0
+
+    @property
+    def bins(self) -> int:
+        return int(self.mu.shape[0])
+
+    def bin_of(self, heights: np.ndarray | torch.Tensor) -> Any:
+        h = heights if isinstance(heights, torch.Tensor) else torch.as_tensor(np.asarray(heights))
+        return (h.to(torch.float32) * self.bins).floor().clamp(0, self.bins - 1).to(torch.long)
+
+    def zmap(self, heat: torch.Tensor, heights: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(B,S,S) pixel-wise z of the smoothed residual ``heat`` for slices at ``heights`` (B,)."""
+        if heat.shape[-2:] != self.mu.shape[-2:]:
+            raise ValueError(f"atlas is {self.mu.shape[-1]}x{self.mu.shape[-2]}, maps are "
+                             f"{heat.shape[-1]}x{heat.shape[-2]}")
+        b = self.bin_of(heights).to(heat.device)
+        mu = torch.as_tensor(self.mu, device=heat.device)[b]
+        sd = torch.as_tensor(self.sd, device=heat.device)[b]
+        return (heat - mu) / (sd + self.eps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mu": torch.from_numpy(self.mu.astype(np.float16)),
+                "sd": torch.from_numpy(self.sd.astype(np.float16)),
+                "eps": float(self.eps), "n_series": int(self.n_series),
+                "n_slices": int(self.n_slices)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ResidualAtlas:
+        def arr(v: Any) -> np.ndarray:
+            a = v.float().numpy() if isinstance(v, torch.Tensor) else np.asarray(v, np.float32)
+            return np.ascontiguousarray(a, dtype=np.float32)
+
+        mu, sd = arr(d["mu"]), arr(d["sd"])
+        if mu.ndim != 3 or mu.shape != sd.shape:
+            raise ValueError(f"atlas mu/sd must be (bins,S,S) alike; got {mu.shape}, {sd.shape}")
+        return cls(mu, sd, float(d.get("eps", 0.002)), int(d.get("n_series", 0)),
+                   int(d.get("n_slices", 0)))
+
+
+class AtlasFitter:
+    """Accumulates normal smoothed-residual maps by height bin; ``finish`` gives the atlas."""
+
+    def __init__(self, bins: int, size: int) -> None:
+        if bins < 1:
+            raise ValueError(f"an atlas needs at least one bin, got {bins}")
+        self.bins, self.size = int(bins), int(size)
+        self.s1 = torch.zeros(bins, size, size, dtype=torch.float64)
+        self.s2 = torch.zeros_like(self.s1)
+        self.count = torch.zeros_like(self.s1)
+        self.n_slices = 0
+        self.series: set[Any] = set()
+
+    def add(self, heat: torch.Tensor | np.ndarray, brain: torch.Tensor | np.ndarray,
+            heights: np.ndarray, series: np.ndarray | None = None) -> None:
+        h = torch.as_tensor(np.asarray(heat, np.float32)).to(torch.float64)
+        m = torch.as_tensor(np.asarray(brain, bool)).to(torch.float64)
+        h = h * m
+        b = (torch.as_tensor(np.asarray(heights, np.float32)) * self.bins).floor().clamp(
+            0, self.bins - 1).to(torch.long)
+        self.s1.index_add_(0, b, h)
+        self.s2.index_add_(0, b, h * h)
+        self.count.index_add_(0, b, m)
+        self.n_slices += int(h.shape[0])
+        if series is not None:
+            self.series.update(np.unique(np.asarray(series)).tolist())
+
+    def finish(self, sigma: float = 1.5, eps: float = 0.002, min_count: float = 20.0
+               ) -> ResidualAtlas:
+        """Smooth the sums (Gaussian ``sigma`` px); pixels with a smoothed brain count of
+        ``min_count`` or less take the global mean and spread of all normal brain pixels."""
+        if float(self.count.sum()) <= 0:
+            raise ValueError("no normal brain pixels to fit an atlas on")
+        c = smooth(self.count.float(), sigma).double()
+        mu = smooth(self.s1.float(), sigma).double() / c.clamp(min=1e-3)
+        var = smooth(self.s2.float(), sigma).double() / c.clamp(min=1e-3) - mu * mu
+        g_mu = self.s1.sum() / self.count.sum()
+        g_sd = (self.s2.sum() / self.count.sum() - g_mu * g_mu).clamp(min=1e-12).sqrt()
+        ok = c > min_count
+        mu = torch.where(ok, mu, g_mu)
+        sd = torch.where(ok, var.clamp(min=1e-12).sqrt(), g_sd)
+        return ResidualAtlas(mu.float().numpy(), sd.float().numpy(), float(eps),
+                             len(self.series), self.n_slices)
+
+
 def normalise(raw: np.ndarray | torch.Tensor, mean: float, std: float) -> Any:
     return (raw - mean) / (std if std > 0 else 1.0)
 
@@ -224,7 +348,8 @@ def residual_map(x: torch.Tensor, recon: torch.Tensor, brain: torch.Tensor,
 
 
 def masked_stat(maps: torch.Tensor, brain: torch.Tensor, cfg: ScoringConfig) -> torch.Tensor:
-    """Per-slice statistic of a (B,S,S) map over the brain mask -> (B,)."""
+    """Per-slice statistic of a (B,S,S) map over the brain mask -> (B,). The map may be signed
+    (the atlas z-map): pixels outside the brain never enter the top-q mean."""
     b = maps.shape[0]
     flat = maps.reshape(b, -1)
     mask = brain.reshape(b, -1)
@@ -232,8 +357,12 @@ def masked_stat(maps: torch.Tensor, brain: torch.Tensor, cfg: ScoringConfig) -> 
     if cfg.rec_stat == "mean":
         return (flat * mask).sum(1) / n
     if cfg.rec_stat == "topq":
-        # mean of the top ceil-ish(q * n_brain) pixels of each slice
-        vals = torch.where(mask, flat, torch.zeros_like(flat))
+        # mean of the top ceil-ish(q * n_brain) pixels of each slice (a slice without brain
+        # scores 0)
+        empty = ~mask.any(1)
+        mask = mask | empty[:, None]
+        vals = torch.where(mask, torch.where(empty[:, None], torch.zeros_like(flat), flat),
+                           torch.full_like(flat, torch.finfo(flat.dtype).min / 4))
         kb = (cfg.rec_q * n.to(torch.float32)).round().clamp(min=1).to(torch.long)
         kmax = int(min(int(kb.max()), flat.shape[1]))
         kb = kb.clamp(max=kmax)

@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import losses, pretext
 from model.checkpoint import METHODS, Detector, make_checkpoint, read_checkpoint, save_checkpoint
 from model.network import NetConfig, build_network
-from model.scoring import NormStats, ScoringConfig, aggregate, apply_slice_context
+from model.scoring import NormStats, ScoringConfig, aggregate, apply_slice_context, slice_heights
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +406,8 @@ def calibrate(ckpt: dict[str, Any], val: SliceSet, *, target_specificity: float 
     if len(val) == 0:
         log.warning("no validation slices: normalisation and thresholds left at defaults")
         return ckpt
-    g_raw, r_raw, heat = det.raw_scores(val.x, val.brain, batch_size, hu=val.hu)
+    g_raw, r_raw, heat = det.raw_scores(val.x, val.brain, batch_size, hu=val.hu,
+                                        heights=slice_heights(val.series))
     return calibrate_from_raw(ckpt, val, g_raw, r_raw, heat, target_specificity=target_specificity,
                               top_k=top_k, lambda_=lambda_)
 

@@ -1,0 +1,133 @@
+"""Fit a detector's residual atlas on normal series, then recalibrate it.
+
+The atlas holds, for every pixel and every band of relative slice height, the mean and spread of
+the smoothed residual that the detector leaves on *normal* slices (``ScoringConfig.atlas_bins``,
+``model.scoring.ResidualAtlas``). With it, the slice statistic is taken of the pixel-wise z-map,
+so that places where normal anatomy always leaves residual (skull base, the inner table of the
+skull) count for less than the same residual in the middle of the brain. The heat maps do not
+change.
+
+The atlas and the calibration must come from different normal series: a threshold measured on
+the series that the atlas was fitted to would sit too low for new ones. So ``--atlas-slices``
+(the normals to fit the atlas on) and ``--slices`` (the normals to calibrate on: normalisation
+and operating thresholds) are separate slice archives (``triage-agent train --export-slices``),
+or one archive split by series with ``--atlas-fraction``::
+
+    python -m model.atlas OUT.pt --model IN.pt --atlas-slices normals_a.npz --slices normals_b.npz
+    python -m model.atlas OUT.pt --slices normals.npz --atlas-fraction 0.7
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from model.checkpoint import (
+    CheckpointError,
+    Detector,
+    default_weights_path,
+    read_checkpoint,
+    save_checkpoint,
+)
+from model.scoring import AtlasFitter, ResidualAtlas, ScoringConfig, slice_heights
+from model.train import SliceSet, calibrate
+
+log = logging.getLogger(__name__)
+
+
+def fit_atlas(ckpt: dict[str, Any], normals: SliceSet, *, bins: int = 16, sigma: float = 1.5,
+              eps: float = 0.002, batch_size: int = 32, device: str = "cpu",
+              chunk: int = 512, progress: bool = False) -> ResidualAtlas:
+    """The residual atlas of ``ckpt``'s network on ``normals`` (each series in slice order)."""
+    sc = ScoringConfig.from_dict(ckpt.get("scoring"))
+    det = Detector({**ckpt, "scoring": replace(sc, atlas_bins=0).to_dict()}, device=device)
+    if det.net is None or not det.uses["rec"]:
+        raise CheckpointError(f"method {det.method!r} has no reconstruction to fit an atlas to")
+    fitter = AtlasFitter(bins, det.input_size)
+    heights = slice_heights(normals.series)
+    for s in range(0, len(normals), chunk):
+        sl = slice(s, s + chunk)
+        _, _, heat = det.raw_scores(normals.x[sl], normals.brain[sl], batch_size)
+        fitter.add(heat, normals.brain[sl], heights[sl], normals.series[sl])
+        if progress:
+            print(f"\ratlas: {min(s + chunk, len(normals))}/{len(normals)} slices", end="",
+                  file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return fitter.finish(sigma, eps)
+
+
+def with_atlas(ckpt: dict[str, Any], atlas: ResidualAtlas, *, sigma: float,
+               source: str = "") -> dict[str, Any]:
+    """A copy of ``ckpt`` that scores with ``atlas`` (calibrate it afterwards)."""
+    out = dict(ckpt)
+    sc = ScoringConfig.from_dict(ckpt.get("scoring"))
+    out["scoring"] = replace(sc, atlas_bins=atlas.bins, atlas_sigma=float(sigma),
+                             atlas_eps=float(atlas.eps)).to_dict()
+    out["atlas"] = atlas.to_dict()
+    training = dict(out.get("training") or {})
+    training["atlas"] = {"bins": atlas.bins, "sigma": float(sigma), "eps": float(atlas.eps),
+                         "normal_series": atlas.n_series, "normal_slices": atlas.n_slices,
+                         "source": source}
+    out["training"] = training
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m model.atlas", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path, help="the new checkpoint")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="checkpoint to start from (default: the bundled weights)")
+    ap.add_argument("--slices", type=Path, required=True,
+                    help="slice archive of normal series to calibrate on")
+    ap.add_argument("--atlas-slices", type=Path, default=None,
+                    help="slice archive of other normal series to fit the atlas on")
+    ap.add_argument("--atlas-fraction", type=float, default=None,
+                    help="without --atlas-slices: fit the atlas on this share of --slices' "
+                         "series (seeded split), calibrate on the rest")
+    ap.add_argument("--bins", type=int, default=16, help="relative-height bins (default 16)")
+    ap.add_argument("--sigma", type=float, default=1.5, help="atlas smoothing, pixels")
+    ap.add_argument("--eps", type=float, default=0.002, help="floor added to the atlas spread")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the --atlas-fraction split")
+    ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    if (a.atlas_slices is None) == (a.atlas_fraction is None):
+        print("error: give either --atlas-slices or --atlas-fraction", file=sys.stderr)
+        return 2
+    try:
+        ckpt, _ = read_checkpoint(a.model or default_weights_path())
+        cal, _ = SliceSet.load(a.slices)
+        if a.atlas_slices is not None:
+            normals, _ = SliceSet.load(a.atlas_slices)
+            source = str(a.atlas_slices)
+        else:
+            if not 0.0 < a.atlas_fraction < 1.0:
+                raise ValueError(f"--atlas-fraction must be in (0, 1), got {a.atlas_fraction}")
+            cal, normals = cal.split(a.atlas_fraction, seed=a.seed)
+            source = f"{a.slices} ({a.atlas_fraction:.0%} of its series, seed {a.seed})"
+        if normals.n_series < 20 or cal.n_series < 20:
+            print(f"warning: {normals.n_series} atlas and {cal.n_series} calibration series; "
+                  "use 100+ and 50+ normal series for a stable atlas and threshold",
+                  file=sys.stderr)
+        atlas = fit_atlas(ckpt, normals, bins=a.bins, sigma=a.sigma, eps=a.eps,
+                          device=a.device, progress=True)
+        ck = calibrate(with_atlas(ckpt, atlas, sigma=a.sigma, source=source), cal,
+                       device=a.device)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    digest = save_checkpoint(ck, a.out)
+    print(f"wrote {a.out}: residual atlas of {atlas.bins} height bins from {atlas.n_series} "
+          f"normal series ({atlas.n_slices} slices); calibrated on {cal.n_series} other series, "
+          f"threshold(max) {ck['thresholds']['max']:.3f}, sha256 {digest[:12]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
