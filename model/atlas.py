@@ -61,16 +61,14 @@ def fit_atlas(ckpt: dict[str, Any], normals: SliceSet, *, bins: int = 16, sigma:
     return fitter.finish(sigma, eps)
 
 
-def with_atlas(ckpt: dict[str, Any], atlas: ResidualAtlas, *, sigma: float,
-               source: str = "") -> dict[str, Any]:
+def with_atlas(ckpt: dict[str, Any], atlas: ResidualAtlas, *, source: str = "") -> dict[str, Any]:
     """A copy of ``ckpt`` that scores with ``atlas`` (calibrate it afterwards)."""
     out = dict(ckpt)
     sc = ScoringConfig.from_dict(ckpt.get("scoring"))
-    out["scoring"] = replace(sc, atlas_bins=atlas.bins, atlas_sigma=float(sigma),
-                             atlas_eps=float(atlas.eps)).to_dict()
+    out["scoring"] = replace(sc, atlas_bins=atlas.bins).to_dict()
     out["atlas"] = atlas.to_dict()
     training = dict(out.get("training") or {})
-    training["atlas"] = {"bins": atlas.bins, "sigma": float(sigma), "eps": float(atlas.eps),
+    training["atlas"] = {"bins": atlas.bins, "sigma": atlas.sigma, "eps": atlas.eps,
                          "normal_series": atlas.n_series, "normal_slices": atlas.n_slices,
                          "source": source}
     out["training"] = training
@@ -117,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         atlas = fit_atlas(ckpt, normals, bins=a.bins, sigma=a.sigma, eps=a.eps,
                           device=a.device, progress=True)
-        ck = calibrate(with_atlas(ckpt, atlas, sigma=a.sigma, source=source), cal,
+        ck = calibrate(with_atlas(ckpt, atlas, source=source), cal,
                        device=a.device)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -46,22 +46,18 @@ class ScoringConfig:
     # not series AUROC (twelfth session, MODEL_CARD.md).
     slice_context: float = 0.0
     # residual atlas: the slice statistic is taken of the pixel-wise z-map
-    # (h - mu_b(p)) / (sd_b(p) + atlas_eps) instead of the smoothed residual h itself, where mu_b, sd_b
+    # (h - mu_b(p)) / (sd_b(p) + eps) instead of the smoothed residual h itself, where mu_b, sd_b
     # are h's mean and spread at pixel p on normal slices at the same relative height in their
-    # series (``atlas_bins`` equal bins; ``ResidualAtlas``, stored in the checkpoint). Places where
-    # normal anatomy always leaves residual (skull base, bone edges) count for less. The heat map
-    # stays h. 0 = off. Fifteenth session, MODEL_CARD.md.
+    # series (``atlas_bins`` equal bins; ``ResidualAtlas``, stored in the checkpoint with its own
+    # eps and smoothing). Places where normal anatomy always leaves residual (skull base, bone
+    # edges) count for less. The heat map stays h. 0 = off. Fifteenth session, MODEL_CARD.md.
     atlas_bins: int = 0
-    atlas_sigma: float = 1.5  # Gaussian smoothing (pixels) of the atlas sums
-    atlas_eps: float = 0.002  # floor added to sd, in window units
 
     def __post_init__(self) -> None:
         if not self.slice_context >= 0:
             raise ValueError(f"slice_context must be >= 0, got {self.slice_context}")
         if self.atlas_bins < 0:
             raise ValueError(f"atlas_bins must be >= 0, got {self.atlas_bins}")
-        if self.atlas_bins and not self.atlas_eps > 0:
-            raise ValueError(f"atlas_eps must be > 0, got {self.atlas_eps}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -194,33 +190,41 @@ def slice_heights(n_or_series: int | np.ndarray) -> np.ndarray:
     return h
 
 
+def height_bins(heights: np.ndarray | torch.Tensor, bins: int) -> torch.Tensor:
+    """The height band (0 .. bins-1, equal widths over [0, 1]) of each relative slice height."""
+    h = heights if isinstance(heights, torch.Tensor) else torch.as_tensor(np.asarray(heights))
+    return (h.to(torch.float32) * bins).floor().clamp(0, bins - 1).to(torch.long)
+
+
 @dataclass(frozen=True)
 class ResidualAtlas:
     """Mean and spread of the normal smoothed residual at every pixel, per relative-height bin.
 
-    ``mu``, ``sd``: (bins, S, S) float32. Fitted with ``AtlasFitter`` on normal series; stored in
-    the checkpoint under ``atlas`` (float16). See ``ScoringConfig.atlas_bins``."""
+    ``mu``, ``sd``: (bins, S, S) float32; ``eps``: the floor added to ``sd``; ``sigma``: the
+    smoothing (pixels) of the sums it was fitted from. Fitted with ``AtlasFitter`` on normal
+    series; stored in the checkpoint under ``atlas`` (float16). See ``ScoringConfig.atlas_bins``."""
 
     mu: np.ndarray
     sd: np.ndarray
     eps: float = 0.002
     n_series: int = 0
     n_slices: int = 0
+    sigma: float = 1.5
+
+    def __post_init__(self) -> None:
+        if not self.eps > 0:
+            raise ValueError(f"atlas eps must be > 0, got {self.eps}")
 
     @property
     def bins(self) -> int:
         return int(self.mu.shape[0])
-
-    def bin_of(self, heights: np.ndarray | torch.Tensor) -> Any:
-        h = heights if isinstance(heights, torch.Tensor) else torch.as_tensor(np.asarray(heights))
-        return (h.to(torch.float32) * self.bins).floor().clamp(0, self.bins - 1).to(torch.long)
 
     def zmap(self, heat: torch.Tensor, heights: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(B,S,S) pixel-wise z of the smoothed residual ``heat`` for slices at ``heights`` (B,)."""
         if heat.shape[-2:] != self.mu.shape[-2:]:
             raise ValueError(f"atlas is {self.mu.shape[-1]}x{self.mu.shape[-2]}, maps are "
                              f"{heat.shape[-1]}x{heat.shape[-2]}")
-        b = self.bin_of(heights).to(heat.device)
+        b = height_bins(heights, self.bins).to(heat.device)
         mu = torch.as_tensor(self.mu, device=heat.device)[b]
         sd = torch.as_tensor(self.sd, device=heat.device)[b]
         return (heat - mu) / (sd + self.eps)
@@ -229,7 +233,7 @@ class ResidualAtlas:
         return {"mu": torch.from_numpy(self.mu.astype(np.float16)),
                 "sd": torch.from_numpy(self.sd.astype(np.float16)),
                 "eps": float(self.eps), "n_series": int(self.n_series),
-                "n_slices": int(self.n_slices)}
+                "n_slices": int(self.n_slices), "sigma": float(self.sigma)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ResidualAtlas:
@@ -241,7 +245,7 @@ class ResidualAtlas:
         if mu.ndim != 3 or mu.shape != sd.shape:
             raise ValueError(f"atlas mu/sd must be (bins,S,S) alike; got {mu.shape}, {sd.shape}")
         return cls(mu, sd, float(d.get("eps", 0.002)), int(d.get("n_series", 0)),
-                   int(d.get("n_slices", 0)))
+                   int(d.get("n_slices", 0)), float(d.get("sigma", 1.5)))
 
 
 class AtlasFitter:
@@ -262,8 +266,7 @@ class AtlasFitter:
         h = torch.as_tensor(np.asarray(heat, np.float32)).to(torch.float64)
         m = torch.as_tensor(np.asarray(brain, bool)).to(torch.float64)
         h = h * m
-        b = (torch.as_tensor(np.asarray(heights, np.float32)) * self.bins).floor().clamp(
-            0, self.bins - 1).to(torch.long)
+        b = height_bins(heights, self.bins)
         self.s1.index_add_(0, b, h)
         self.s2.index_add_(0, b, h * h)
         self.count.index_add_(0, b, m)
@@ -286,7 +289,7 @@ class AtlasFitter:
         mu = torch.where(ok, mu, g_mu)
         sd = torch.where(ok, var.clamp(min=1e-12).sqrt(), g_sd)
         return ResidualAtlas(mu.float().numpy(), sd.float().numpy(), float(eps),
-                             len(self.series), self.n_slices)
+                             len(self.series), self.n_slices, float(sigma))
 
 
 def normalise(raw: np.ndarray | torch.Tensor, mean: float, std: float) -> Any:
@@ -359,15 +362,13 @@ def masked_stat(maps: torch.Tensor, brain: torch.Tensor, cfg: ScoringConfig) -> 
     if cfg.rec_stat == "topq":
         # mean of the top ceil-ish(q * n_brain) pixels of each slice (a slice without brain
         # scores 0)
-        empty = ~mask.any(1)
-        mask = mask | empty[:, None]
-        vals = torch.where(mask, torch.where(empty[:, None], torch.zeros_like(flat), flat),
-                           torch.full_like(flat, torch.finfo(flat.dtype).min / 4))
+        vals = torch.where(mask, flat, torch.full_like(flat, torch.finfo(flat.dtype).min / 4))
         kb = (cfg.rec_q * n.to(torch.float32)).round().clamp(min=1).to(torch.long)
         kmax = int(min(int(kb.max()), flat.shape[1]))
         kb = kb.clamp(max=kmax)
         top = vals.topk(kmax, dim=1).values.cumsum(1)
-        return top.gather(1, (kb - 1)[:, None])[:, 0] / kb.to(flat.dtype)
+        out = top.gather(1, (kb - 1)[:, None])[:, 0] / kb.to(flat.dtype)
+        return torch.where(mask.any(1), out, torch.zeros_like(out))
     raise ValueError(f"unknown rec_stat {cfg.rec_stat!r}")
 
 

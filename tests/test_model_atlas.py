@@ -95,14 +95,13 @@ def test_masked_stat_of_a_signed_map_ignores_pixels_outside_the_brain():
 def test_atlas_round_trips_through_a_checkpoint_as_float16():
     g = np.random.default_rng(0)
     mu = g.random((3, S, S)).astype(np.float32)
-    atlas = ResidualAtlas(mu, mu + 0.5, eps=0.003, n_series=7, n_slices=70)
-    ck = make_checkpoint("dae", net=_net(), input_size=S,
-                         scoring=ScoringConfig(atlas_bins=3, atlas_eps=0.003))
+    atlas = ResidualAtlas(mu, mu + 0.5, eps=0.003, n_series=7, n_slices=70, sigma=2.0)
+    ck = make_checkpoint("dae", net=_net(), input_size=S, scoring=ScoringConfig(atlas_bins=3))
     ck["atlas"] = atlas.to_dict()
     assert ck["atlas"]["mu"].dtype == torch.float16
     back = ResidualAtlas.from_dict(ck["atlas"])
     np.testing.assert_allclose(back.mu, mu, atol=1e-3)
-    assert (back.bins, back.eps, back.n_series, back.n_slices) == (3, 0.003, 7, 70)
+    assert (back.bins, back.eps, back.n_series, back.n_slices, back.sigma) == (3, 0.003, 7, 70, 2.0)
     with pytest.raises(ValueError, match="bins,S,S"):
         ResidualAtlas.from_dict({"mu": mu, "sd": mu[:2]})
 
@@ -127,9 +126,10 @@ def test_detector_scores_with_the_atlas_and_calibrates_to_normal_z(tmp_path: Pat
     # phantoms have no anatomy that changes with height; make the bins differ, so that a slice's
     # height within its own series (not within the whole set) visibly decides its score
     atlas = ResidualAtlas(atlas.mu + 0.02 * np.arange(4, dtype=np.float32)[:, None, None],
-                          atlas.sd, atlas.eps, atlas.n_series, atlas.n_slices)
-    ck = calibrate(with_atlas(base, atlas, sigma=1.0, source="test"), cal_set)
+                          atlas.sd, atlas.eps, atlas.n_series, atlas.n_slices, atlas.sigma)
+    ck = calibrate(with_atlas(base, atlas, source="test"), cal_set)
     assert ck["scoring"]["atlas_bins"] == 4 and ck["training"]["atlas"]["source"] == "test"
+    assert ck["training"]["atlas"]["sigma"] == 1.0
     save_checkpoint(ck, tmp_path / "a.pt")
     loaded, _ = read_checkpoint(tmp_path / "a.pt")
     det, plain = Detector(loaded, device="cpu"), Detector(base, device="cpu")
