@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from sqlalchemy import func, select
+    from triage_model.synth import LESION_FAMILIES, make_case
 
-    from model.synth import LESION_FAMILIES, make_case
     from triage_agent.synth_dicom import write_case_dicom
 
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             after_complete.append((delivered - completed).total_seconds())
             after_last.append((delivered - last).total_seconds())
 
-        from model.checkpoint import load_detector
+        from triage_model.checkpoint import load_detector
+
         from triage_agent.inference import score_series
 
         det = load_detector(None, device="auto")

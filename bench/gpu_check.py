@@ -26,10 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import losses, pretext  # noqa: E402
-from model.checkpoint import Detector, load_detector, make_checkpoint  # noqa: E402
-from model.network import MultitaskVAE, NetConfig  # noqa: E402
-from model.train import SliceSet, random_slices  # noqa: E402
+from triage_model import losses, pretext  # noqa: E402
+from triage_model.checkpoint import Detector, load_detector, make_checkpoint  # noqa: E402
+from triage_model.network import MultitaskVAE, NetConfig  # noqa: E402
+from triage_model.train import SliceSet, random_slices  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

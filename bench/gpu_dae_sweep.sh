@@ -21,7 +21,7 @@ $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_av
 JOBS=${JOBS:-"r1:1001:16:0.3:16 r2:1002:16:0.3:16 r3:1003:16:0.3:16 w1:1001:32:0.3:16 w2:1002:32:0.3:16 n1:1001:16:0.4:16"}
 run() {  # name seed base_channels noise_std noise_res
   local name=$1 seed=$2 ch=$3 std=$4 res=$5
-  $PY -m model.train "$WORK/$name.pt" --method dae --slices "$SLICES" --split-seed 1000 \
+  $PY -m triage_model.train "$WORK/$name.pt" --method dae --slices "$SLICES" --split-seed 1000 \
       --seed "$seed" --base-channels "$ch" --noise-std "$std" --noise-res "$res" \
       --steps 60000 --batch-size 32 --device auto --threads 2 --time-budget "$BUDGET" \
       --lr-decay-fraction 0.15 > "$WORK/$name.log" 2>&1

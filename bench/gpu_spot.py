@@ -14,7 +14,7 @@ Corruption per slice: a left-right flip with probability 0.5; the coarse noise o
 members (std 0.3 in window units on a 16 x 16 grid, bilinear, inside the brain mask); plus 2-6
 Gaussian spots centred on brain pixels (sigma 0.7-2.0 px, 8-30 HU, 70 % hyperdense, zero outside
 the brain; slices with under 50 brain pixels get none). The distributions are those of
-``model.pretext.small_spots`` (its constants are used), drawn in one vectorised pass on the
+``triage_model.pretext.small_spots`` (its constants are used), drawn in one vectorised pass on the
 device with a device generator, so not the same draws as the CPU function. The squared error is
 weighted 1 + WEIGHT where the spot field exceeds ``pretext.SPOT_WEIGHT_THRESHOLD``. The learning
 rate is constant, then falls linearly to 0 over the last ``--decay`` of the time budget.
@@ -38,9 +38,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import losses, pretext  # noqa: E402
-from model.checkpoint import default_weights_path, read_checkpoint  # noqa: E402
-from model.network import NetConfig, build_network  # noqa: E402
+from triage_model import losses, pretext  # noqa: E402
+from triage_model.checkpoint import default_weights_path, read_checkpoint  # noqa: E402
+from triage_model.network import NetConfig, build_network  # noqa: E402
 
 
 def spots_vectorised(mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

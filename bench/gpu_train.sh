@@ -7,7 +7,7 @@
 # At most 8 files come back from a lent machine: gpu_check.json, train.log and six checkpoints.
 # Then evaluate them here with `triage-agent evaluate --model ...` (see model/weights/MODEL_CARD.md).
 # Usage: bench/gpu_train.sh SLICES.npz OUTDIR BUDGET_S [STEPS]
-#   MORE_SLICES="a.npz b.npz" adds training-only archives (python -m model.train --more-slices);
+#   MORE_SLICES="a.npz b.npz" adds training-only archives (python -m triage_model.train --more-slices);
 #   the validation series still come from SLICES alone.
 set -u
 SLICES=$1; OUTDIR=$2; BUDGET=$3; STEPS=${4:-40000}
@@ -25,7 +25,7 @@ common=(--slices "$SLICES" --steps "$STEPS" --batch-size 32 --seed 1000 --device
 [ -n "${MORE_SLICES:-}" ] && common+=(--more-slices ${MORE_SLICES})
 run() {  # name method [extra args]
   local name=$1 method=$2; shift 2
-  $PY -m model.train "/tmp/gpu_train/$name.pt" --method "$method" "${common[@]}" "$@" \
+  $PY -m triage_model.train "/tmp/gpu_train/$name.pt" --method "$method" "${common[@]}" "$@" \
       > "/tmp/gpu_train/$name.log" 2>&1
   echo "[$name] exit $?"; tail -2 "/tmp/gpu_train/$name.log"
 }

@@ -4,7 +4,7 @@
 
 Prints, in one run:
 
-* training slices/s of the real training step (``model.train.Trainer.step``: batch sampling,
+* training slices/s of the real training step (``triage_model.train.Trainer.step``: batch sampling,
   flip augmentation, patch swap or random geometric transforms, loss, backward, Adam) for the
   pretraining and the multitask phase of the seed paper's model, and for the denoising U-Net
   (coarse noise), each next to a bare forward/backward/Adam loop of the same network on random
@@ -33,11 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import losses, pretext  # noqa: E402
-from model.checkpoint import Detector, load_detector, make_checkpoint  # noqa: E402
-from model.network import MultitaskVAE, NetConfig, build_network  # noqa: E402
-from model.symmetry import fit_midline  # noqa: E402
-from model.train import TrainConfig, Trainer, random_slices  # noqa: E402
+from triage_model import losses, pretext  # noqa: E402
+from triage_model.checkpoint import Detector, load_detector, make_checkpoint  # noqa: E402
+from triage_model.network import MultitaskVAE, NetConfig, build_network  # noqa: E402
+from triage_model.symmetry import fit_midline  # noqa: E402
+from triage_model.train import TrainConfig, Trainer, random_slices  # noqa: E402
 
 
 def _time(fn, n: int, warmup: int = 2) -> float:
@@ -149,7 +149,8 @@ def bench_inference(det: Detector, batch: int, reps: int, prefix: str = "infer"
 
 def bench_series(det: Detector, n_slices: int = 40, matrix: int = 512) -> dict[str, float]:
     try:
-        from model.synth import make_case
+        from triage_model.synth import make_case
+
         from triage_agent.inference import score_series
         from triage_agent.synth_dicom import write_case_dicom
     except ImportError as e:  # pragma: no cover

@@ -10,8 +10,8 @@ error is weighted 1 + WEIGHT inside the spots (where the spot field exceeds 0.8 
 unweighted the spots are about 5 % of the loss and the network does not learn them
 (``--weight 0``, half of the slices spotted: the RULE13 run in the model card). The learning
 rate is constant, then falls linearly to 0 over the last 30 % of the time budget (of the steps
-with ``--steps``). The spots are ``model.pretext.small_spots``, the same corruption that
-``python -m model.train --slices ... --init CKPT --spot-weight 20`` trains with.
+with ``--steps``). The spots are ``triage_model.pretext.small_spots``, the same corruption that
+``python -m triage_model.train --slices ... --init CKPT --spot-weight 20`` trains with.
 
 Training data: the 128 training normals of ``make_dataset_plan(160, 0, seed=1000)`` (the 32
 held-out validation series removed, split seed 1000, as for the bundled members), generated on
@@ -31,14 +31,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import losses, pretext  # noqa: E402
-from model.checkpoint import default_weights_path, read_checkpoint  # noqa: E402
-from model.network import NetConfig, build_network  # noqa: E402
+from triage_model import losses, pretext  # noqa: E402
+from triage_model.checkpoint import default_weights_path, read_checkpoint  # noqa: E402
+from triage_model.network import NetConfig, build_network  # noqa: E402
 
 
 def training_normals(cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The bundled members' 128 training series: the 160 normals of seed 1000 minus the fifth
-    held out for calibration, split as ``python -m model.train --slices ... --seed 1000`` did."""
+    held out for calibration, split as ``python -m triage_model.train --slices ... --seed 1000`` did."""
     from triage_agent.commands.train import cases_to_slices
     from triage_agent.inference import synthetic_cases
 

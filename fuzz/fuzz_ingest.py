@@ -357,7 +357,7 @@ class IngestTarget:
 # ------------------------------------------------------------------------------------ corpus
 
 def make_corpus(out: Path = CORPUS, synth: bool = True) -> int:
-    """Seeds: make_series slices, model.synth + synth_dicom slices (small matrices), the base
+    """Seeds: make_series slices, triage_model.synth + synth_dicom slices (small matrices), the base
     dataset, a non-CT instance, each encoded in every transfer syntax."""
     import pydicom
 
@@ -374,7 +374,8 @@ def make_corpus(out: Path = CORPUS, synth: bool = True) -> int:
         try:
             if not synth:
                 raise RuntimeError("not asked for")
-            from model.synth import make_case
+            from triage_model.synth import make_case
+
             from triage_agent.synth_dicom import write_case_dicom
 
             case = make_case(1, "intraparenchymal_haemorrhage", matrix=32)

@@ -2,7 +2,7 @@
 
 The atlas holds, for every pixel and every band of relative slice height, the mean and spread of
 the smoothed residual that the detector leaves on *normal* slices (``ScoringConfig.atlas_bins``,
-``model.scoring.ResidualAtlas``). With it, the slice statistic is taken of the pixel-wise z-map,
+``triage_model.scoring.ResidualAtlas``). With it, the slice statistic is taken of the pixel-wise z-map,
 so that places where normal anatomy always leaves residual (skull base, the inner table of the
 skull) count for less than the same residual in the middle of the brain. The heat maps do not
 change.
@@ -13,8 +13,8 @@ the series that the atlas was fitted to would sit too low for new ones. So ``--a
 and operating thresholds) are separate slice archives (``triage-agent train --export-slices``),
 or one archive split by series with ``--atlas-fraction``::
 
-    python -m model.atlas OUT.pt --model IN.pt --atlas-slices normals_a.npz --slices normals_b.npz
-    python -m model.atlas OUT.pt --slices normals.npz --atlas-fraction 0.7
+    python -m triage_model.atlas OUT.pt --model IN.pt --atlas-slices normals_a.npz --slices normals_b.npz
+    python -m triage_model.atlas OUT.pt --slices normals.npz --atlas-fraction 0.7
 """
 
 from __future__ import annotations
@@ -26,15 +26,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from model.checkpoint import (
+from triage_model.checkpoint import (
     CheckpointError,
     Detector,
     default_weights_path,
     read_checkpoint,
     save_checkpoint,
 )
-from model.scoring import AtlasFitter, ResidualAtlas, ScoringConfig, slice_heights
-from model.train import SliceSet, calibrate
+from triage_model.scoring import AtlasFitter, ResidualAtlas, ScoringConfig, slice_heights
+from triage_model.train import SliceSet, calibrate
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def with_atlas(ckpt: dict[str, Any], atlas: ResidualAtlas, *, source: str = "") 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m model.atlas", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m triage_model.atlas", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path, help="the new checkpoint")
     ap.add_argument("--model", type=Path, default=None,

@@ -11,8 +11,8 @@
                    noise; slice score = residual of the clean slice, as for the VAE
 =================  ==============================================================================
 
-All learned methods but ``dae`` share the network (``model.network.MultitaskVAE``); all share the data, optimiser, step
-budget and scoring code (``model.checkpoint.Detector``); they differ only in their loss and in
+All learned methods but ``dae`` share the network (``triage_model.network.MultitaskVAE``); all share the data, optimiser, step
+budget and scoring code (``triage_model.checkpoint.Detector``); they differ only in their loss and in
 which terms their score uses. The step budget of a method with pretraining includes it, so every
 learned method sees the same number of optimisation steps.
 """
@@ -24,10 +24,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from model.checkpoint import DISPLAY_NAMES, METHODS
-from model.network import NetConfig
-from model.scoring import ScoringConfig
-from model.train import PRETRAINED_METHODS, SliceSet, TrainConfig, train
+from triage_model.checkpoint import DISPLAY_NAMES, METHODS
+from triage_model.network import NetConfig
+from triage_model.scoring import ScoringConfig
+from triage_model.train import PRETRAINED_METHODS, SliceSet, TrainConfig, train
 
 ALL_METHODS: tuple[str, ...] = (
     "hu_threshold", "vae", "cevae", "vae_pretrained", "geometry_only", "multitask", "dae",
@@ -60,7 +60,7 @@ def _non_negative(text: str) -> float:
 
 
 def add_override_options(p: argparse.ArgumentParser) -> None:
-    """The options both training commands (``triage-agent train``, ``python -m model.train``)
+    """The options both training commands (``triage-agent train``, ``python -m triage_model.train``)
     take to override ``default_config``; read them back with ``overrides_from_args``."""
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--lr-decay-steps", type=int, default=None,

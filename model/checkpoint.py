@@ -20,10 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from model import pretext
-from model.network import NetConfig, build_network
-from model.scoring import (
+from triage_model import pretext
+from triage_model.network import NetConfig, build_network
+from triage_model.scoring import (
     NormStats,
     ResidualAtlas,
     ScoringConfig,
@@ -35,7 +34,7 @@ from model.scoring import (
     slice_heights,
     smooth,
 )
-from model.symmetry import asymmetric_residual, fit_midline
+from triage_model.symmetry import asymmetric_residual, fit_midline
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +135,7 @@ class Detector:
             if not ckpt.get("atlas"):
                 raise CheckpointError("the checkpoint's scoring uses a residual atlas "
                                       f"(atlas_bins={self.scoring.atlas_bins}) but holds none; "
-                                      "fit one with `python -m model.atlas`")
+                                      "fit one with `python -m triage_model.atlas`")
             try:
                 self.atlas = ResidualAtlas.from_dict(ckpt["atlas"])
             except (KeyError, ValueError, TypeError) as e:

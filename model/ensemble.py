@@ -1,9 +1,9 @@
 """Combine denoising U-Nets trained apart into one detector checkpoint (mean reconstruction).
 
-    python -m model.ensemble OUT.pt A.pt B.pt [C.pt ...] --slices train.npz
+    python -m triage_model.ensemble OUT.pt A.pt B.pt [C.pt ...] --slices train.npz
 
 Every member must be a ``dae`` checkpoint trained on the same slice archive with the same
-held-out validation series (the same ``--split-seed``; ``python -m model.train --split-seed K
+held-out validation series (the same ``--split-seed``; ``python -m triage_model.train --split-seed K
 --seed S`` trains such replicas). The ensemble is then normalised and thresholded afresh on those
 validation series, which none of its members has seen. The result loads like any checkpoint
 (``serve``, ``score``, ``evaluate --model``); it costs one forward pass per member per slice.
@@ -17,16 +17,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from model.checkpoint import (
+from triage_model.checkpoint import (
     DISPLAY_NAMES,
     CheckpointError,
     make_checkpoint,
     read_checkpoint,
     save_checkpoint,
 )
-from model.network import NetConfig, build_network
-from model.scoring import ScoringConfig
-from model.train import SliceSet, calibrate
+from triage_model.network import NetConfig, build_network
+from triage_model.scoring import ScoringConfig
+from triage_model.train import SliceSet, calibrate
 
 
 class EnsembleError(ValueError):
@@ -34,7 +34,7 @@ class EnsembleError(ValueError):
 
 
 def split_of(ck: dict[str, Any]) -> tuple[int, int]:
-    """(split seed, number of validation series) of a ``python -m model.train --slices`` run."""
+    """(split seed, number of validation series) of a ``python -m triage_model.train --slices`` run."""
     t = ck.get("training", {})
     cfg, data = t.get("train_config", {}), t.get("data", {})
     seed = data.get("split_seed", cfg.get("seed"))  # before --split-seed, --seed split the data
@@ -85,7 +85,7 @@ def combine(members: list[tuple[dict[str, Any], str]], *, name: str | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m model.ensemble", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m triage_model.ensemble", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
     ap.add_argument("members", type=Path, nargs="+", help="dae checkpoints (two or more)")

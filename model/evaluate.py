@@ -34,9 +34,8 @@ from sklearn.metrics import (
     roc_auc_score,
     roc_curve,
 )
-
-from model.checkpoint import DISPLAY_NAMES, Detector, SliceScores
-from model.scoring import aggregate, combine
+from triage_model.checkpoint import DISPLAY_NAMES, Detector, SliceScores
+from triage_model.scoring import aggregate, combine
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from model.network import NetOutput
+from triage_model.network import NetOutput
 
 
 def rec_loss(recon: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:

@@ -227,7 +227,7 @@ class UNetEnsemble(nn.Module):
     """Several denoising U-Nets trained apart (other seeds or widths) on the same normal data;
     the reconstruction is the mean of theirs. Averaging removes what each member got wrong on
     its own (its idiosyncratic residual on normal tissue) and keeps what they agree is abnormal.
-    Inference only: members are trained one by one and combined by ``model.ensemble``."""
+    Inference only: members are trained one by one and combined by ``triage_model.ensemble``."""
 
     def __init__(self, cfg: NetConfig) -> None:
         super().__init__()

@@ -14,7 +14,7 @@ of s_g/s_r, the operating thresholds (the ``target_specificity`` quantile of the
 validation series scores, for max and top-k aggregation) and the 5 %-voxel-FPR pixel threshold.
 
 DDP: run under ``torchrun`` (``WORLD_SIZE`` > 1): gloo on CPU, NCCL on CUDA; each rank draws its
-own batches from its own generator; rank 0 writes checkpoints. ``python -m model.train --random N``
+own batches from its own generator; rank 0 writes checkpoints. ``python -m triage_model.train --random N``
 trains on random tensors (smoke test of the launcher).
 """
 
@@ -35,11 +35,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-from model import losses, pretext
-from model.checkpoint import METHODS, Detector, make_checkpoint, read_checkpoint, save_checkpoint
-from model.network import NetConfig, build_network
-from model.scoring import NormStats, ScoringConfig, aggregate, apply_slice_context, slice_heights
+from triage_model import losses, pretext
+from triage_model.checkpoint import (
+    METHODS,
+    Detector,
+    make_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from triage_model.network import NetConfig, build_network
+from triage_model.scoring import (
+    NormStats,
+    ScoringConfig,
+    aggregate,
+    apply_slice_context,
+    slice_heights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +158,7 @@ class SliceSet:
     def save(self, path: Path | str, summary: dict[str, Any] | None = None) -> None:
         """Write a compact slice archive (x quantised to 8 bits, brain masks bit-packed, no HU)
         that ``load`` reads back: the way to move training data to a GPU machine that has
-        PyTorch but not the DICOM stack (``python -m model.train --slices FILE``)."""
+        PyTorch but not the DICOM stack (``python -m triage_model.train --slices FILE``)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
@@ -453,7 +464,7 @@ def fit_hu_threshold(train: SliceSet, quantile: float = 0.995, calcification_hu:
     carry HU (band [q, 100 HU]: acute blood is 50-90 HU, calcification above), else in
     brain-window units with saturated pixels (>= 0.98) excluded.
     """
-    from model.scoring import smooth
+    from triage_model.scoring import smooth
 
     def smoothed(a: np.ndarray) -> np.ndarray:
         out = np.empty(a.shape, np.float32)
@@ -467,7 +478,7 @@ def fit_hu_threshold(train: SliceSet, quantile: float = 0.995, calcification_hu:
     out = {"hi": float(np.quantile(vx, quantile)) if vx.size else 0.8, "top": 0.98,
            "quantile": quantile, "presmooth": presmooth}
     if train.hu is not None:
-        from model.checkpoint import near_bone
+        from triage_model.checkpoint import near_bone
 
         away = np.concatenate([
             ~near_bone(torch.from_numpy(np.asarray(train.hu[s:s + 256], np.float32)),
@@ -638,15 +649,15 @@ def random_slices(n: int, size: int, seed: int, n_series: int = 4) -> SliceSet:
 def main(argv: list[str] | None = None) -> int:
     """Launcher without the DICOM stack (PyTorch + NumPy only), also under ``torchrun``.
 
-    * smoke test: ``torchrun --nproc_per_node 2 -m model.train --random 64 --steps 3 OUT``
+    * smoke test: ``torchrun --nproc_per_node 2 -m triage_model.train --random 64 --steps 3 OUT``
       (a tiny network on random phantoms);
     * real training from a slice archive written by ``triage-agent train --export-slices``:
-      ``python -m model.train OUT --slices train.npz --method dae --steps 6000 --seed 1000``
+      ``python -m triage_model.train OUT --slices train.npz --method dae --steps 6000 --seed 1000``
       (same split, configuration and calibration as ``triage-agent train``; full-size network).
     """
-    from model.baselines import add_override_options  # model.baselines imports this module
+    from triage_model.baselines import add_override_options  # model.baselines imports this module
 
-    ap = argparse.ArgumentParser(prog="python -m model.train")
+    ap = argparse.ArgumentParser(prog="python -m triage_model.train")
     ap.add_argument("out", type=Path)
     ap.add_argument("--random", type=int, default=64, help="number of random phantom slices")
     ap.add_argument("--slices", type=Path, default=None,
@@ -690,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.slices is not None:
         from dataclasses import replace
 
-        from model.baselines import default_config, overrides_from_args
+        from triage_model.baselines import default_config, overrides_from_args
 
         data, summary = SliceSet.load(a.slices)
         split_seed = a.seed if a.split_seed is None else a.split_seed

@@ -9,9 +9,9 @@ from typing import Any
 
 import pydicom
 import pytest
+from triage_model.checkpoint import load_detector
+from triage_model.synth import make_case
 
-from model.checkpoint import load_detector
-from model.synth import make_case
 from tests.conftest import Node, require_tool, storescu, wait_for
 from tests.peers import Orthanc
 from triage_agent.inference import score_series

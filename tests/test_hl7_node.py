@@ -7,8 +7,8 @@ from typing import Any
 
 import pydicom
 import pytest
+from triage_model.synth import make_case
 
-from model.synth import make_case
 from tests.conftest import Node, storescu
 from tests.test_hl7 import Listener, listener, observations, parse  # noqa: F401  (fixture)
 from tests.test_model_e2e import tiny_ckpt  # noqa: F401  (module-scoped fixture)

@@ -7,17 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from model.atlas import fit_atlas, main, with_atlas
-from model.checkpoint import (
+from triage_model.atlas import fit_atlas, main, with_atlas
+from triage_model.checkpoint import (
     CheckpointError,
     Detector,
     make_checkpoint,
     read_checkpoint,
     save_checkpoint,
 )
-from model.network import NetConfig, build_network
-from model.scoring import (
+from triage_model.network import NetConfig, build_network
+from triage_model.scoring import (
     AtlasFitter,
     NormStats,
     ResidualAtlas,
@@ -26,7 +25,7 @@ from model.scoring import (
     residual_map,
     slice_heights,
 )
-from model.train import calibrate, random_slices
+from triage_model.train import calibrate, random_slices
 
 S = 32
 

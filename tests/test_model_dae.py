@@ -9,18 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from model import pretext
-from model.checkpoint import load_detector
-from model.network import DenoisingUNet, MultitaskVAE, NetConfig, build_network
-from model.train import SliceSet, TrainConfig, random_slices, train
+from triage_model import pretext
+from triage_model.checkpoint import load_detector
+from triage_model.network import DenoisingUNet, MultitaskVAE, NetConfig, build_network
+from triage_model.train import SliceSet, TrainConfig, random_slices, train
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def launch_train(out: Path, slices: Path, *opts: str) -> Path:
-    """`python -m model.train OUT --slices SLICES --device cpu OPTS...`, as a GPU machine runs it."""
-    p = subprocess.run([sys.executable, "-m", "model.train", str(out), "--slices", str(slices),
+    """`python -m triage_model.train OUT --slices SLICES --device cpu OPTS...`, as a GPU machine runs it."""
+    p = subprocess.run([sys.executable, "-m", "triage_model.train", str(out), "--slices", str(slices),
                         "--device", "cpu", *opts],
                        capture_output=True, text=True, timeout=240, cwd=REPO)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -113,7 +112,7 @@ def test_slice_archive_roundtrip_and_rejects_other_files(tmp_path: Path):
 
 @pytest.mark.timeout(300)
 def test_export_slices_then_train_with_the_pytorch_only_launcher(tmp_path: Path):
-    """`triage-agent train --export-slices` writes what `python -m model.train --slices` trains
+    """`triage-agent train --export-slices` writes what `python -m triage_model.train --slices` trains
     on (the path to a GPU machine without the DICOM stack); a spent time budget stops early
     and the checkpoint says so."""
     from triage_agent.cli import main as cli
@@ -131,7 +130,7 @@ def test_export_slices_then_train_with_the_pytorch_only_launcher(tmp_path: Path)
     assert rc == 0
     extra, _ = SliceSet.load(more)
     out = tmp_path / "dae.pt"
-    p = subprocess.run([sys.executable, "-m", "model.train", str(out), "--slices", str(arch),
+    p = subprocess.run([sys.executable, "-m", "triage_model.train", str(out), "--slices", str(arch),
                         "--more-slices", str(more), "--method", "dae", "--steps", "2",
                         "--batch-size", "2", "--seed", "7", "--val-fraction", "0.5",
                         "--device", "cpu"],
@@ -169,7 +168,7 @@ def test_export_slices_then_train_with_the_pytorch_only_launcher(tmp_path: Path)
     assert ft["training"]["init_from"]["file"] == "r.pt"
     assert ft["training"]["train_config"]["noise_res_alt"] == 8
     assert ft["training"]["train_config"]["spot_weight"] == 20
-    p = subprocess.run([sys.executable, "-m", "model.train", str(tmp_path / "b.pt"), "--slices",
+    p = subprocess.run([sys.executable, "-m", "triage_model.train", str(tmp_path / "b.pt"), "--slices",
                         str(arch), "--method", "vae", "--steps", "50", "--batch-size", "2",
                         "--val-fraction", "0.5", "--time-budget", "0", "--device", "cpu"],
                        capture_output=True, text=True, timeout=240, cwd=REPO)
@@ -181,7 +180,7 @@ def test_export_slices_then_train_with_the_pytorch_only_launcher(tmp_path: Path)
 def test_time_budget_gives_pretraining_only_its_share(tmp_path: Path, monkeypatch):
     """With a time budget shorter than the planned steps, a method with context-restoration
     pretraining still reaches its main phase (pretraining gets its planned share of the time)."""
-    import model.train as mt
+    import triage_model.train as mt
 
     clock = iter(range(10**6))
     monkeypatch.setattr(mt.time, "time", lambda: float(next(clock)))  # 1 s per clock read
@@ -204,8 +203,8 @@ def test_flip_tta_makes_scores_mirror_symmetric():
     """With ``flip_tta`` the reconstruction is the mean of the slice's and its mirror image's, so
     a left-right mirrored study scores the same and its heat map is the mirror of the original's
     (an untrained network, without the option, breaks both)."""
-    from model.checkpoint import Detector, make_checkpoint
-    from model.scoring import ScoringConfig
+    from triage_model.checkpoint import Detector, make_checkpoint
+    from triage_model.scoring import ScoringConfig
 
     torch.manual_seed(0)
     net = build_network(NetConfig(input_size=32, base_channels=4, max_channels=16, arch="unet",
@@ -234,10 +233,11 @@ def test_site_training_defaults_are_the_bundled_models_configuration():
     bundled default was (method, coarse noise, scoring options chosen on the development set);
     a command-line scoring override changes only that field. The one exception is the residual
     atlas: it needs normal series other than the training and calibration ones, so it is a
-    separate step (`python -m model.atlas`), and a freshly trained file has none."""
-    from model.baselines import default_config
-    from model.checkpoint import default_weights_path, read_checkpoint
-    from model.scoring import ScoringConfig
+    separate step (`python -m triage_model.atlas`), and a freshly trained file has none."""
+    from triage_model.baselines import default_config
+    from triage_model.checkpoint import default_weights_path, read_checkpoint
+    from triage_model.scoring import ScoringConfig
+
     from triage_agent.commands.train import register
 
     bundled, _ = read_checkpoint(default_weights_path())
@@ -259,7 +259,7 @@ def test_site_training_defaults_are_the_bundled_models_configuration():
         assert (cfg.noise_std, cfg.noise_res) == (tc["noise_std"], tc["noise_res"])
     over = default_config("dae", scoring={"rec_q": 0.01}).scoring
     assert over.rec_q == 0.01 and over.flip_tta
-    from model.baselines import overrides_from_args
+    from triage_model.baselines import overrides_from_args
 
     args = ap.parse_args(["train", "/normals", "--rec-q", "0.01", "--no-flip-tta",
                           "--lr-decay-steps", "5", "--eps", "0.1", "--symmetry",
@@ -308,7 +308,7 @@ def test_lr_decay_anneals_the_last_steps_and_resume_continues_a_run(tmp_path: Pa
 def test_lr_decay_fraction_anneals_a_run_that_the_time_budget_stops(tmp_path: Path, monkeypatch):
     """With ``lr_decay_fraction`` the run's progress is the larger of steps and wall time spent, so
     a run planned far beyond its time budget still ends with the learning rate near zero."""
-    import model.train as mt
+    import triage_model.train as mt
 
     cfg = TrainConfig(method="dae", steps=100, lr=1e-3, lr_decay_fraction=0.2)
     assert cfg.lr_at(50) == 1e-3 and cfg.lr_at(90) == pytest.approx(5e-4)
@@ -331,10 +331,10 @@ def test_lr_decay_fraction_anneals_a_run_that_the_time_budget_stops(tmp_path: Pa
 
 
 def test_ensemble_of_replicas_averages_their_reconstructions(tmp_path: Path):
-    """`python -m model.ensemble` combines U-Nets trained apart on the same held-out series into
+    """`python -m triage_model.ensemble` combines U-Nets trained apart on the same held-out series into
     one checkpoint that reconstructs with their mean and is calibrated afresh; members that were
     validated on other series, or are not U-Nets, are refused with a clear error."""
-    from model.ensemble import main as ensemble
+    from triage_model.ensemble import main as ensemble
 
     arch = tmp_path / "slices.npz"
     random_slices(24, 32, seed=6, n_series=6).save(arch, {"source": "random"})
@@ -385,7 +385,7 @@ def test_ensemble_of_replicas_averages_their_reconstructions(tmp_path: Path):
         load_detector(c, device="cpu").ckpt["training"]["data"]["val_series_ids"]
     v = member("v.pt", "--method", "vae", "--seed", "1", "--split-seed", "0")
     for bad, why in ((c, "validated on different series"), (v, "only denoising U-Nets")):
-        p = subprocess.run([sys.executable, "-m", "model.ensemble", str(tmp_path / "x.pt"), str(a),
+        p = subprocess.run([sys.executable, "-m", "triage_model.ensemble", str(tmp_path / "x.pt"), str(a),
                             str(bad), "--slices", str(arch)],
                            capture_output=True, text=True, timeout=240, cwd=REPO)
         assert p.returncode == 2 and why in p.stderr and not (tmp_path / "x.pt").exists()
@@ -400,7 +400,7 @@ def _roughness(noise: torch.Tensor) -> torch.Tensor:
 def test_second_noise_scale_mixes_blob_sizes_per_slice():
     """With ``noise_res_alt`` some slices of a batch get the fine noise grid and the others the
     coarse one; without it every slice gets the coarse grid (as before)."""
-    from model.train import Trainer
+    from triage_model.train import Trainer
 
     data = random_slices(32, 64, seed=2, n_series=4)
     x = torch.from_numpy(data.x[:32])
@@ -424,7 +424,7 @@ def test_spot_corruption_paints_small_spots_in_the_brain_and_weights_their_error
     """``spot_weight`` adds 2-6 small spots (8-30 HU peaks, sigma 0.7-2 px) inside the brain of
     every slice and returns the loss weight 1 + spot_weight on them; off, the batch is as before;
     a slice with almost no brain gets none; the weighted loss is what the step minimises."""
-    from model.train import Trainer
+    from triage_model.train import Trainer
 
     data = random_slices(16, 64, seed=3, n_series=4)
     x, m = torch.from_numpy(data.x), torch.from_numpy(data.brain)

@@ -15,7 +15,7 @@ def test_torchrun_two_cpu_processes(tmp_path: Path):
     out = tmp_path / "ddp.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "model.train", str(out), "--random", "32", "--size", "32", "--steps", "3",
+           "-m", "triage_model.train", str(out), "--random", "32", "--size", "32", "--steps", "3",
            "--pretrain-steps", "1", "--batch-size", "2"]
     # one retry: on a shared machine the rendezvous port can be taken between probe and bind
     for _attempt in range(2):

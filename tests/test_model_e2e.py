@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from model.checkpoint import CheckpointError, load_detector, sha256_file
-from model.network import NetConfig
-from model.train import TrainConfig, random_slices, state_path, train
+from triage_model.checkpoint import CheckpointError, load_detector, sha256_file
+from triage_model.network import NetConfig
+from triage_model.train import TrainConfig, random_slices, state_path, train
 
 SIZE = 64
 TINY = NetConfig(input_size=SIZE, base_channels=4, max_channels=16, z_dim=8, geo_hidden=16)
@@ -82,7 +81,7 @@ def test_resume_continues(tmp_path: Path):
 
 
 def test_every_method_scores_through_the_same_interface(tmp_path: Path):
-    from model.baselines import ALL_METHODS, default_config
+    from triage_model.baselines import ALL_METHODS, default_config
 
     torch.set_num_threads(1)
     data = random_slices(16, 32, seed=2, n_series=4)

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from model import evaluate as ev
-from model.checkpoint import Detector, make_checkpoint
-from model.scoring import ScoringConfig
+from triage_model import evaluate as ev
+from triage_model.checkpoint import Detector, make_checkpoint
+from triage_model.scoring import ScoringConfig
 
 
 def test_metric_toys():
@@ -64,7 +63,7 @@ def test_harness_on_hu_threshold(tmp_path: Path):
 
 
 def test_harness_multitask_adds_single_term_rows(tmp_path: Path):
-    from model.network import MultitaskVAE, NetConfig
+    from triage_model.network import MultitaskVAE, NetConfig
 
     net = MultitaskVAE(NetConfig(input_size=16, base_channels=4, max_channels=8, z_dim=4,
                                  geo_hidden=8))

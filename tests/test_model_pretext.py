@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from model import pretext
+from triage_model import pretext
 
 
 def _img(size: int = 16) -> torch.Tensor:

@@ -7,9 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from model import losses, scoring
-from model.network import MultitaskVAE, NetConfig, NetOutput
+from triage_model import losses, scoring
+from triage_model.network import MultitaskVAE, NetConfig, NetOutput
 
 
 def test_rec_kl_geo_terms():

@@ -7,17 +7,16 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from model.checkpoint import Detector, make_checkpoint
-from model.network import NetConfig, build_network
-from model.scoring import NormStats, ScoringConfig
-from model.symmetry import asymmetric_residual, fit_midline, mirror, reflection
-from model.train import random_slices
+from triage_model.checkpoint import Detector, make_checkpoint
+from triage_model.network import NetConfig, build_network
+from triage_model.scoring import NormStats, ScoringConfig
+from triage_model.symmetry import asymmetric_residual, fit_midline, mirror, reflection
+from triage_model.train import random_slices
 
 
 def head(size: int, theta_deg: float, offset_px: float, seed: int = 0) -> np.ndarray:
     """A head-like slice symmetric about the line at ``theta_deg`` from vertical (the vertical
-    rotated as ``model.symmetry.reflection`` rotates it) ``offset_px`` pixels from the centre:
+    rotated as ``triage_model.symmetry.reflection`` rotates it) ``offset_px`` pixels from the centre:
     skull ring, brain, two ventricles, and a texture made symmetric about that line."""
     t = math.radians(theta_deg)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
@@ -126,7 +125,7 @@ def test_slice_context_scores_neighbour_averaged_statistics_and_calibrates_the_s
     statistics of the series, the heat maps stay per slice, and calibration averages the
     validation statistics series by series before fitting the normalisation, so that a normal
     validation slice still scores about 0."""
-    from model.train import calibrate
+    from triage_model.train import calibrate
 
     torch.manual_seed(0)
     net = build_network(NetConfig(input_size=32, base_channels=4, max_channels=16, arch="unet",

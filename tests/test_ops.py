@@ -18,8 +18,8 @@ import pydicom
 import pytest
 from pynetdicom import AE
 from sqlalchemy import select
+from triage_model.synth import make_case
 
-from model.synth import make_case
 from tests.conftest import Node, storescu, wait_for
 from tests.factories import CANARY_ID, CANARY_NAME, CT
 from tests.peers import StoreSCP, free_port

@@ -374,8 +374,8 @@ def test_sc_realistic_example(source: list[pydicom.Dataset], tmp_path: Path) -> 
     """A synthetic haemorrhage with its smoothed lesion mask as heat map: the picture in the
     README. The lesion must be coloured and the brain away from it must stay grey."""
     from scipy import ndimage as ndi
+    from triage_model.synth import make_case
 
-    from model.synth import make_case
     from triage_agent.preprocess import model_inputs, volume_from_case
 
     case = make_case(5, "intraparenchymal_haemorrhage", subtle=False, matrix=256)

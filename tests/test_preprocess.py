@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from triage_model.synth import SynthCase, make_case
 
-from model.synth import SynthCase, make_case
 from triage_agent.preprocess import (
     HUVolume,
     PreprocessError,

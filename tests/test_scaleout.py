@@ -13,8 +13,8 @@ from typing import Any
 import pydicom
 import pytest
 from sqlalchemy import func, select
+from triage_model.synth import make_case
 
-from model.synth import make_case
 from tests.conftest import Node, storescu
 from tests.test_model_e2e import tiny_ckpt  # noqa: F401  (module-scoped fixture)
 from triage_agent.models import Job, Result, Series

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-
-from model.synth import LESION_FAMILIES, SynthCase, make_case, make_dataset_plan
+from triage_model.synth import LESION_FAMILIES, SynthCase, make_case, make_dataset_plan
 
 SMALL = 128  # in-plane matrix for fast tests; geometry and HU do not depend on it
 

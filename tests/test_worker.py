@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pydicom
 from sqlalchemy import select
+from triage_model.checkpoint import load_detector
+from triage_model.synth import make_case
 
-from model.checkpoint import load_detector
-from model.synth import make_case
 from tests.conftest import Node, storescu
 from tests.factories import make_series
 from tests.test_model_e2e import tiny_ckpt  # noqa: F401  (module-scoped fixture)

@@ -55,7 +55,7 @@ class StartupError(Exception):
 
 
 def load_model(cfg: AgentConfig) -> Model:
-    from model.checkpoint import load_detector
+    from triage_model.checkpoint import load_detector
 
     try:
         det = load_detector(cfg.model.weights, device=cfg.model.device)

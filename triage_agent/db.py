@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +18,9 @@ from sqlalchemy.pool import NullPool
 log = logging.getLogger(__name__)
 
 MIGRATION_LOCK_KEY = 727_001_002  # pg_advisory_lock key that serialises migrations
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+# The migrations ship inside the package (pyproject maps migrations/ to triage_agent.migrations),
+# so a wheel installed anywhere finds them.
+MIGRATIONS_DIR = Path(str(importlib.resources.files("triage_agent.migrations")))
 
 
 class DatabaseError(Exception):

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from model.checkpoint import Detector
-from model.scoring import aggregate as aggregate_scores
+from triage_model.checkpoint import Detector
+from triage_model.scoring import aggregate as aggregate_scores
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +223,7 @@ def _load_case(path: Path) -> Case:
 def _data_code_tag() -> str:
     """Short hash of the generator + preprocessing source: caches go stale when either changes."""
     h = hashlib.sha1()
-    for mod in ("model.synth", "triage_agent.preprocess"):
+    for mod in ("triage_model.synth", "triage_agent.preprocess"):
         import importlib
 
         f = getattr(importlib.import_module(mod), "__file__", None)
@@ -245,7 +244,8 @@ def synthetic_case(seed: int, label: str, *, size: int = 128, matrix: int = 512,
                 return _load_case(cache)
             except Exception as e:  # noqa: BLE001 - a broken cache entry is regenerated
                 log.warning("ignoring broken cache %s: %s", cache, e)
-    from model.synth import make_case
+    from triage_model.synth import make_case
+
     from triage_agent.preprocess import model_inputs, volume_from_case
 
     sc = make_case(seed, label, matrix=matrix)
@@ -262,7 +262,7 @@ def synthetic_case(seed: int, label: str, *, size: int = 128, matrix: int = 512,
 def synthetic_cases(normals: int, abnormals: int, seed: int, *, size: int = 128,
                     matrix: int = 512, cache_dir: Path | None = None,
                     progress: bool = True) -> list[Case]:
-    from model.synth import make_dataset_plan
+    from triage_model.synth import make_dataset_plan
 
     plan = make_dataset_plan(normals, abnormals, seed)
     it: Iterable[tuple[int, str]] = plan

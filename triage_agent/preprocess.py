@@ -20,7 +20,7 @@ from pydicom.multival import MultiValue
 from scipy import ndimage as ndi
 
 if TYPE_CHECKING:  # pragma: no cover
-    from model.synth import SynthCase
+    from triage_model.synth import SynthCase
 
 log = logging.getLogger(__name__)
 

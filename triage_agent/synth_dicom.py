@@ -22,8 +22,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     generate_uid,
 )
-
-from model.synth import SynthCase
+from triage_model.synth import SynthCase
 
 log = logging.getLogger(__name__)
 

@@ -381,7 +381,8 @@ def test_pacs(node_factory: Any, tiny_ckpt: Path, tmp_path: Path) -> None:  # no
     )
     node.add_destination("pacs", "PACS", "127.0.0.1", port)
     node.start(timeout_s=120)
-    from model.synth import make_case
+    from triage_model.synth import make_case
+
     from triage_agent.synth_dicom import write_case_dicom
 
     n_series = size(2, 6)
@@ -417,7 +418,8 @@ def test_pacs(node_factory: Any, tiny_ckpt: Path, tmp_path: Path) -> None:  # no
 def test_kill_pipeline(node_factory: Any, tiny_ckpt: Path, tmp_path: Path) -> None:  # noqa: F811
     """kill -9 during inference, output building and delivery; after restarts every series is
     delivered and the PACS holds exactly one SR and one heat-map series per series."""
-    from model.synth import make_case
+    from triage_model.synth import make_case
+
     from tests.peers import StoreSCP
     from triage_agent.synth_dicom import write_case_dicom
 

@@ -73,7 +73,8 @@ def _series_under(dirs: list[str]) -> dict[str, list[Path]]:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_or_exit(args.config)
-    from model.checkpoint import load_detector
+    from triage_model.checkpoint import load_detector
+
     from triage_agent.inference import score_series
 
     normal = _series_under(args.normal)

@@ -39,9 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+    from triage_model.checkpoint import CheckpointError, load_detector
+    from triage_model.evaluate import EvalCase, evaluate
 
-    from model.checkpoint import CheckpointError, load_detector
-    from model.evaluate import EvalCase, evaluate
     from triage_agent.inference import folder_cases, synthetic_cases
 
     if args.threads:

@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.checkpoint import CheckpointError, load_detector
+    from triage_model.checkpoint import CheckpointError, load_detector
+
     from triage_agent.config import AgentConfig, ConfigError, load_config
     from triage_agent.inference import find_series, score_series
 

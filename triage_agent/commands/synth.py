@@ -125,7 +125,7 @@ def caption(label: str, subtle: bool, thickness: float) -> str:
 
 
 def _plan(args: argparse.Namespace) -> list[tuple[str, int, str]]:
-    from model.synth import LESION_FAMILIES, make_dataset_plan
+    from triage_model.synth import LESION_FAMILIES, make_dataset_plan
 
     plan = make_dataset_plan(args.normals, args.abnormals, args.seed)
     if args.families:
@@ -144,7 +144,8 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, int, str]]:
 
 def _one(job: tuple[str, int, str, str, int, str, bool]) -> dict[str, object]:
     case_id, seed, label, out, matrix, subtle_opt, want_preview = job
-    from model.synth import make_case
+    from triage_model.synth import make_case
+
     from triage_agent.synth_dicom import synthetic_patient, uid_for, write_case_dicom
 
     subtle = {"auto": None, "yes": True, "no": False}[subtle_opt]
@@ -227,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
 def write_examples(path: Path, *, outline: bool = True, dpi: int = 72) -> Path:
     """Regenerate the README picture (``docs/synth_examples.png``): three normals (with their
     calcified variants named), every lesion family, and two subtle presentations."""
-    from model.synth import LESION_FAMILIES, make_case
+    from triage_model.synth import LESION_FAMILIES, make_case
 
     specs: list[tuple[int, str, bool | None]] = [(1001, "normal", None), (1002, "normal", None),
                                                  (1003, "normal", None)]  # fmt: skip

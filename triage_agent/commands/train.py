@@ -16,7 +16,7 @@ import numpy as np
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from model.baselines import ALL_METHODS, add_override_options
+    from triage_model.baselines import ALL_METHODS, add_override_options
 
     p = sub.add_parser("train", help="train the detector (or a baseline) on normal series")
     p.add_argument("folder", nargs="?", type=Path, help="folder of normal DICOM series")
@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--export-slices", type=Path, default=None, metavar="FILE.npz",
                    help="write the preprocessed training slices to FILE.npz and stop, to train "
-                        "elsewhere with `python -m model.train OUT --slices FILE.npz` (a GPU "
+                        "elsewhere with `python -m triage_model.train OUT --slices FILE.npz` (a GPU "
                         "machine needs PyTorch and NumPy only)")
     p.set_defaults(func=run)
 
@@ -72,7 +72,7 @@ def load_training_cases(args: argparse.Namespace) -> tuple[list, dict]:
 
 
 def cases_to_slices(cases: list):
-    from model.train import SliceSet
+    from triage_model.train import SliceSet
 
     xs = [c.x for c in cases if len(c.x)]
     if not xs:
@@ -89,9 +89,9 @@ def cases_to_slices(cases: list):
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.baselines import default_config, overrides_from_args
-    from model.network import NetConfig
-    from model.train import train
+    from triage_model.baselines import default_config, overrides_from_args
+    from triage_model.network import NetConfig
+    from triage_model.train import train
 
     cases, summary = load_training_cases(args)
     data = cases_to_slices(cases)
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         data.save(args.export_slices, summary)
         size = args.export_slices.stat().st_size / 1e6
         print(f"wrote {args.export_slices}: {len(data)} slices of {data.n_series} series "
-              f"({size:.1f} MB); train with: python -m model.train OUT --slices "
+              f"({size:.1f} MB); train with: python -m triage_model.train OUT --slices "
               f"{args.export_slices} --method {args.method} --steps {args.steps} "
               f"--batch-size {args.batch_size} --seed {args.seed}", flush=True)
         return 0

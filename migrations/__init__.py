@@ -1,0 +1,1 @@
+"""Alembic migrations of the node's schema; installed as ``triage_agent.migrations``."""
