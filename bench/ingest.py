@@ -4,6 +4,8 @@ The same 40-slice and 300-slice series (512x512, 16-bit) are sent with DCMTK ``s
   * the node (durability contract on: fsync file + rename + dir fsync + committed SQLite row),
   * DCMTK ``storescp`` (no fsync, no index: the speed ceiling),
   * Orthanc (fsync'd storage area and a SQLite index: the like-for-like durable peer).
+Every DCMTK-based peer (storescu, storescp, Orthanc) runs with ``TCP_NODELAY=1``, so none is timed
+waiting for delayed ACKs (Debian's DCMTK leaves Nagle's algorithm on without it).
 Each receiver starts fresh for every run (so none short-circuits duplicates); the order of
 receivers rotates between runs to spread machine noise. Prints the median wall time of
 `storescu` per receiver and the ratios node/Orthanc and node/storescp.
@@ -112,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [Node, StoreSCP, OrthancRx]
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         root = Path(tmp)
-        print(f"# ingest benchmark, {args.runs} runs per receiver, storescu with TCP_NODELAY=1")
+        print(f"# ingest benchmark, {args.runs} runs per receiver; TCP_NODELAY=1 for storescu, "
+              "storescp and Orthanc alike (DCMTK-based peers leave Nagle's algorithm on without "
+              "it)")
         print(f"{'series':>8} {'receiver':>9} {'median s':>9} {'inst/s':>8} {'MB/s':>7}")
         for n in (int(x) for x in args.sizes.split(",")):
             files = make_series(root / f"series{n}", n=n, seed=n, size=512)
