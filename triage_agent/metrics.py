@@ -19,6 +19,12 @@ ASSOCIATIONS = Counter(
     "triage_associations_total", "Associations by outcome and rejection reason",
     ["outcome", "reason"],
 )
+REFUSED_PROPOSALS = Counter(
+    "triage_refused_proposals_total",
+    "SOP classes a peer proposed that an association could not carry, by reason (sop_class: not "
+    "accepted by this node; transfer_syntax: none of the proposed syntaxes accepted)",
+    ["reason", "sop_class", "transfer_syntax"],
+)
 INSTANCES = Counter(
     "triage_instances_received_total",
     "C-STORE requests by outcome (stored, duplicate, quarantined, or a failure status)",

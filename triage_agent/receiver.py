@@ -17,13 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import (
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    RLELossless,
-)
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
@@ -37,6 +31,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from triage_agent import ingest, metrics
 from triage_agent.config import AgentConfig
 from triage_agent.storage import Storage, StorageFullError
+from triage_agent.transfer_syntax import (
+    ACCEPTED_TRANSFER_SYNTAXES,
+    DatasetTooLarge,
+    metric_label,
+    received_dataset,
+    refused_proposals,
+    summarise,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +47,6 @@ pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
 pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
 
 IMAGE_SOP_CLASSES = (str(CTImageStorage), str(EnhancedCTImageStorage))
-# Deflated is deliberately absent: pynetdicom inflates it without a size bound.
-TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, RLELossless]
-assert not set(TRANSFER_SYNTAXES) - set(ALL_TRANSFER_SYNTAXES)
 
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -191,7 +190,7 @@ class Receiver:
     def handlers(self) -> list[Any]:
         return [
             (evt.EVT_CONN_OPEN, handle_conn_open, [self]),
-            (evt.EVT_CONN_CLOSE, handle_conn_close),
+            (evt.EVT_CONN_CLOSE, handle_conn_close, [self]),
             (evt.EVT_PDU_RECV, handle_pdu_recv, [self]),
             (evt.EVT_REQUESTED, handle_requested, [self]),
             (evt.EVT_ACCEPTED, handle_accepted, [self]),
@@ -295,7 +294,7 @@ def build_ae(cfg: AgentConfig) -> AE:
     ae.maximum_pdu_size = node.max_pdu_bytes
     ae.add_supported_context(Verification)
     for uid in (*IMAGE_SOP_CLASSES, *cfg.storage.extra_sop_classes):
-        ae.add_supported_context(uid, TRANSFER_SYNTAXES)
+        ae.add_supported_context(uid, list(ACCEPTED_TRANSFER_SYNTAXES))
     return ae
 
 
@@ -311,7 +310,11 @@ def build_ssl_context(cfg: AgentConfig) -> ssl.SSLContext | None:
 
 
 def _peer(event: Any) -> tuple[str, str]:
-    req = event.assoc.requestor
+    return _peer_of(event.assoc)
+
+
+def _peer_of(assoc: Any) -> tuple[str, str]:
+    req = assoc.requestor
     return (req.ae_title or "").strip(), str(req.address)
 
 
@@ -375,9 +378,31 @@ def _hard_kill(assoc: Any) -> None:
     assoc.dul.to_user_queue.put(None)
 
 
-def handle_conn_close(event: Any) -> None:
+def handle_conn_close(event: Any, rx: Receiver) -> None:
     if event.assoc.is_acceptor:
         _release_slot(event.assoc)
+        if getattr(event.assoc, "triage_accepted", False):
+            _trace_refusals(event.assoc, rx)
+
+
+def _trace_refusals(assoc: Any, rx: Receiver) -> None:
+    """Count and audit what the association could not carry (see transfer_syntax.py for which
+    refusals are worth it), once, when it closes."""
+    proposed = assoc.requestor.primitive.presentation_context_definition_list or []
+    refused = refused_proposals(proposed, sorted(rx.accepted_sop_classes),
+                                [cx.context_id for cx in assoc.accepted_contexts],
+                                getattr(assoc, "triage_stores", 0))
+    if not refused:
+        return
+    for r in refused:
+        metrics.REFUSED_PROPOSALS.labels(r.reason, metric_label(r.sop_class),
+                                         metric_label(r.transfer_syntaxes[0]
+                                                      if r.transfer_syntaxes else "")).inc()
+    calling, address = _peer_of(assoc)
+    detail = summarise(refused)
+    log.warning("association from %s could not carry: %s", calling, detail)
+    ingest.audit(rx.sessions, "contexts_refused", calling_ae=calling, source_address=address,
+                 detail=detail, flagged=True)
 
 
 def handle_pdu_recv(event: Any, rx: Receiver) -> None:
@@ -447,6 +472,7 @@ def handle_requested(event: Any, rx: Receiver) -> None:
 
 def handle_accepted(event: Any, rx: Receiver) -> None:
     calling, address = _peer(event)
+    event.assoc.triage_accepted = True
     metrics.ASSOCIATIONS.labels("accepted", "").inc()
     log.info("association accepted from %s at %s", calling, address)
     ingest.audit(rx.sessions, "association_accepted", calling_ae=calling, source_address=address)
@@ -470,6 +496,7 @@ def handle_store(event: Any, rx: Receiver) -> Dataset | int:
     sop_class = str(req.AffectedSOPClassUID or "")
     sop_uid = str(req.AffectedSOPInstanceUID or "")
     ts = str(event.context.transfer_syntax)
+    event.assoc.triage_stores = getattr(event.assoc, "triage_stores", 0) + 1
 
     def refuse(status: int, comment: str, kind: str = "store_failed") -> Dataset:
         metrics.INSTANCES.labels(f"0x{status:04X}").inc()
@@ -485,7 +512,10 @@ def handle_store(event: Any, rx: Receiver) -> Dataset | int:
         return refuse(Status.NOT_ACCEPTED, "SOP class not accepted by this node")
 
     try:
-        info = ingest.inspect_dataset(event.dataset, sop_class, sop_uid, ts)
+        dataset = received_dataset(event, int(rx.cfg.node.max_dataset_mb * 1024 * 1024))
+        info = ingest.inspect_dataset(dataset, sop_class, sop_uid, ts)
+    except DatasetTooLarge as e:
+        return refuse(Status.OUT_OF_RESOURCES, str(e))
     except ingest.DatasetMismatch as e:
         return refuse(Status.DATASET_MISMATCH, str(e))
     except ingest.InvalidUID as e:
