@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from triage_agent import completion, db, metrics
 from triage_agent.config import AgentConfig
 from triage_agent.models import Event, Job, JobState
+from triage_agent.operating_point import OperatingPoint
 from triage_agent.receiver import Receiver
 from triage_agent.sender import Sender
 from triage_agent.storage import Storage
@@ -36,14 +37,23 @@ class Model:
     weights_sha256: str
     detector: Any
 
+    def operating_point(self, cfg: AgentConfig) -> OperatingPoint:
+        """Threshold and priority bands in force: the model's threshold unless [triage] sets one."""
+        return OperatingPoint.resolve(cfg.triage, self.detector.threshold_for(cfg.triage.aggregate))
+
     def scorer(self, cfg: AgentConfig) -> Any:
         from triage_agent.inference import score_series
 
         t = cfg.triage
+        op = self.operating_point(cfg)
+        if op.mismatch:
+            log.warning("%s", op.mismatch)
+        log.info("operating threshold %.4g (from the %s)", op.threshold,
+                 "model file" if op.source == "model" else "configuration")
 
         def score(paths: Any) -> Any:
             return score_series(
-                paths, self.detector, lambda_=t.lambda_, threshold=t.threshold,
+                paths, self.detector, lambda_=t.lambda_, threshold=op.threshold,
                 aggregate=t.aggregate, top_k=t.top_k, batch_size=cfg.model.batch_size,
             )
 

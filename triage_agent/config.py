@@ -205,8 +205,11 @@ class PriorityBand(_Section):
 
 
 class TriageConfig(_Section):
-    # None = the operating threshold calibrated into the checkpoint (see the model card).
+    # None = the operating threshold calibrated into the model file. A value here overrides it
+    # (reported at start and by check-config when it differs from the model's).
     threshold: float | None = None
+    # Share of normal series kept below the threshold by `triage-agent onboard` and `calibrate`.
+    target_specificity: float = Field(0.95, gt=0.5, lt=1.0)
     lambda_: float = Field(0.5, ge=0, le=1, alias="lambda")
     mode: Literal["active", "shadow"] = "active"
     aggregate: Literal["max", "topk_mean"] = "max"

@@ -25,6 +25,8 @@ import numpy as np
 from triage_model.checkpoint import Detector
 from triage_model.scoring import aggregate as aggregate_scores
 
+from triage_agent.operating_point import verdict_for
+
 log = logging.getLogger(__name__)
 
 
@@ -90,7 +92,7 @@ def score_model_input(
     return SeriesResult(
         series_instance_uid=series_instance_uid,
         score=float(score),
-        verdict="abnormal" if score >= thr else "normal",
+        verdict=verdict_for(float(score), thr),
         threshold=thr,
         reason=None,
         slices=slices,

@@ -20,6 +20,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from triage_agent.config import AgentConfig, HL7DestinationConfig
+from triage_agent.operating_point import OperatingPoint
 from triage_agent.storage import Storage, uid_hash
 
 log = logging.getLogger(__name__)
@@ -36,14 +37,8 @@ class BuiltOutput:
 
 
 def priority_for(score: float | None, cfg: AgentConfig, threshold: float) -> str:
-    """Worklist priority: "routine" below the operating ``threshold`` (verdict normal) or without
-    a score; else the first band (highest bound first) the score reaches, else "routine"."""
-    if score is None or score < threshold:
-        return "routine"
-    for band in sorted(cfg.triage.priority_bands, key=lambda b: -b.bound(threshold)):
-        if score >= band.bound(threshold):
-            return band.name
-    return "routine"
+    """Worklist priority of a series scored at ``threshold`` (``OperatingPoint.priority``)."""
+    return OperatingPoint(threshold, tuple(cfg.triage.priority_bands)).priority(score)
 
 
 def top_slices(slices: Sequence[tuple[str | None, float]], k: int) -> list[int]:

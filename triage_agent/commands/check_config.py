@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from triage_agent.cli import add_config_argument
-from triage_agent.config import ConfigError, load_config
+from triage_agent.config import AgentConfig, ConfigError, load_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +23,33 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if cfg.model.weights is not None and not cfg.model.weights.is_file():
+        print(f"error: {path}: [model] weights: file not found: {cfg.model.weights}",
+              file=sys.stderr)
+        return 2
     print(f"{path}: OK (AE {cfg.node.ae_title} on {cfg.node.bind_address}:{cfg.node.port}, "
           f"database {cfg.database.url.split('://')[0]}, {len(cfg.destinations)} destination(s), "
           f"mode {cfg.triage.mode})")
+    if cfg.triage.threshold is not None:
+        return _check_threshold(cfg)
+    return 0
+
+
+def _check_threshold(cfg: AgentConfig) -> int:
+    """Report a [triage] threshold that overrides a different one in the model file."""
+    from triage_model.checkpoint import CheckpointError, default_weights_path, read_checkpoint
+
+    from triage_agent.operating_point import OperatingPoint
+
+    weights = cfg.model.weights or default_weights_path()
+    try:
+        ck, _ = read_checkpoint(weights)
+    except CheckpointError as e:
+        print(f"error: [model] weights: {e}", file=sys.stderr)
+        return 2
+    thresholds = ck.get("thresholds") or {}  # as Detector.threshold_for reads them
+    stored = thresholds.get(cfg.triage.aggregate, thresholds.get("max", ck.get("threshold", 3.0)))
+    op = OperatingPoint.resolve(cfg.triage, float(stored))
+    if op.mismatch:
+        print(f"warning: {op.mismatch} (model {weights.name})")
     return 0

@@ -2,7 +2,9 @@
 
 Folders are searched recursively and files grouped by SeriesInstanceUID. With ``--json`` one JSON
 object per line and series: series_instance_uid, score, verdict, threshold, reason, slices.
-[model] and [triage] of agent.toml apply when the file exists; defaults otherwise.
+[model] and [triage] of agent.toml apply when the file exists; defaults otherwise. The threshold
+is the model file's calibrated one, unless ``--threshold`` or (without ``--model``) ``[triage]
+threshold`` sets another.
 """
 
 from __future__ import annotations
@@ -21,11 +23,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="checkpoint (default: [model] weights, else the bundled weights)")
     p.add_argument("--json", action="store_true", help="one JSON line per series")
-    p.add_argument("--lambda", dest="lambda_", type=float, default=None)
-    p.add_argument("--threshold", type=float, default=None)
-    p.add_argument("--aggregate", choices=["max", "topk_mean"], default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--lambda", dest="lambda_", type=float, default=None,
+                   help="weight of the reconstruction term (default: [triage] lambda)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="operating threshold (default: with --model, that file's calibrated "
+                        "threshold; else [triage] threshold, else the model's)")
+    p.add_argument("--aggregate", choices=["max", "topk_mean"], default=None,
+                   help="series score from slice scores (default: [triage] aggregate)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="slices averaged by topk_mean (default: [triage] top_k)")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
+                   help="where the model runs (default: [model] device)")
     add_config_argument(p)
     p.set_defaults(func=run)
 
@@ -35,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     from triage_agent.config import AgentConfig, ConfigError, load_config
     from triage_agent.inference import find_series, score_series
+    from triage_agent.operating_point import OperatingPoint, thresholds_differ
 
     cfg = AgentConfig()
     if args.config and Path(args.config).exists():
@@ -52,7 +61,18 @@ def run(args: argparse.Namespace) -> int:
     lam = cfg.triage.lambda_ if args.lambda_ is None else args.lambda_
     agg = args.aggregate or cfg.triage.aggregate
     top_k = args.top_k or cfg.triage.top_k
-    thr = args.threshold if args.threshold is not None else cfg.triage.threshold
+    triage = cfg.triage.model_copy(update={"aggregate": agg})
+    # --model FILE scores at FILE's own threshold; [model] weights at the configured one
+    op = OperatingPoint.resolve(triage, det.threshold_for(agg), override=args.threshold,
+                                use_config_threshold=args.model is None)
+    if op.mismatch:
+        print(f"warning: {op.mismatch}", file=sys.stderr)
+    elif (args.model is not None and args.threshold is None and cfg.triage.threshold is not None
+          and thresholds_differ(cfg.triage.threshold, op.threshold)):
+        print(f"note: scoring at {args.model.name}'s threshold {op.threshold:.6g}; "
+              f"[triage] threshold = {cfg.triage.threshold:.6g} in {args.config} is not used "
+              "with --model", file=sys.stderr)
+    thr = op.threshold
     try:
         groups = find_series(args.paths)
     except FileNotFoundError as e:
