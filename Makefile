@@ -34,7 +34,7 @@ bench-ingest: $(STAMP)
 bench-model: $(STAMP)
 	$(VENV)/bin/python bench/model.py
 
-# The RELIABILITY.md scenarios at full size (20 kill rounds, 20 x 200 load) with a summary table.
+# The docs/reliability.md scenarios at full size (20 kill rounds, 20 x 200 load) with a summary table.
 # CI runs the same scenarios at quick sizes as part of `make test`.
 reliability: $(STAMP)
 	RELIABILITY_FULL=1 $(VENV)/bin/pytest tests/reliability -m reliability -p no:cacheprovider -rA

@@ -30,7 +30,7 @@ class DatabaseError(Exception):
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     # WAL lets readers (status, scheduler) run beside the writer; FULL makes a commit durable
-    # across power loss, which the C-STORE Success status promises (RELIABILITY.md, promise 1).
+    # across power loss, which the C-STORE Success status promises (docs/reliability.md, promise 1).
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")

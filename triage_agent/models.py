@@ -1,5 +1,5 @@
-"""ORM tables. Every arrow of the flow in DESIGN.md is a row here, so a crash resumes from the
-last committed state and ``triage-agent status`` can say where each series is."""
+"""ORM tables. Every arrow of the flow in docs/architecture.md is a row here, so a crash resumes
+from the last committed state and ``triage-agent status`` can say where each series is."""
 
 from __future__ import annotations
 

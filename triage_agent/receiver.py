@@ -1,8 +1,8 @@
 """pynetdicom SCP: association policy, C-ECHO and the C-STORE handler.
 
-The handler follows the durability contract of RELIABILITY.md: validate, write the file atomically
-(fsync, rename, directory fsync), commit the instance row, and only then answer Success. Every
-failure class has its own status so a modality's log says what went wrong.
+The handler follows the durability contract of docs/reliability.md: validate, write the file
+atomically (fsync, rename, directory fsync), commit the instance row, and only then answer
+Success. Every failure class has its own status so a modality's log says what went wrong.
 """
 
 from __future__ import annotations
@@ -490,7 +490,7 @@ def _failure(status: int, comment: str) -> Dataset:
 
 
 def handle_store(event: Any, rx: Receiver) -> Dataset | int:
-    """Validate, persist, record, return (RELIABILITY.md promises 1, 3, 5)."""
+    """Validate, persist, record, return (docs/reliability.md, promises 1, 3, 6)."""
     calling, address = _peer(event)
     req = event.request
     sop_class = str(req.AffectedSOPClassUID or "")

@@ -1,4 +1,4 @@
-"""The ledger oracle and the summary table for the reliability scenarios (RELIABILITY.md).
+"""The ledger oracle and the summary table for the reliability scenarios (docs/reliability.md).
 
 Every scenario sends through ``Ledger`` senders, which remember each instance that got Success,
 then calls ``reconcile``: each acknowledged instance has exactly one row, a file inside the

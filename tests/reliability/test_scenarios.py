@@ -1,4 +1,4 @@
-"""The RELIABILITY.md scenarios, each ending with the ledger reconciliation and a summary row."""
+"""The docs/reliability.md scenarios, each ending with the ledger reconciliation and a summary row."""
 
 from __future__ import annotations
 
