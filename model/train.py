@@ -51,6 +51,7 @@ from triage_model.scoring import (
     apply_slice_context,
     slice_heights,
 )
+from triage_model.thresholds import threshold_for_specificity
 
 log = logging.getLogger(__name__)
 
@@ -442,8 +443,8 @@ def calibrate_from_raw(ckpt: dict[str, Any], val: SliceSet, g_raw: np.ndarray, r
         ser_max.append(aggregate(s, "max"))
         ser_top.append(aggregate(s, "topk_mean", top_k))
     q = float(target_specificity)
-    ckpt["thresholds"] = {"max": float(np.quantile(ser_max, q)),
-                          "topk_mean": float(np.quantile(ser_top, q))}
+    ckpt["thresholds"] = {"max": threshold_for_specificity(ser_max, q),
+                          "topk_mean": threshold_for_specificity(ser_top, q)}
     vox = heat[val.brain]
     ckpt["pixel_threshold"] = float(np.quantile(vox, 0.95)) if vox.size else None
     ckpt["calibration"] = {

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
+from triage_model.thresholds import threshold_for_specificity
 
 from triage_agent.cli import add_config_argument
 from triage_agent.commands._common import config_or_exit
@@ -31,23 +31,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labelled", nargs="*", default=[], metavar="DIR",
                    help="folders with a labels.csv (series_instance_uid,label) as written by "
                         "`triage-agent synth`")
-    p.add_argument("--target-specificity", type=float, default=0.95)
+    p.add_argument("--target-specificity", type=float, default=None,
+                   help="share of normal series to keep below the threshold "
+                        "(default: [triage] target_specificity, 0.95)")
     p.add_argument("--prevalence", type=float, default=0.2,
                    help="share of abnormal studies at your site, for expected flags (default 0.2)")
-    p.add_argument("--model", default=None, help="checkpoint (default: [model] weights)")
+    p.add_argument("--model", default=None,
+                   help="model file to calibrate (default: [model] weights)")
     p.add_argument("--write", action="store_true",
                    help="set [triage] threshold in the config file")
     p.set_defaults(func=run)
-
-
-def threshold_for_specificity(normal_scores: np.ndarray, specificity: float) -> float:
-    """Smallest threshold that keeps at least ``specificity`` of normals below it (score >= t
-    is abnormal); midway to the next normal score so that it is not on a data point."""
-    s = np.sort(normal_scores)
-    k = min(len(s), max(1, math.ceil(specificity * len(s))))
-    if k >= len(s):
-        return float(s[-1] + max(1e-6, 0.05 * abs(s[-1])))
-    return float((s[k - 1] + s[k]) / 2)
 
 
 def operating_points(normal: np.ndarray, abnormal: np.ndarray, prevalence: float,
@@ -63,6 +56,31 @@ def operating_points(normal: np.ndarray, abnormal: np.ndarray, prevalence: float
                      "sensitivity": sens, "flags_per_100": flags if sens is not None else
                      100 * (1 - spec)})
     return rows
+
+
+NOT_FITTING = ("the model does not fit this site's images: run `triage-agent onboard --normal "
+               "DIR --out FILE` to adapt it to this site's normal series")
+
+
+def range_warnings(normal: np.ndarray, abnormal: np.ndarray, threshold: float,
+                   model_threshold: float, model_target: float) -> list[str]:
+    """Plain warnings when the model is out of its range at this site: the new threshold lies
+    above most abnormal series, or the site's normals score far above the model's own
+    calibration (more than half of them at or above the threshold calibrated into the file,
+    which was set to flag ``1 - model_target`` of normals)."""
+    out = []
+    if len(abnormal):
+        above = int(np.sum(abnormal >= threshold))
+        if above * 2 < len(abnormal):
+            which = "all" if above == 0 else "most"
+            out.append(f"the threshold {threshold:.4g} lies above {which} of the {len(abnormal)} "
+                       f"abnormal series ({above} would be flagged); {NOT_FITTING}")
+    high = int(np.sum(normal >= model_threshold))
+    if len(normal) and high * 2 > len(normal):
+        out.append(f"{high} of {len(normal)} normal series score at or above the model's own "
+                   f"threshold {model_threshold:.4g} (calibrated to flag about "
+                   f"{100 * (1 - model_target):.0f} in 100 normal series); {NOT_FITTING}")
+    return out
 
 
 def _series_under(dirs: list[str]) -> dict[str, list[Path]]:
@@ -95,6 +113,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     det = load_detector(args.model or cfg.model.weights, device=cfg.model.device)
     t = cfg.triage
+    target = t.target_specificity if args.target_specificity is None else args.target_specificity
+    if not 0.0 < target < 1.0:
+        print(f"error: --target-specificity must be between 0 and 1, got {target}",
+              file=sys.stderr)
+        return 2
 
     def scores(group: dict[str, list[Path]], name: str) -> np.ndarray:
         out = []
@@ -110,26 +133,34 @@ def run(args: argparse.Namespace) -> int:
         return np.asarray(out, dtype=float)
 
     n_scores, a_scores = scores(normal, "normal"), scores(abnormal, "abnormal")
+    if len(n_scores) < 5:
+        print(f"error: only {len(n_scores)} normal series could be scored; calibration needs at "
+              "least 5", file=sys.stderr)
+        return 2
     print(f"model {det.name} {det.version}; {len(n_scores)} normal, {len(a_scores)} abnormal "
           f"assessable series; aggregate {t.aggregate}; lambda {t.lambda_}")
     print(f"{'target spec':>11} {'threshold':>10} {'specificity':>11} {'sensitivity':>11} "
           f"{'flags/100':>9}")
     rows = operating_points(n_scores, a_scores, args.prevalence,
-                            tuple(sorted(set(SPECIFICITIES) | {args.target_specificity})))
+                            tuple(sorted(set(SPECIFICITIES) | {target})))
     for r in rows:
         sens = "-" if r["sensitivity"] is None else f"{r['sensitivity']:.3f}"
-        mark = "  <- target" if r["target"] == args.target_specificity else ""
+        mark = "  <- target" if r["target"] == target else ""
         print(f"{r['target']:>11.3f} {r['threshold']:>10.4f} {r['specificity']:>11.3f} "
               f"{sens:>11} {r['flags_per_100']:>9.1f}{mark}")
     print(f"flags/100 assumes {args.prevalence:.0%} abnormal studies"
           + ("" if len(a_scores) else " and counts false positives only (no abnormal series)"))
-    chosen = threshold_for_specificity(n_scores, args.target_specificity)
+    chosen = threshold_for_specificity(n_scores, target)
+    model_target = float((det.ckpt.get("calibration") or {}).get("target_specificity", 0.95))
+    for warning in range_warnings(n_scores, a_scores, chosen, det.threshold_for(t.aggregate),
+                                  model_target):
+        print(f"warning: {warning}", file=sys.stderr)
     if args.write:
         write_threshold(Path(args.config), chosen)
         print(f"wrote [triage] threshold = {chosen:.6g} to {args.config}; reload a running node "
               "with SIGHUP (systemctl reload triage-agent)")
     else:
-        print(f"threshold for specificity {args.target_specificity}: {chosen:.6g} "
+        print(f"threshold for specificity {target}: {chosen:.6g} "
               "(use --write to put it in the config)")
     return 0
 
