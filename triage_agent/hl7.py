@@ -46,6 +46,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
@@ -217,7 +218,19 @@ def build_oru(notice: ResultNotice, dest: HL7Destination) -> bytes:
     _check(notice)
     when = _dtm(notice.observed_at)
     msg = Message("ORU_R01", version=HL7_VERSION, validation_level=VALIDATION_LEVEL.TOLERANT)
-    msh = msg.msh
+    _fill_msh(msg.msh, notice, dest, when)
+    result = msg.add_group("ORU_R01_PATIENT_RESULT")
+    if notice.patient_id and notice.patient_id.strip():  # PID-3 is required: no id, no PID
+        _fill_pid(result.add_group("ORU_R01_PATIENT").pid, notice)
+    order = result.add_group("ORU_R01_ORDER_OBSERVATION")
+    _fill_order(order, notice, when)
+    for i, row in enumerate(_observations(notice), start=1):
+        _fill_obx(order.add_group("ORU_R01_OBSERVATION").obx, i, row, notice, when)
+    return (msg.to_er7() + "\r").encode("utf-8")  # every segment ends with CR, the last too
+
+
+def _fill_msh(msh: Any, notice: ResultNotice, dest: HL7Destination, when: str) -> None:
+    """MSH: sender and receiver, observation time, message type, control id, version."""
     msh.msh_3 = escape(dest.sending_application)
     if dest.sending_facility:
         msh.msh_4 = escape(dest.sending_facility)
@@ -232,15 +245,17 @@ def build_oru(notice: ResultNotice, dest: HL7Destination) -> bytes:
     msh.msh_12 = HL7_VERSION
     msh.msh_18 = "UNICODE UTF-8"
 
-    result = msg.add_group("ORU_R01_PATIENT_RESULT")
-    if notice.patient_id and notice.patient_id.strip():  # PID-3 is required: no id, no PID
-        pid = result.add_group("ORU_R01_PATIENT").pid
-        pid.pid_1 = "1"
-        pid.pid_3 = escape(notice.patient_id.strip())
-        if notice.patient_name:
-            pid.pid_5 = _xpn(notice.patient_name)
 
-    order = result.add_group("ORU_R01_ORDER_OBSERVATION")
+def _fill_pid(pid: Any, notice: ResultNotice) -> None:
+    """PID: patient id and, when known, name."""
+    pid.pid_1 = "1"
+    pid.pid_3 = escape((notice.patient_id or "").strip())
+    if notice.patient_name:
+        pid.pid_5 = _xpn(notice.patient_name)
+
+
+def _fill_order(order: Any, notice: ResultNotice, when: str) -> None:
+    """OBR (accession, CT head, times, priority) and, for known band names, TQ1."""
     obr = order.obr
     obr.obr_1 = "1"
     tq = TQ_PRIORITY.get(notice.priority.strip().lower())
@@ -261,6 +276,13 @@ def build_oru(notice: ResultNotice, dest: HL7Destination) -> bytes:
         tq1.tq1_1 = "1"
         tq1.tq1_9 = f"{tq}^{TQ_PRIORITY_TEXT[tq]}^HL70485"
 
+
+#: One OBX: (value type, OBX-3, OBX-5, OBX-7 reference range, OBX-8 flag, OBX-11 status).
+_Observation = tuple[str, str, str, str, str, str]
+
+
+def _observations(notice: ResultNotice) -> list[_Observation]:
+    """The seven OBX rows: verdict, score, priority, study and series UID, algorithm."""
     verdict = VERDICT_CODES[notice.verdict]
     verdict_value = "^".join((
         _ce(verdict.value, verdict.meaning, verdict.scheme_designator),
@@ -278,8 +300,7 @@ def build_oru(notice: ResultNotice, dest: HL7Destination) -> bytes:
         high = notice.score >= notice.threshold
         score_value, score_flag, score_status = _nm(notice.score), ("H" if high else "N"), "F"
 
-    rows = [
-        # (value type, OBX-3, OBX-5, OBX-7 reference range, OBX-8 flag, OBX-11 status)
+    return [
         ("CWE", _ce(VERDICT.value, VERDICT.meaning, VERDICT.scheme_designator), verdict_value,
          "", VERDICT_FLAG[notice.verdict], "F"),
         ("NM", _ce(SCORE.value, SCORE.meaning, SCORE.scheme_designator), score_value,
@@ -291,22 +312,24 @@ def build_oru(notice: ResultNotice, dest: HL7Destination) -> bytes:
         ("ST", _ce(*ALGORITHM_NAME), escape(notice.model_name), "", "", "F"),
         ("ST", _ce(*ALGORITHM_VERSION), escape(notice.model_version), "", "", "F"),
     ]
-    for i, (vtype, ident, value, ref, flag, status) in enumerate(rows, start=1):
-        obx = order.add_group("ORU_R01_OBSERVATION").obx
-        obx.obx_1 = str(i)
-        obx.obx_2 = vtype
-        obx.obx_3 = ident
-        if value:
-            obx.obx_5 = value
-        if notice.score is not None and vtype == "NM":
-            obx.obx_6 = "{score}^score^UCUM"
-        if ref:
-            obx.obx_7 = ref
-        if flag:
-            obx.obx_8 = flag
-        obx.obx_11 = status
-        obx.obx_14 = when
-    return (msg.to_er7() + "\r").encode("utf-8")  # every segment ends with CR, the last too
+
+
+def _fill_obx(obx: Any, index: int, row: _Observation, notice: ResultNotice, when: str) -> None:
+    """OBX ``index``: one observation row, with units on the score and the observation time."""
+    vtype, ident, value, ref, flag, status = row
+    obx.obx_1 = str(index)
+    obx.obx_2 = vtype
+    obx.obx_3 = ident
+    if value:
+        obx.obx_5 = value
+    if notice.score is not None and vtype == "NM":
+        obx.obx_6 = "{score}^score^UCUM"
+    if ref:
+        obx.obx_7 = ref
+    if flag:
+        obx.obx_8 = flag
+    obx.obx_11 = status
+    obx.obx_14 = when
 
 
 # --------------------------------------------------------------------------------------------

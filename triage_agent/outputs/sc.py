@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -216,37 +217,103 @@ def build_sc_series(
         raise OutputError("uid_key must not be empty")
     validate_finding(finding)
     validate_algorithm(algorithm)
-    by_uid = index_source(source)
-    top = top_slice_headers(finding, by_uid)
+    top = top_slice_headers(finding, index_source(source))
+    images, heatmaps = _checked_slices(images, heatmaps, len(top), out_size)
+    if not top:
+        log.info("no top slices: no secondary capture built")
+        return []
+    heat_max = _display_max(heat_max, heatmaps)
+
+    spacing = None
+    if pixel_spacing_mm is not None:
+        s = float(pixel_spacing_mm) * images.shape[1] / out_size
+        spacing = (s, s)
+    series = _SeriesInfo(
+        finding=finding,
+        algorithm=algorithm,
+        uid_key=uid_key,
+        style=_Style(opacity, colormap, out_size, heat_max, heat_floor),
+        series_uid=derive_uid(uid_key, "sc-series"),
+        series_number=series_number,
+        description=_fill_template(series_description, finding),
+        pixel_spacing=spacing,
+        content_datetime=content_datetime,
+        equipment=_equipment(algorithm),
+    )
+    out = [
+        _sc_image(series, ref, slice_score, rank, len(top), image, heat)
+        for rank, ((ref, slice_score), image, heat) in enumerate(
+            zip(top, images, heatmaps, strict=True), start=1
+        )
+    ]
+    log.info(
+        "built SC series %s: %d image(s), verdict %s, score %s",
+        series.series_uid,
+        len(out),
+        finding.verdict,
+        format_score(finding.score),
+    )
+    return out
+
+
+@dataclass(frozen=True)
+class _Style:
+    """How the heat map is drawn (the ``build_sc_series`` options of the same names)."""
+
+    opacity: float
+    colormap: str
+    out_size: int
+    heat_max: float
+    heat_floor: float
+
+
+@dataclass(frozen=True)
+class _SeriesInfo:
+    """What every image of the secondary-capture series shares."""
+
+    finding: TriageFinding
+    algorithm: AlgorithmInfo
+    uid_key: str
+    style: _Style
+    series_uid: str
+    series_number: int
+    description: str
+    pixel_spacing: tuple[float, float] | None
+    content_datetime: datetime | None
+    equipment: hd.ContributingEquipment
+
+
+def _checked_slices(
+    images: np.ndarray, heatmaps: np.ndarray, count: int, out_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``images`` and ``heatmaps`` as float32 (K, S, S) arrays, one per top slice."""
     images = np.asarray(images, dtype=np.float32)
     heatmaps = np.asarray(heatmaps, dtype=np.float32)
     if images.ndim != 3 or images.shape != heatmaps.shape:
         raise OutputError(
             f"images and heatmaps must both be (K, S, S), got {images.shape} and {heatmaps.shape}"
         )
-    if images.shape[0] != len(top):
+    if images.shape[0] != count:
         raise OutputError(
-            f"{images.shape[0]} images for {len(top)} top slices; pass one per finding.top_slices"
+            f"{images.shape[0]} images for {count} top slices; pass one per finding.top_slices"
         )
     if out_size < 64:
         raise OutputError(f"out_size must be at least 64 pixels, got {out_size}")
-    if not top:
-        log.info("no top slices: no secondary capture built")
-        return []
+    return images, heatmaps
+
+
+def _display_max(heat_max: float | None, heatmaps: np.ndarray) -> float:
+    """The heat shown at full colour: ``heat_max`` if given, else the series' maximum."""
     if heat_max is None:
         heat_max = float(np.nanmax(heatmaps)) if heatmaps.size else 0.0
     if not np.isfinite(heat_max) or heat_max < 0:
         raise OutputError(f"heat_max must be a finite non-negative number, got {heat_max}")
+    return heat_max
 
-    description = _fill_template(series_description, finding)
-    series_uid = derive_uid(uid_key, "sc-series")
-    day, time = split_datetime(content_datetime)
-    verdict = verdict_label(finding.verdict)
-    spacing = None
-    if pixel_spacing_mm is not None:
-        s = float(pixel_spacing_mm) * images.shape[1] / out_size
-        spacing = (s, s)
-    equipment = hd.ContributingEquipment(
+
+def _equipment(algorithm: AlgorithmInfo) -> hd.ContributingEquipment:
+    """The detector as contributing (processing) equipment, weights hash included."""
+    return hd.ContributingEquipment(
         manufacturer=algorithm.manufacturer[:64],
         purpose_of_reference=PURPOSE_PROCESSING,
         manufacturer_model_name=algorithm.name[:64],
@@ -256,72 +323,79 @@ def build_sc_series(
         )[:64],
     )
 
-    out: list[hd.sc.SCImage] = []
-    for rank, ((ref, slice_score), image, heat) in enumerate(
-        zip(top, images, heatmaps, strict=True), start=1
-    ):
-        lines = (
-            BANNER_TEXT,
-            f"{verdict}  score {format_score(finding.score)} / threshold "
-            f"{finding.threshold:.2f}  slice {slice_score:.2f} (#{rank} of {len(top)})",
-        )
-        pixels = render_overlay(
-            image,
-            heat,
-            heat_max=heat_max,
-            lines=lines,
-            opacity=opacity,
-            colormap=colormap,
-            out_size=out_size,
-            heat_floor=heat_floor,
-        )
-        try:
-            sc = hd.sc.SCImage.from_ref_dataset(
-                ref_dataset=ref,
-                pixel_array=pixels,
-                photometric_interpretation="RGB",
-                bits_allocated=8,
-                coordinate_system="PATIENT",
-                series_instance_uid=series_uid,
-                series_number=series_number,
-                sop_instance_uid=derive_uid(uid_key, "sc-instance", str(ref.SOPInstanceUID)),
-                instance_number=rank,
-                manufacturer=algorithm.manufacturer[:64],
-                patient_orientation=("L", "P"),
-                pixel_spacing=spacing,
-                transfer_syntax_uid=ExplicitVRLittleEndian,
-                contributing_equipment=[equipment],
-                series_description=description,
-                manufacturer_model_name=algorithm.name[:64],
-                software_versions=algorithm.version[:64],
-                content_date=day,
-                content_time=time,
-                series_date=day,
-                series_time=time,
-            )
-        except (ValueError, TypeError, AttributeError) as e:
-            raise OutputError(f"secondary capture {rank}: {e}") from e
-        # General Series Laterality is 2C on BodyPartExamined; a head is not a paired organ
-        sc.BodyPartExamined = str(getattr(ref, "BodyPartExamined", "") or "HEAD")
-        pin_times(sc, content_datetime)
-        sc.ConversionType = "WSD"  # made by a workstation, not captured from a video interface
-        sc.BurnedInAnnotation = "YES"
-        sc.RecognizableVisualFeatures = "NO"
-        sc.LossyImageCompression = "00"
-        sc.ImageComments = f"{BANNER_TEXT}. {lines[1]}"[:10240]
-        sc.DerivationDescription = (
-            f"Brain window (0-80 HU) with anomaly heat map ({colormap}, opacity "
-            f"{opacity:.2f}); {algorithm.name} {algorithm.version}, weights sha256 "
-            f"{algorithm.weights_sha256}"
-        )[:1024]
-        sc.ReferencedImageSequence = [_ref_item(ref)]
-        sc.SourceImageSequence = [_ref_item(ref, PURPOSE_SOURCE)]
-        out.append(sc)
-    log.info(
-        "built SC series %s: %d image(s), verdict %s, score %s",
-        series_uid,
-        len(out),
-        finding.verdict,
-        format_score(finding.score),
+
+def _sc_image(
+    series: _SeriesInfo,
+    ref: pydicom.Dataset,
+    slice_score: float,
+    rank: int,
+    count: int,
+    image: np.ndarray,
+    heat: np.ndarray,
+) -> hd.sc.SCImage:
+    """The secondary capture of the ``rank``-th of ``count`` top slices (source header ``ref``)."""
+    finding, algorithm, style = series.finding, series.algorithm, series.style
+    lines = (
+        BANNER_TEXT,
+        f"{verdict_label(finding.verdict)}  score {format_score(finding.score)} / threshold "
+        f"{finding.threshold:.2f}  slice {slice_score:.2f} (#{rank} of {count})",
     )
-    return out
+    pixels = render_overlay(
+        image,
+        heat,
+        heat_max=style.heat_max,
+        lines=lines,
+        opacity=style.opacity,
+        colormap=style.colormap,
+        out_size=style.out_size,
+        heat_floor=style.heat_floor,
+    )
+    day, time = split_datetime(series.content_datetime)
+    try:
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=ref,
+            pixel_array=pixels,
+            photometric_interpretation="RGB",
+            bits_allocated=8,
+            coordinate_system="PATIENT",
+            series_instance_uid=series.series_uid,
+            series_number=series.series_number,
+            sop_instance_uid=derive_uid(series.uid_key, "sc-instance", str(ref.SOPInstanceUID)),
+            instance_number=rank,
+            manufacturer=algorithm.manufacturer[:64],
+            patient_orientation=("L", "P"),
+            pixel_spacing=series.pixel_spacing,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            contributing_equipment=[series.equipment],
+            series_description=series.description,
+            manufacturer_model_name=algorithm.name[:64],
+            software_versions=algorithm.version[:64],
+            content_date=day,
+            content_time=time,
+            series_date=day,
+            series_time=time,
+        )
+    except (ValueError, TypeError, AttributeError) as e:
+        raise OutputError(f"secondary capture {rank}: {e}") from e
+    _describe(sc, ref, lines[1], series)
+    return sc
+
+
+def _describe(sc: hd.sc.SCImage, ref: pydicom.Dataset, details: str, series: _SeriesInfo) -> None:
+    """Attributes highdicom does not set: burned-in text, derivation, source references."""
+    algorithm, style = series.algorithm, series.style
+    # General Series Laterality is 2C on BodyPartExamined; a head is not a paired organ
+    sc.BodyPartExamined = str(getattr(ref, "BodyPartExamined", "") or "HEAD")
+    pin_times(sc, series.content_datetime)
+    sc.ConversionType = "WSD"  # made by a workstation, not captured from a video interface
+    sc.BurnedInAnnotation = "YES"
+    sc.RecognizableVisualFeatures = "NO"
+    sc.LossyImageCompression = "00"
+    sc.ImageComments = f"{BANNER_TEXT}. {details}"[:10240]
+    sc.DerivationDescription = (
+        f"Brain window (0-80 HU) with anomaly heat map ({style.colormap}, opacity "
+        f"{style.opacity:.2f}); {algorithm.name} {algorithm.version}, weights sha256 "
+        f"{algorithm.weights_sha256}"
+    )[:1024]
+    sc.ReferencedImageSequence = [_ref_item(ref)]
+    sc.SourceImageSequence = [_ref_item(ref, PURPOSE_SOURCE)]

@@ -150,22 +150,66 @@ def build_sr(
     by_uid = index_source(source)
     evidence = sorted_source(source)
     top = top_slice_headers(finding, by_uid)
-
-    series_uid = derive_uid(uid_key, "sr-series")
     sop_uid = derive_uid(uid_key, "sr-instance")
-    if supersedes is not None:
-        old_uid = str(getattr(supersedes, "SOPInstanceUID", ""))
-        if not old_uid:
-            raise OutputError("supersedes has no SOPInstanceUID")
-        if old_uid == sop_uid:
-            raise OutputError(
-                "supersedes has the UID this report would get: a superseding report needs a "
-                "different uid_key (e.g. the next generation of the series)"
-            )
-        if str(getattr(supersedes, "StudyInstanceUID", "")) != str(evidence[0].StudyInstanceUID):
-            raise OutputError("supersedes belongs to a different study than the source")
+    _check_supersedes(supersedes, sop_uid, evidence[0])
 
     algo_id = _algorithm_id(algorithm)
+    groups = [_series_group(finding, algo_id, uid_key, supersedes)]
+    groups += [
+        _slice_group(ds, slice_score, rank, len(top), algo_id, uid_key)
+        for rank, (ds, slice_score) in enumerate(top, start=1)
+    ]
+    report = hd.sr.MeasurementReport(
+        observation_context=_observation_context(algorithm),
+        procedure_reported=PROCEDURE_CT_HEAD,
+        imaging_measurements=groups,
+    )
+    sr = _document(
+        evidence,
+        report,
+        finding,
+        algorithm,
+        series_uid=derive_uid(uid_key, "sr-series"),
+        sop_uid=sop_uid,
+        series_description=series_description,
+        supersedes=supersedes,
+        series_number=series_number,
+        instance_number=instance_number,
+        content_datetime=content_datetime,
+        institution_name=institution_name,
+    )
+    pin_times(sr, content_datetime)
+    log.info(
+        "built SR %s (verdict %s, score %s, %d slice refs%s)",
+        sop_uid,
+        finding.verdict,
+        format_score(finding.score),
+        len(top),
+        ", supersedes earlier report" if supersedes is not None else "",
+    )
+    return sr
+
+
+def _check_supersedes(
+    supersedes: pydicom.Dataset | None, sop_uid: str, source: pydicom.Dataset
+) -> None:
+    """An earlier report must have a UID other than ours and belong to the source's study."""
+    if supersedes is None:
+        return
+    old_uid = str(getattr(supersedes, "SOPInstanceUID", ""))
+    if not old_uid:
+        raise OutputError("supersedes has no SOPInstanceUID")
+    if old_uid == sop_uid:
+        raise OutputError(
+            "supersedes has the UID this report would get: a superseding report needs a "
+            "different uid_key (e.g. the next generation of the series)"
+        )
+    if str(getattr(supersedes, "StudyInstanceUID", "")) != str(source.StudyInstanceUID):
+        raise OutputError("supersedes belongs to a different study than the source")
+
+
+def _observation_context(algorithm: AlgorithmInfo) -> hd.sr.ObservationContext:
+    """The algorithm as the device observer of the report."""
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -175,9 +219,17 @@ def build_sr(
             model_name=f"{algorithm.name} {algorithm.version}"[:64],
         ),
     )
-    observation_context = hd.sr.ObservationContext(observer_device_context=device)
+    return hd.sr.ObservationContext(observer_device_context=device)
 
-    # --- series-level group: verdict, priority, score, threshold
+
+def _series_group(
+    finding: TriageFinding,
+    algo_id: hd.sr.AlgorithmIdentification,
+    uid_key: str,
+    supersedes: pydicom.Dataset | None,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """Series-level group: score and threshold, verdict and priority, and the comments (reason,
+    superseded report, "not for diagnosis")."""
     measurements = [
         hd.sr.Measurement(
             name=THRESHOLD, value=float(finding.threshold), unit=UNIT_SCORE, algorithm_id=algo_id
@@ -190,7 +242,7 @@ def build_sr(
                 name=SCORE, value=float(finding.score), unit=UNIT_SCORE, algorithm_id=algo_id
             ),
         )
-    series_group = hd.sr.MeasurementsAndQualitativeEvaluations(
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derive_uid(uid_key, "sr-track", "series"), identifier="AI triage of series"
         ),
@@ -210,47 +262,64 @@ def build_sr(
     notes.append("AI triage, not for diagnosis")
     # the group is a one-item sequence holding the TID 1501 container: comments go inside it
     for note in notes:
-        series_group[0].ContentSequence.append(_comment(note))
+        group[0].ContentSequence.append(_comment(note))
+    return group
 
-    # --- one group per suspicious slice, most suspicious first
-    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = [series_group]
-    for rank, (ds, slice_score) in enumerate(top, start=1):
-        ref = hd.sr.SourceImageForMeasurement(
-            referenced_sop_class_uid=str(ds.SOPClassUID),
-            referenced_sop_instance_uid=str(ds.SOPInstanceUID),
-        )
-        groups.append(
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=derive_uid(uid_key, "sr-track", "slice", str(rank)),
-                    identifier=f"Suspicious slice {rank} of {len(top)}",
-                ),
+
+def _slice_group(
+    ds: pydicom.Dataset,
+    slice_score: float,
+    rank: int,
+    count: int,
+    algo_id: hd.sr.AlgorithmIdentification,
+    uid_key: str,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """Group of the ``rank``-th most suspicious slice: its score, referencing its image."""
+    ref = hd.sr.SourceImageForMeasurement(
+        referenced_sop_class_uid=str(ds.SOPClassUID),
+        referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+    )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derive_uid(uid_key, "sr-track", "slice", str(rank)),
+            identifier=f"Suspicious slice {rank} of {count}",
+        ),
+        algorithm_id=algo_id,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=BRAIN)],
+        measurements=[
+            hd.sr.Measurement(
+                name=SCORE,
+                value=slice_score,
+                unit=UNIT_SCORE,
                 algorithm_id=algo_id,
-                finding_sites=[hd.sr.FindingSite(anatomic_location=BRAIN)],
-                measurements=[
-                    hd.sr.Measurement(
-                        name=SCORE,
-                        value=slice_score,
-                        unit=UNIT_SCORE,
-                        algorithm_id=algo_id,
-                        referenced_images=[ref],
-                    )
-                ],
-                source_images=[
-                    hd.sr.SourceImageForMeasurementGroup(
-                        referenced_sop_class_uid=str(ds.SOPClassUID),
-                        referenced_sop_instance_uid=str(ds.SOPInstanceUID),
-                    )
-                ],
+                referenced_images=[ref],
             )
-        )
-
-    report = hd.sr.MeasurementReport(
-        observation_context=observation_context,
-        procedure_reported=PROCEDURE_CT_HEAD,
-        imaging_measurements=groups,
+        ],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=str(ds.SOPClassUID),
+                referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+            )
+        ],
     )
 
+
+def _document(
+    evidence: list[pydicom.Dataset],
+    report: hd.sr.MeasurementReport,
+    finding: TriageFinding,
+    algorithm: AlgorithmInfo,
+    *,
+    series_uid: str,
+    sop_uid: str,
+    series_description: str,
+    supersedes: pydicom.Dataset | None,
+    series_number: int,
+    instance_number: int,
+    content_datetime: datetime | None,
+    institution_name: str | None,
+) -> hd.sr.Comprehensive3DSR:
+    """The SR document around the content tree: series, equipment, dates, coding schemes."""
     coding_schemes = []
     if priority_code(finding.priority).scheme_designator == PRIVATE_SCHEME:
         coding_schemes.append(
@@ -266,7 +335,7 @@ def build_sr(
         f"{prefix}: {verdict_label(finding.verdict)}" if prefix else verdict_label(finding.verdict)
     )
     try:
-        sr = hd.sr.Comprehensive3DSR(
+        return hd.sr.Comprehensive3DSR(
             evidence=evidence,
             content=report,
             series_instance_uid=series_uid,
@@ -290,13 +359,3 @@ def build_sr(
         )
     except (ValueError, TypeError, AttributeError) as e:
         raise OutputError(f"structured report: {e}") from e
-    pin_times(sr, content_datetime)
-    log.info(
-        "built SR %s (verdict %s, score %s, %d slice refs%s)",
-        sop_uid,
-        finding.verdict,
-        format_score(finding.score),
-        len(top),
-        ", supersedes earlier report" if supersedes is not None else "",
-    )
-    return sr
