@@ -18,8 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import select
 
 from triage_agent import db
-from triage_agent.commands.status import collect
-from triage_agent.models import Output, Result, Series, Study
+from triage_agent.models import Output, Result
+from triage_agent.status_view import recent_series
 
 log = logging.getLogger(__name__)
 
@@ -145,19 +145,8 @@ img{height:64px;border-radius:3px} .uid{font-family:monospace;color:#555}
 
 def render_page(app: Any) -> str:
     cfg = app.cfg
-    rows = collect(app.sessions, cfg.http.page_size)
     show_phi = cfg.http.show_patient_identifiers
-    patients: dict[str, tuple[str, str]] = {}
-    series_ids: dict[str, int] = {}
-    with app.sessions() as s:
-        uids = [r["series_instance_uid"] for r in rows]
-        for sid, suid, name, pid in s.execute(
-            select(Series.id, Series.series_instance_uid, Study.patient_name, Study.patient_id)
-            .join(Study, Study.id == Series.study_id)
-            .where(Series.series_instance_uid.in_(uids))
-        ):
-            series_ids[suid] = sid
-            patients[suid] = (name or "", pid or "")
+    rows = recent_series(app.sessions, cfg.http.page_size, with_patient=show_phi)
     e = html.escape
     out = [
         "<!doctype html><html><head><meta charset='utf-8'>",
@@ -174,27 +163,22 @@ def render_page(app: Any) -> str:
         "<th>delivery</th><th>heat map</th></tr></thead><tbody>",
     ]
     for r in rows:
-        suid = r["series_instance_uid"]
-        name, pid = patients.get(suid, ("", ""))
-        patient = f"{e(name)}<br><span class='uid'>{e(pid)}</span>" if show_phi else "hidden"
-        verdict = r.get("verdict") or ""
-        score = "" if r.get("score") is None else f"{r['score']:.3f}"
-        prio = r.get("priority") or ""
-        dels = r.get("deliveries") or []
-        dstates: dict[str, int] = {}
-        for d in dels:
-            dstates[d["state"]] = dstates.get(d["state"], 0) + 1
-        delivery = ", ".join(f"{n} {k}" for k, n in sorted(dstates.items())) or "&ndash;"
+        patient = (f"{e(r.patient_name or '')}<br><span class='uid'>{e(r.patient_id or '')}</span>"
+                   if show_phi else "hidden")
+        verdict = r.verdict or ""
+        score = "" if r.score is None else f"{r.score:.3f}"
+        prio = r.priority or ""
+        delivery = e(r.delivery_summary()) or "&ndash;"
         thumb = ""
-        if verdict == "abnormal" and suid in series_ids:
-            thumb = f"<img alt='heat map' src='/thumb/{series_ids[suid]}.png'>"
+        if verdict == "abnormal":
+            thumb = f"<img alt='heat map' src='/thumb/{r.series_id}.png'>"
         pill = f"<span class='pill {e(prio)}'>{e(prio)}</span>" if prio else ""
-        reason = f"<br><small>{e(r['reason'])}</small>" if r.get("reason") else ""
+        reason = f"<br><small>{e(r.reason)}</small>" if r.reason else ""
         out.append(
-            f"<tr><td>{e(r['last_received_at'][:19])}</td><td>{patient}</td>"
-            f"<td>{e(r.get('series_description') or '')}<br>"
-            f"<span class='uid'>&hellip;{e(suid[-12:])}</span></td>"
-            f"<td class='num'>{r['instances']}</td><td>{e(r['state'])}{reason}</td>"
+            f"<tr><td>{e(r.last_received_at.isoformat(timespec='seconds'))}</td><td>{patient}</td>"
+            f"<td>{e(r.series_description or '')}<br>"
+            f"<span class='uid'>&hellip;{e(r.series_instance_uid[-12:])}</span></td>"
+            f"<td class='num'>{r.instances}</td><td>{e(r.state)}{reason}</td>"
             f"<td class='{e(verdict)}'>{e(verdict.replace('_', ' '))}</td>"
             f"<td class='num'>{score}</td>"
             f"<td>{pill}</td>"
