@@ -19,19 +19,20 @@ learned method sees the same number of optimisation steps.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from triage_model.checkpoint import DISPLAY_NAMES, METHODS
 from triage_model.network import NetConfig
+from triage_model.options import (  # noqa: F401  (the training options, re-exported)
+    ALL_METHODS,
+    add_override_options,
+    overrides_from_args,
+)
 from triage_model.scoring import ScoringConfig
 from triage_model.train import PRETRAINED_METHODS, SliceSet, TrainConfig, train
 
-ALL_METHODS: tuple[str, ...] = (
-    "hu_threshold", "vae", "cevae", "vae_pretrained", "geometry_only", "multitask", "dae",
-)
 LEARNED_METHODS = tuple(m for m in ALL_METHODS if m != "hu_threshold")
 assert set(ALL_METHODS) == set(METHODS)
 
@@ -46,57 +47,6 @@ DAE_SCORING = ScoringConfig(rec_q=0.001, norm_bins=0, flip_tta=True)
 
 def default_scoring(method: str) -> ScoringConfig:
     return DAE_SCORING if method == "dae" else ScoringConfig()
-
-
-TRAIN_OVERRIDES = ("lr", "lr_decay_steps", "lr_decay_fraction", "spot_weight")
-SCORING_OVERRIDES = ("rec_q", "norm_bins", "flip_tta", "symmetry", "slice_context")
-
-
-def _non_negative(text: str) -> float:
-    v = float(text)
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
-
-
-def add_override_options(p: argparse.ArgumentParser) -> None:
-    """The options both training commands (``triage-agent train``, ``python -m triage_model.train``)
-    take to override ``default_config``; read them back with ``overrides_from_args``."""
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--lr-decay-steps", type=int, default=None,
-                   help="the last N steps lower the learning rate linearly to 0 (default: none)")
-    p.add_argument("--lr-decay-fraction", type=float, default=None,
-                   help="the last fraction of the run (of the steps, or of --time-budget if that "
-                        "ends it first) lowers the learning rate linearly to 0")
-    p.add_argument("--spot-weight", type=float, default=None,
-                   help="dae: paint 2-6 small spots into every training slice and weight the "
-                        "error inside them 1 + this, so that small lesions get repaired too "
-                        "(0 = off, the default; the bundled members were fine-tuned with 20)")
-    p.add_argument("--rec-q", type=float, default=None,
-                   help="s_r = mean of this top fraction of the residual map "
-                        "(default 0.001 for dae, else 0.01)")
-    p.add_argument("--norm-bins", type=int, default=None,
-                   help="normalise s_g/s_r per this many brain-area bins (default 0 = global)")
-    p.add_argument("--flip-tta", default=None, action=argparse.BooleanOptionalAction,
-                   help="score with the mirrored slice's reconstruction averaged in "
-                        "(default: on for dae, off otherwise)")
-    p.add_argument("--symmetry", default=None, action=argparse.BooleanOptionalAction,
-                   help="s_r also from the asymmetric residual: the residual that the mirrored "
-                        "place across the fitted midline does not show (model/symmetry.py); "
-                        "costs a midline fit per slice")
-    p.add_argument("--slice-context", type=_non_negative, default=None, metavar="W",
-                   help="average each slice's statistic with its neighbours' in the series, "
-                        "weight W each (default 0 = off, as in the bundled model)")
-
-
-def overrides_from_args(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    """``default_config`` keyword overrides from the options given (left out: None), the
-    ``TRAIN_OVERRIDES`` and ``extra`` fields, plus ``scoring`` = the scoring fields given."""
-    over = {k: getattr(args, k) for k in (*TRAIN_OVERRIDES, *extra)
-            if getattr(args, k) is not None}
-    over["scoring"] = {k: getattr(args, k) for k in SCORING_OVERRIDES
-                       if getattr(args, k) is not None}
-    return over
 
 
 def default_config(method: str, *, total_steps: int = 3000, pretrain_fraction: float = 0.2,

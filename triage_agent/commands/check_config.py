@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from triage_agent.cli import add_config_argument
-from triage_agent.config import AgentConfig, ConfigError, load_config
+from triage_agent.commands._common import add_config_argument
+
+if TYPE_CHECKING:
+    from triage_agent.config import AgentConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("check-config", help="validate agent.toml and print every error")
+    p = sub.add_parser(
+        "check-config", help="validate agent.toml and print every error",
+        description="Validate a configuration file without starting anything: every problem "
+                    "is printed, exit status 2 if there is one. Also checks that the model file "
+                    "exists and reports a [triage] threshold that differs from the model's.")
     p.add_argument("path", nargs="?", default=None, help="file to check (default: --config)")
     add_config_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from triage_agent.config import ConfigError, load_config
+
     path = args.path or args.config
     try:
         cfg = load_config(path)

@@ -16,24 +16,38 @@ from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="evaluate detectors and baselines on a labelled set")
+    p = sub.add_parser(
+        "evaluate", help="evaluate detectors and baselines on a labelled set",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", nargs="?", type=Path, help="labelled folder (labels.csv + series)")
-    p.add_argument("--synthetic-normals", type=int, default=None, metavar="N")
-    p.add_argument("--synthetic-abnormals", type=int, default=None, metavar="M")
-    p.add_argument("--seed", type=int, default=2000, help="synthetic test-set seed")
-    p.add_argument("--matrix", type=int, default=512, help="synthetic in-plane matrix")
-    p.add_argument("--model", type=Path, action="append", default=[],
+    p.add_argument("--synthetic-normals", type=int, default=None, metavar="N",
+                   help="generate N synthetic normal series in memory instead of DATA")
+    p.add_argument("--synthetic-abnormals", type=int, default=None, metavar="M",
+                   help="generate M synthetic abnormal series in memory instead of DATA")
+    p.add_argument("--seed", type=int, default=2000,
+                   help="synthetic test-set seed (default 2000; keep it apart from training's)")
+    p.add_argument("--matrix", type=int, default=512,
+                   help="synthetic in-plane matrix (default 512)")
+    p.add_argument("--model", type=Path, action="append", default=[], metavar="CKPT",
                    help="checkpoint to evaluate (repeatable; default: the bundled weights)")
-    p.add_argument("--models-dir", type=Path, default=None, help="evaluate every *.pt in DIR")
-    p.add_argument("--out", type=Path, default=Path("evaluation"))
-    p.add_argument("--lambda", dest="lambda_", type=float, default=0.5)
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--primary", default=None, help="method shown in the contact sheet")
-    p.add_argument("--cache", type=Path, default=Path(".cache/preprocessed"))
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--models-dir", type=Path, default=None, metavar="DIR",
+                   help="evaluate every *.pt in DIR")
+    p.add_argument("--out", type=Path, default=Path("evaluation"), metavar="DIR",
+                   help="folder for the table, results and figures (default ./evaluation)")
+    p.add_argument("--lambda", dest="lambda_", type=float, default=0.5,
+                   help="weight of the reconstruction term in a two-term score, 0-1 (default 0.5)")
+    p.add_argument("--top-k", type=int, default=3, metavar="K",
+                   help="series score also reported as the mean of the top K slices (default 3)")
+    p.add_argument("--batch-size", type=int, default=32, help="slices per scoring batch")
+    p.add_argument("--primary", default=None, metavar="METHOD",
+                   help="method shown in the contact sheet (default: multitask if given, else the "
+                        "first model)")
+    p.add_argument("--cache", type=Path, default=Path(".cache/preprocessed"), metavar="DIR",
+                   help="folder for preprocessed .npz arrays (default .cache/preprocessed)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to run the models (default auto: cuda when available)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.set_defaults(func=run)
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from triage_agent import db
-from triage_agent.cli import add_config_argument
-from triage_agent.commands._common import config_or_exit
-from triage_agent.sender import retry_dead
+from triage_agent.commands._common import add_config_argument, config_or_exit
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("retry", help="re-queue dead-lettered deliveries (all, or --id N ...)")
+    p = sub.add_parser(
+        "retry", help="re-queue dead-lettered deliveries (all, or --id N ...)",
+        description="Give dead-lettered deliveries (see `status`) a fresh set of attempts; the "
+                    "running node sends them on its next delivery pass.")
     add_config_argument(p)
     p.add_argument("--id", type=int, nargs="*", default=None, dest="ids",
                    help="delivery ids (from `status --json`); default: every dead letter")
@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from triage_agent import db
+    from triage_agent.sender import retry_dead
+
     cfg = config_or_exit(args.config)
     engine = db.make_engine(cfg.database.url)
     try:

@@ -8,18 +8,22 @@ import signal
 import sys
 import threading
 
-from triage_agent.cli import add_config_argument, configure_logging
-from triage_agent.commands._common import config_or_exit
-from triage_agent.db import DatabaseError
+from triage_agent.commands._common import add_config_argument, config_or_exit
 
 log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the DICOM node (receiver, scheduler and workers)")
+    p = sub.add_parser(
+        "serve", help="run the DICOM node (receiver, scheduler and workers)",
+        description="Receive CT series over DICOM, score them, write and deliver the reports, and "
+                    "serve the HTTP status page, in one process. Prints a READY line once "
+                    "listening; SIGHUP reloads the configuration, SIGTERM stops cleanly.")
     add_config_argument(p)
-    p.add_argument("--port", type=int, default=None, help="override [node] port")
-    p.add_argument("--workers", type=int, default=None, help="override [worker] count")
+    p.add_argument("--port", type=int, default=None,
+                   help="DICOM port to listen on, overriding [node] port (0 = any free port)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="scoring worker threads, overriding [worker] count")
     p.set_defaults(func=run)
 
 
@@ -31,8 +35,11 @@ def run(args: argparse.Namespace, *, receiver: bool = True) -> int:
         http_port = getattr(args, "http_port", None)
         cfg = cfg.model_copy(update={"http": cfg.http.model_copy(update={
             "enabled": http_port is not None, "port": http_port or 0})})
+    from triage_agent.logs import configure_logging
+
     configure_logging(cfg.logging.level, getattr(args, "verbose", False), cfg.logging.format)
     from triage_agent.app import App, StartupError
+    from triage_agent.db import DatabaseError
 
     try:
         app = App(cfg, run_receiver=receiver, worker_count=args.workers)

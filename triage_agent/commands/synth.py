@@ -16,8 +16,10 @@ import time
 from collections import Counter
 from multiprocessing import get_context
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="force subtle / obvious lesions (default: drawn per case)",
     )
-    p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument(
+        "--site",
+        default="train",
+        help="site profile (scanner, acquisition, head pose, anatomy): train (default, the "
+        "bundled model's), development sites A-C, test sites D-F; see triage_model.sites",
+    )
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="worker processes (default 1)")
     p.add_argument(
         "--preview",
         type=Path,
@@ -69,6 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def preview_slice(hu: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """The most telling axial slice of a case, cropped to the head: the slice with the most
     lesion, or for a normal the level of the lateral ventricles (~55 % up the series)."""
+    import numpy as np
+
     area = mask.sum(axis=(1, 2))
     z = int(np.argmax(area)) if area.any() else int(round(0.55 * (hu.shape[0] - 1)))
     sl = hu[z]
@@ -142,18 +153,18 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, int, str]]:
     return [(f"case{i:0{width}d}-{lab}", s, lab) for i, (s, lab) in enumerate(plan)]
 
 
-def _one(job: tuple[str, int, str, str, int, str, bool]) -> dict[str, object]:
-    case_id, seed, label, out, matrix, subtle_opt, want_preview = job
+def _one(job: tuple[str, int, str, str, int, str, bool, str]) -> dict[str, object]:
+    case_id, seed, label, out, matrix, subtle_opt, want_preview, site = job
     from triage_model.synth import make_case
 
-    from triage_agent.synth_dicom import synthetic_patient, uid_for, write_case_dicom
+    from triage_agent.synth_dicom import case_key, synthetic_patient, uid_for, write_case_dicom
 
     subtle = {"auto": None, "yes": True, "no": False}[subtle_opt]
     t = time.perf_counter()
-    case = make_case(seed, label, subtle=subtle, matrix=matrix)
+    case = make_case(seed, label, subtle=subtle, matrix=matrix, site=site)
     name, pid = synthetic_patient(seed)
     paths = write_case_dicom(case, Path(out) / case_id, patient_name=name, patient_id=pid)
-    key = (case.seed, case.label, bool(case.subtle))
+    key = case_key(case)
     preview = None
     if want_preview:
         sl, m, _ = preview_slice(case.hu, case.lesion_mask)
@@ -175,6 +186,9 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     try:
+        from triage_model.sites import get_site
+
+        get_site(args.site)
         plan = _plan(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -185,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     jobs = [
-        (cid, s, lab, str(out), args.matrix, args.subtle, args.preview is not None and i < 16)
+        (cid, s, lab, str(out), args.matrix, args.subtle, args.preview is not None and i < 16,
+         args.site)
         for i, (cid, s, lab) in enumerate(plan)
     ]
     t0 = time.perf_counter()

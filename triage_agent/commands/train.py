@@ -12,13 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
+from triage_model.options import ALL_METHODS, add_override_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from triage_model.baselines import ALL_METHODS, add_override_options
-
-    p = sub.add_parser("train", help="train the detector (or a baseline) on normal series")
+    p = sub.add_parser("train", help="train the detector (or a baseline) on normal series",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", nargs="?", type=Path, help="folder of normal DICOM series")
     p.add_argument("--synthetic", type=int, default=None, metavar="N",
                    help="train on N synthetic normal series generated in memory")
@@ -30,21 +29,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=3000, help="total optimisation steps")
     p.add_argument("--pretrain-fraction", type=float, default=0.2,
                    help="share of the steps spent on context-restoration pretraining")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="slices per optimisation step")
     add_override_options(p)  # --lr, --lr-decay-*, --spot-weight, --rec-q, --norm-bins, ...
     p.add_argument("--eps", type=float, default=None, help="multitask reconstruction weight")
     p.add_argument("--beta", type=float, default=None, help="KL weight")
-    p.add_argument("--input-size", type=int, default=128)
+    p.add_argument("--input-size", type=int, default=128, metavar="PIXELS",
+                   help="network input: slices resampled to PIXELS x PIXELS (default 128)")
     p.add_argument("--matrix", type=int, default=512, help="synthetic in-plane matrix")
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of series held out for normalisation and threshold calibration")
-    p.add_argument("--target-specificity", type=float, default=0.95)
+    p.add_argument("--target-specificity", type=float, default=0.95,
+                   help="the threshold is set for this specificity on the held-out normals "
+                        "(default 0.95)")
     p.add_argument("--cache", type=Path, default=Path(".cache/preprocessed"),
                    help="folder for preprocessed .npz arrays")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the training state saved next to --out")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to train (default auto: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.add_argument("--export-slices", type=Path, default=None, metavar="FILE.npz",
                    help="write the preprocessed training slices to FILE.npz and stop, to train "
                         "elsewhere with `python -m triage_model.train OUT --slices FILE.npz` (a GPU "
@@ -72,6 +76,7 @@ def load_training_cases(args: argparse.Namespace) -> tuple[list, dict]:
 
 
 def cases_to_slices(cases: list):
+    import numpy as np
     from triage_model.train import SliceSet
 
     xs = [c.x for c in cases if len(c.x)]
