@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
+from triage_model.sites import SiteProfile, get_site
 
 log = logging.getLogger(__name__)
 
@@ -871,10 +872,12 @@ def _compose_brain(anat: _Anatomy, tpl: _Template, hu_p: dict[str, float]) -> np
     return hu
 
 
-def _normal_variants(anat: _Anatomy, tpl: _Template, rng: np.random.Generator) -> dict[str, bool]:
-    """Calcified choroid plexus / pineal / falx / basal ganglia: common in normals."""
+def _normal_variants(anat: _Anatomy, tpl: _Template, rng: np.random.Generator,
+                     calc_scale: float = 1.0) -> dict[str, bool]:
+    """Calcified choroid plexus / pineal / falx / basal ganglia: common in normals
+    (``calc_scale`` multiplies each variant's chance, for a site's older or younger patients)."""
     found = {"choroid_calc": False, "pineal_calc": False, "falx_calc": False, "bg_calc": False}
-    if rng.random() < 0.5:
+    if rng.random() < 0.5 * calc_scale:
         found["choroid_calc"] = True
         for side in (-1, 1):
             if rng.random() < 0.15:
@@ -892,13 +895,13 @@ def _normal_variants(anat: _Anatomy, tpl: _Template, rng: np.random.Generator) -
             anat.overlays.append(
                 (b, _blob(rng, b, c, np.full(3, r), 0.3, 0.6), rng.uniform(120, 350))
             )
-    if rng.random() < 0.45:
+    if rng.random() < 0.45 * calc_scale:
         found["pineal_calc"] = True
         c = _mni_to_index(tpl, rng.uniform(-1, 1), -30 + rng.uniform(-2, 2), 2 + rng.uniform(-2, 2))
         r = rng.uniform(1.5, 3.0)
         b = _box(c, r * 2 + 2, tpl.gm.shape)
         anat.overlays.append((b, _blob(rng, b, c, np.full(3, r), 0.25, 0.6), rng.uniform(120, 400)))
-    if rng.random() < 0.07:
+    if rng.random() < 0.07 * calc_scale:
         found["bg_calc"] = True
         for side in (-1, 1):
             c = _mni_to_index(tpl, side * 19, 0 + rng.uniform(-3, 3), 0 + rng.uniform(-2, 2))
@@ -907,7 +910,7 @@ def _normal_variants(anat: _Anatomy, tpl: _Template, rng: np.random.Generator) -
             anat.overlays.append(
                 (b, _blob(rng, b, c, np.full(3, r), 0.3, 0.6) * 0.8, rng.uniform(90, 200))
             )
-    found["falx_calc"] = bool(rng.random() < 0.15)
+    found["falx_calc"] = bool(rng.random() < 0.15 * calc_scale)
     return found
 
 
@@ -954,7 +957,7 @@ def _skull_and_scalp(
     scalp_hu = p["soft"] * (1 - fat) + p["fat"] * fat
     val[sh] = np.where(rel <= 1.0, bone_hu, np.where(sfrac <= 1.0, scalp_hu, -1000.0))
     b = run(_CLS_BASE)
-    val[b] = 0.5 * (cort + dip) + 250.0 * tpl.texture[b]
+    val[b] = (0.5 * (cort + dip) + 250.0 * tpl.texture[b]) * p.get("base_bone_scale", 1.0)
     f = run(_CLS_FACE)
     fd, tex = tpl.outer_depth[f], tpl.texture[f]
     # subcutaneous fat under the skin, and irregular deep fat planes between the muscles
@@ -1082,20 +1085,32 @@ def _head_holder(
 
 
 def make_case(
-    seed: int, label: str = "normal", *, subtle: bool | None = None, matrix: int = 512
+    seed: int,
+    label: str = "normal",
+    *,
+    subtle: bool | None = None,
+    matrix: int = 512,
+    site: str | SiteProfile | None = None,
 ) -> SynthCase:
     """Build one synthetic head CT.
 
     The same seed gives the same head (pose, shape, tissue, noise) whatever the label, so a
     lesion can be compared with its own normal; the lesion draws from a separate stream.
+    ``site`` picks a ``triage_model.sites`` profile (scanner, acquisition, pose, anatomy);
+    the default is the training site, whose cases are those of the original generator.
+    With a gantry tilt, ``hu`` is the stack of tilted slices as the scanner reconstructs them
+    (``meta["gantry_tilt_deg"]``; the slices are ``thickness`` apart along their normal and
+    the table moves ``thickness / cos(tilt)`` between them).
     """
+    prof = get_site(site)
     if label != "normal" and label not in LESION_FAMILIES:
         raise ValueError(f"unknown label {label!r}; expected 'normal' or one of {LESION_FAMILIES}")
     if matrix < 16 or matrix % 2:
         raise ValueError(f"matrix must be an even number >= 16, got {matrix}")
     ss = np.random.SeedSequence(int(seed))
-    rng_anat, rng_var, rng_les, rng_geo, rng_noise, rng_holder = (
-        np.random.default_rng(s) for s in ss.spawn(6)
+    # the site's own draws come from a 7th stream, so the training site's cases are unchanged
+    rng_anat, rng_var, rng_les, rng_geo, rng_noise, rng_holder, rng_site = (
+        np.random.default_rng(s) for s in ss.spawn(7)
     )
     if subtle is None:
         subtle = bool(label != "normal" and rng_les.random() < SUBTLE_PROBABILITY)
@@ -1103,12 +1118,16 @@ def make_case(
 
     tpl = _template()
     hu_p = _hu_params(rng_anat)
-    vent_grow = float(rng_anat.uniform(-1.0, 1.5))
-    sulc_open = float(rng_anat.uniform(0.0, 0.12))
+    vent_grow = float(rng_anat.uniform(*prof.vent_grow_mm))
+    sulc_open = float(rng_anat.uniform(*prof.sulc_open))
+    site_p = _site_draws(prof, rng_site)
+    if not prof.is_train:
+        hu_p["skull_mm"] *= site_p["skull_scale"]
+        hu_p["base_bone_scale"] = site_p["base_bone_scale"]
     anat = _Anatomy(gm=tpl.gm.copy(), wm=tpl.wm.copy(), csf_extra=np.zeros_like(tpl.gm))
     anat.params.update(vent_grow=vent_grow, sulc_open=sulc_open)
     _apply_csf_variation(anat, tpl, vent_grow, sulc_open)
-    variants = _normal_variants(anat, tpl, rng_var)
+    variants = _normal_variants(anat, tpl, rng_var, prof.calc_scale)
 
     if label != "normal":
         _LESIONS[label](anat, tpl, rng_les, subtle)
@@ -1122,17 +1141,21 @@ def make_case(
         a = alpha * tpl.icv[box]  # lesions live inside the cranial cavity
         hu[box] = hu[box] * (1 - a) + a * val
     _skull_and_scalp(hu, tpl, rng_anat, hu_p)
+    if not prof.is_train:
+        _sinus_and_mastoid(hu, tpl, rng_site, site_p)
     lesion_tpl = anat.lesion
     lesion_params = _jsonable(anat.params)
     del anat
 
     # ---------------------------------------------------------------- scanner geometry
-    thickness = float(rng_geo.choice([2.5, 3.0, 4.0, 5.0, 5.0]))
-    fov = float(rng_geo.uniform(205.0, 256.0))
+    thickness = float(rng_geo.choice(list(prof.thickness_mm)))
+    fov = float(rng_geo.uniform(*prof.fov_mm))
     ps = fov / matrix
-    yaw = math.radians(rng_geo.uniform(-7, 7))
-    pitch = math.radians(rng_geo.uniform(-12, 10))
-    roll = math.radians(rng_geo.uniform(-5, 5))
+    yaw = math.radians(rng_geo.uniform(*prof.yaw_deg))
+    pitch = math.radians(rng_geo.uniform(*prof.pitch_deg))
+    roll = math.radians(rng_geo.uniform(*prof.roll_deg))
+    tilt = math.radians(site_p["tilt_deg"])
+    sin_t, cos_t = math.sin(tilt), math.cos(tilt)
     scale = rng_geo.uniform(0.92, 1.08, 3) * rng_geo.uniform(0.95, 1.05)
     shift = np.array(
         [0.0, rng_geo.uniform(-12, 12) + 8.0, rng_geo.uniform(-10, 10)]
@@ -1141,12 +1164,17 @@ def make_case(
     a_fwd = rot @ np.diag(scale)  # template mm (about centre) -> scanner mm
     a_inv = np.linalg.inv(a_fwd)
 
-    # z extent: from just below the brain's lowest point to the vertex, in scanner space
+    # slice extent along the slice normal (scanner z without tilt): from just below the brain's
+    # lowest point to the vertex. With a gantry tilt the slice planes are z*cos - y*sin = const
+    # (scanner y about the field-of-view centre) and a pixel row v lies at z = c + v*sin,
+    # y = v*cos on the slice through table position c.
     head = tpl.d_skull <= 12.0  # skull + scalp envelope
     pts = np.argwhere(head[::4, ::4, ::4]) * 4.0 - tpl.centre
-    zs = (pts @ a_fwd.T)[:, 0]
+    yx = pts @ a_fwd.T
+    zs = yx[:, 0] * cos_t - (yx[:, 1] + shift[1]) * sin_t
     brain_pts = np.argwhere(tpl.icv[::4, ::4, ::4]) * 4.0 - tpl.centre
-    zb = (brain_pts @ a_fwd.T)[:, 0]
+    bp = brain_pts @ a_fwd.T
+    zb = bp[:, 0] * cos_t - (bp[:, 1] + shift[1]) * sin_t
     z_lo = float(zb.min()) - rng_geo.uniform(0.0, 6.0)
     z_hi = float(zs.max()) + 2.0
     n_slices = int(math.ceil((z_hi - z_lo) / thickness))
@@ -1158,8 +1186,8 @@ def make_case(
     ip = 2.0 * ps
     n_ip = matrix // 2
     coords_ip = (np.arange(n_ip) - (n_ip - 1) / 2.0) * ip  # scanner mm, centred at FOV centre
-    yx = pts @ a_fwd.T
-    y_min, y_max = yx[:, 1].min() + shift[1] - 6, yx[:, 1].max() + shift[1] + 6
+    v_head = yx[:, 0] * sin_t + (yx[:, 1] + shift[1]) * cos_t  # image row coordinate
+    y_min, y_max = v_head.min() - 6, v_head.max() + 6
     x_min, x_max = yx[:, 2].min() + shift[2] - 6, yx[:, 2].max() + shift[2] + 6
     iy = np.flatnonzero((coords_ip >= y_min) & (coords_ip <= y_max))
     ix = np.flatnonzero((coords_ip >= x_min) & (coords_ip <= x_max))
@@ -1178,8 +1206,15 @@ def make_case(
                 * _smooth_1d(rng_geo, len(xs), ip, 60)[None, None, :]
             )
         disp.append(f * (amp / 1.5))
-    zz = z_sub.astype(np.float32)[:, None, None]
-    yy = ys.astype(np.float32)[None, :, None]
+    if tilt:  # sub-slice d along the normal (cos, -sin) of the plane through table position c
+        d_sub = np.tile(((np.arange(sub) + 0.5) / sub - 0.5) * thickness, n_slices)[:, None, None]
+        c = np.repeat(z_centres / cos_t, sub)[:, None, None]
+        v = coords_ip[iy][None, :, None]
+        zz = (c + v * sin_t + d_sub * cos_t).astype(np.float32)
+        yy = (v * cos_t - d_sub * sin_t - shift[1]).astype(np.float32)
+    else:
+        zz = z_sub.astype(np.float32)[:, None, None]
+        yy = ys.astype(np.float32)[None, :, None]
     xx = xs.astype(np.float32)[None, None, :]
     coords = np.empty((3, len(z_sub), len(ys), len(xs)), dtype=np.float32)
     for k in range(3):
@@ -1189,7 +1224,7 @@ def make_case(
     vol = ndi.map_coordinates(hu, coords, order=1, mode="constant", cval=-1000.0, prefilter=False)
     vol = vol.reshape(n_slices, sub, len(iy), len(ix)).mean(1)
     # residual beam-hardening cupping/capping: a smooth radial +-2 HU bias in soft tissue
-    cup = float(rng_noise.uniform(-2.0, 2.0))
+    cup = float(rng_noise.uniform(-prof.cupping_hu, prof.cupping_hu))
     r2 = (ys[:, None] ** 2 + xs[None, :] ** 2) / 80.0**2
     vol += (cup * (np.clip(r2, 0, 1.5) - 0.5)).astype(np.float32)[None] * (vol > -200) * (vol < 300)
     les = None
@@ -1221,12 +1256,21 @@ def make_case(
         region = (out < -500.0) & mask2d[None]
         out[region] = holder_hu
 
-    # quantum noise, slightly correlated like a standard soft-tissue kernel
-    # thinner slices are noisier (fewer photons per voxel): sd ~ 1/sqrt(thickness), 3-6 HU
-    noise_sd = float(np.clip(rng_noise.uniform(2.7, 4.6) * math.sqrt(5.0 / thickness), 3.0, 6.0))
-    half = (n_slices, matrix // 2, matrix // 2)
-    n = rng_noise.standard_normal(half, dtype=np.float32)
-    n = _up2(n)
+    if not prof.is_train:
+        _site_artefacts(out, prof, site_p, ps, rng_site)
+    # quantum noise, slightly correlated like a standard soft-tissue kernel (white for a sharp
+    # kernel, smoother for a smooth one); thinner slices are noisier (fewer photons per voxel):
+    # sd ~ 1/sqrt(thickness), 3-6 HU at the training site
+    noise_sd = float(np.clip(rng_noise.uniform(*prof.noise_hu) * math.sqrt(5.0 / thickness),
+                             *prof.noise_clip))
+    if prof.kernel == "sharp":
+        n = rng_noise.standard_normal((n_slices, matrix, matrix), dtype=np.float32)
+    else:
+        half = (n_slices, matrix // 2, matrix // 2)
+        n = rng_noise.standard_normal(half, dtype=np.float32)
+        n = _up2(n)
+        if prof.kernel == "smooth":
+            n = ndi.gaussian_filter(n, (0, 1.2, 1.2)).astype(np.float32)
     n *= noise_sd / max(float(n.std()), 1e-6)
     out += n
     np.clip(out, -1024.0, 3071.0, out=out)
@@ -1242,10 +1286,14 @@ def make_case(
         "elastic_mm": float(amp),
         "z_first_mm": float(z_centres[0]),
         "origin_mm": [
-            float(z_centres[0]),
-            float(-(matrix - 1) / 2.0 * ps),
+            float(z_centres[0] / cos_t - (matrix - 1) / 2.0 * ps * sin_t),
+            float(-(matrix - 1) / 2.0 * ps * cos_t),
             float(-(matrix - 1) / 2.0 * ps),
         ],
+        "gantry_tilt_deg": float(math.degrees(tilt)),
+        "site": prof.name,
+        "kernel": prof.kernel,
+        "site_draws": site_p,
         "hu": hu_p,
         "vent_grow_mm": vent_grow,
         "sulc_open": sulc_open,
@@ -1262,6 +1310,87 @@ def make_case(
         seed=int(seed),
         meta=meta,
     )
+
+
+def _site_draws(prof: SiteProfile, rng: np.random.Generator) -> dict[str, float]:
+    """One case's draws of the site knobs that the original generator did not have."""
+    if prof.is_train:
+        return {"tilt_deg": 0.0}
+    return {
+        "tilt_deg": float(rng.uniform(*prof.tilt_deg)),
+        "skull_scale": float(rng.uniform(*prof.skull_scale)),
+        "base_bone_scale": float(rng.uniform(*prof.base_bone_scale)),
+        "streak_hu": float(rng.uniform(*prof.streak_hu)),
+        "beam_hardening_hu": float(rng.uniform(*prof.beam_hardening_hu)),
+        "sinus_fluid": float(rng.random() < prof.sinus_fluid_p),
+        "mastoid_sclerosis": float(rng.random() < prof.mastoid_sclerosis_p),
+    }
+
+
+def _sinus_and_mastoid(hu: np.ndarray, tpl: _Template, rng: np.random.Generator,
+                       draws: dict[str, float]) -> None:
+    """Sinus disease (fluid, mucosal thickening) and poorly pneumatised, bony mastoids."""
+    st = tpl.outer_cls_start
+    air = tpl.outer[int(st[_CLS_AIR]) : int(st[_CLS_AIR + 1])]
+    tex = tpl.texture[int(st[_CLS_AIR]) : int(st[_CLS_AIR + 1])]
+    x_mni = tpl.mni_origin[2] - np.unravel_index(air, hu.shape)[2]
+    mastoid = np.abs(x_mni) > 36.0
+    if draws["sinus_fluid"]:
+        thr = rng.uniform(-0.6, 0.8)  # how much of the sinus air is replaced
+        fill = ~mastoid & (tex > thr)
+        hu.ravel()[air[fill]] = rng.uniform(15.0, 35.0)
+    if draws["mastoid_sclerosis"]:
+        fill = mastoid & (tex > rng.uniform(-0.8, 0.2))
+        hu.ravel()[air[fill]] = rng.uniform(500.0, 1100.0) + 150.0 * tex[fill]
+
+
+def _site_artefacts(out: np.ndarray, prof: SiteProfile, draws: dict[str, float], ps: float,
+                    rng: np.random.Generator) -> None:
+    """Reconstruction kernel, streaks and beam hardening from dense skull-base bone, in place.
+
+    Streaks radiate from the dense bone in the middle of the head (skull base), so their
+    strength follows how much of it a slice holds; the dark band between the petrous bones is
+    the classic beam-hardening artefact of posterior-fossa CT.
+    """
+    n, ny, nx = out.shape
+    yy = (np.arange(ny, dtype=np.float32)[:, None] - (ny - 1) / 2.0) * ps
+    xx = (np.arange(nx, dtype=np.float32)[None, :] - (nx - 1) / 2.0) * ps
+    amp, bh = draws["streak_hu"], draws["beam_hardening_hu"]
+    if amp > 0 or bh > 0:
+        head = out > -500.0
+        dense = out > 1000.0
+        area = head.sum((1, 2))
+        for k in range(n):
+            if area[k] < 0.6 * area.max():  # the vertex: tangential vault, no streaks
+                continue
+            hy, hx = (float(v.mean()) for v in np.nonzero(head[k]))
+            cy, cx = (hy - (ny - 1) / 2.0) * ps, (hx - (nx - 1) / 2.0) * ps
+            # dense bone well inside the head's outline (skull base, not the vault's ring)
+            r_in = min(50.0, 0.55 * math.sqrt(float(head[k].sum()) * ps * ps / math.pi))
+            central = dense[k] & ((yy - cy) ** 2 + (xx - cx) ** 2 < r_in**2)
+            w = min(float(central.sum()) * ps * ps / 400.0, 1.0)
+            if w < 0.05:
+                continue
+            by, bx = (float(v.mean()) for v in np.nonzero(central))
+            by, bx = (by - (ny - 1) / 2.0) * ps, (bx - (nx - 1) / 2.0) * ps
+            art = np.zeros((ny, nx), dtype=np.float32)
+            for _ in range(int(rng.integers(6, 13))):
+                th = rng.uniform(0.0, math.pi)
+                oy, ox = by + rng.normal(0, 8.0), bx + rng.normal(0, 15.0)
+                d = (xx - ox) * math.sin(th) - (yy - oy) * math.cos(th)
+                along = (xx - ox) * math.cos(th) + (yy - oy) * math.sin(th)
+                a = amp * w * rng.uniform(0.5, 1.0) * rng.choice([-1.0, 1.0])
+                art += a * np.exp(-0.5 * (d / 0.8) ** 2 - np.abs(along) / 70.0)
+            if bh > 0:
+                band = np.exp(-0.5 * ((yy - by) / 6.0) ** 2) * np.clip(1 - np.abs(xx - bx) / 55, 0, 1)
+                art -= bh * w * band
+            soft = head[k] & (out[k] < 300.0)
+            out[k][soft] += art[soft]
+    if prof.kernel == "smooth":
+        out[:] = ndi.gaussian_filter(out, (0, 0.8 / ps, 0.8 / ps))
+    elif prof.kernel == "sharp":  # edge enhancement, with over- and undershoot at the skull
+        blur = ndi.gaussian_filter(out, (0, 1.0 / ps, 1.0 / ps))
+        out += 1.0 * (out - blur)
 
 
 def make_dataset_plan(normals: int, abnormals: int, seed: int) -> list[tuple[int, str]]:

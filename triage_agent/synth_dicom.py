@@ -34,6 +34,8 @@ ENCODINGS: tuple[tuple[str, bool, float, float, int], ...] = (
     ("unsigned_half", False, 0.5, -1024.0, 16),
 )
 KERNELS = ("H31s", "STANDARD", "FC21", "J30s", "UB")
+#: ConvolutionKernel names written for a site profile's smooth or sharp kernel.
+SITE_KERNELS = {"smooth": "H20s", "standard": "STANDARD", "sharp": "H70h"}
 MASK_FILE = "mask.npz"
 META_FILE = "case.json"
 
@@ -41,6 +43,14 @@ META_FILE = "case.json"
 def uid_for(*parts: object) -> str:
     """Deterministic UID: the same case and role always give the same UID."""
     return generate_uid(entropy_srcs=["triage-agent-synth", *[str(p) for p in parts]])
+
+
+def case_key(case: SynthCase) -> tuple[object, ...]:
+    """What a case's UIDs derive from: seed, label, subtlety and (other than the training
+    site) the site, so the same seed at two sites gives two different studies."""
+    site = str(case.meta.get("site", "train"))
+    key: tuple[object, ...] = (case.seed, case.label, bool(case.subtle))
+    return key if site == "train" else (*key, f"site-{site}")
 
 
 def synthetic_patient(seed: int) -> tuple[str, str]:
@@ -86,11 +96,14 @@ def write_case_dicom(
         rng.integers(len(ENCODINGS))  # keep the rest of the stream identical
     enc_name, signed, slope, intercept, bits = enc
     kernel = str(rng.choice(KERNELS))
+    if case.meta.get("site", "train") != "train":
+        kernel = SITE_KERNELS.get(str(case.meta.get("kernel")), kernel)
     default_name, default_id = synthetic_patient(case.seed)
     patient_name = patient_name or default_name
     patient_id = patient_id or default_id
 
-    key = (case.seed, case.label, bool(case.subtle))
+    key = case_key(case)
+    site = str(case.meta.get("site", "train"))
     study_uid = study_uid or uid_for("study", *key)
     series_uid = uid_for("series", *key, series_number)
     for_uid = uid_for("frame-of-reference", *key)
@@ -112,6 +125,11 @@ def write_case_dicom(
     z0, y0, x0 = (float(v) for v in origin)
     table_z = float(rng.uniform(-200.0, -20.0))  # scanner table position offset
     thickness = float(case.meta.get("thickness_mm", dz))
+    # gantry tilt as a scanner writes it: the image columns run along (0, cos, sin) in LPS,
+    # the table (and so ImagePositionPatient) moves along z by thickness / cos(tilt) per slice
+    tilt = float(case.meta.get("gantry_tilt_deg", 0.0))
+    cos_t, sin_t = float(np.cos(np.radians(tilt))), float(np.sin(np.radians(tilt)))
+    table_step = dz / cos_t
     desc = f"HEAD W/O {thickness:g}mm"
 
     stored = _encode(hu, signed, slope, intercept, bits)
@@ -161,7 +179,7 @@ def write_case_dicom(
         ds.FrameOfReferenceUID = for_uid
         ds.PositionReferenceIndicator = ""
         ds.Manufacturer = "TRIAGE-AGENT SYNTHETIC"
-        ds.ManufacturerModelName = "synth"
+        ds.ManufacturerModelName = "synth" if site == "train" else f"synth-site-{site}"
         ds.SoftwareVersions = f"synth-v{case.meta.get('version', 1)}"
         ds.InstitutionName = "SYNTHETIC DATA - NOT A PATIENT"
         ds.StationName = "SYNTHCT"
@@ -174,9 +192,12 @@ def write_case_dicom(
         ds.ContentDate = ds.StudyDate
         ds.ContentTime = ds.SeriesTime
         ds.BurnedInAnnotation = "NO"
-        # image plane: LPS, identity orientation, slice k at z0 + k*dz
-        z = z0 + k * dz + table_z
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        # image plane: LPS; slice k at table position z0 + k*dz (dz / cos(tilt) when tilted)
+        z = z0 + k * table_step + table_z
+        if tilt:
+            ds.ImageOrientationPatient = [1, 0, 0, 0, round(cos_t, 8), round(sin_t, 8)]
+        else:
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.ImagePositionPatient = [round(x0, 4), round(y0, 4), round(z, 4)]
         ds.SliceLocation = round(z, 4)
         ds.PixelSpacing = [round(dy, 6), round(dx, 6)]
@@ -189,7 +210,7 @@ def write_case_dicom(
         ds.ConvolutionKernel = kernel
         ds.ReconstructionDiameter = round(dx * nx, 3)
         ds.DataCollectionDiameter = 500
-        ds.GantryDetectorTilt = 0
+        ds.GantryDetectorTilt = round(tilt, 2)
         ds.ScanOptions = "HELICAL MODE"
         ds.RescaleIntercept = intercept
         ds.RescaleSlope = slope
@@ -228,6 +249,8 @@ def write_case_dicom(
             "n_slices": int(nz),
             "encoding": enc_name,
             "kernel": kernel,
+            "site": case.meta.get("site", "train"),
+            "gantry_tilt_deg": tilt,
             "lesion_voxels": int(case.lesion_mask.sum()),
             "meta": case.meta,
         }
