@@ -72,7 +72,7 @@ def table(rows: list[SeriesStatus]) -> list[str]:
         lines.append(
             f"{r.last_received_at.isoformat(timespec='seconds'):20} "
             f"...{r.series_instance_uid[-11:]:11} {(r.series_description or '')[:24]:24} "
-            f"{r.instances:>4} {r.state:11} {r.priority or '-':{pw}} {detail(r)}"
+            f"{r.instances:>4} {r.state:11} {r.priority or '-':{pw}} {detail(r)}".rstrip()
         )
     return lines
 
