@@ -39,8 +39,8 @@ assert set(ALL_METHODS) == set(METHODS)
 
 # What the bundled default model (model/weights/MODEL_CARD.md) was trained and scored with, chosen
 # on the synthetic development sets: a site's ``triage-agent train --method dae`` gets the same
-# (the members' spot fine-tune, ``spot_weight``, is an option: eleventh session). rec_q 0.001 since
-# the eleventh session (0.003 before; for a U-Net trained without spots the two scored alike).
+# (the members' spot fine-tune, ``spot_weight``, is an option). rec_q 0.001 matches the bundled
+# file; for a U-Net trained without spots 0.001 and 0.003 score alike (docs/experiments.md).
 DAE_DEFAULTS: dict[str, Any] = {"noise_std": 0.3, "noise_res": 16}
 DAE_SCORING = ScoringConfig(rec_q=0.001, norm_bins=0, flip_tta=True)
 

@@ -199,7 +199,7 @@ def coarse_noise(x: torch.Tensor, generator: torch.Generator, resolution: int = 
     return y[:, 0] if squeeze else y
 
 
-# Spot corruption (tenth/eleventh sessions, model card): small Gaussian spots, the scale of a
+# Spot corruption (model card, "Training data"): small Gaussian spots, the scale of a
 # subtle cavernoma or aneurysm, which coarse noise alone does not teach the U-Net to repair.
 SPOT_COUNT = (2, 6)  # spots per slice, inclusive
 SPOT_SIGMA_PX = (0.7, 2.0)  # Gaussian sigma in pixels of the model input

@@ -33,8 +33,8 @@ class ScoringConfig:
     residual: str = "abs"  # "abs" | "squared"
     norm_bins: int = 0  # > 0: normalise per quantile bin of the slice's brain-area fraction
     # reconstruction = mean of the network's output for the slice and for its left-right mirror
-    # image (mirrored back), at twice the cost; chosen for the bundled model on the development
-    # set (MODEL_CARD.md). Meant for networks trained with flip augmentation (the default).
+    # image (mirrored back), at twice the cost; chosen for the bundled model on a development
+    # set (docs/experiments.md). Meant for networks trained with flip augmentation (the default).
     flip_tta: bool = False
     # s_r = max(z of the residual, z of its asymmetric part): the residual that the mirrored
     # place on the other side of the fitted midline does not show (model/symmetry.py)
@@ -42,15 +42,16 @@ class ScoringConfig:
     # slice context: each slice's raw statistics become (s_i + w (s_{i-1} + s_{i+1})) / (1 + 2w)
     # within its series, before the z-normalisation (``apply_slice_context``). A lesion spans
     # adjacent slices, the normal residual's slice-to-slice scatter does not. 0 = off. The heat
-    # maps stay per slice. The bundled model does not use it: on dev7 it raised slice AUROC but
-    # not series AUROC (twelfth session, MODEL_CARD.md).
+    # maps stay per slice. The bundled model does not use it: on a development set it raised
+    # slice AUROC but not series AUROC (docs/experiments.md).
     slice_context: float = 0.0
     # residual atlas: the slice statistic is taken of the pixel-wise z-map
     # (h - mu_b(p)) / (sd_b(p) + eps) instead of the smoothed residual h itself, where mu_b, sd_b
     # are h's mean and spread at pixel p on normal slices at the same relative height in their
     # series (``atlas_bins`` equal bins; ``ResidualAtlas``, stored in the checkpoint with its own
     # eps and smoothing). Places where normal anatomy always leaves residual (skull base, bone
-    # edges) count for less. The heat map stays h. 0 = off. Fifteenth session, MODEL_CARD.md.
+    # edges) count for less. The heat map stays h. 0 = off; the bundled model uses 16
+    # (docs/experiments.md).
     atlas_bins: int = 0
 
     def __post_init__(self) -> None:

@@ -86,7 +86,7 @@ class TrainConfig:
     noise_std: float = 0.2  # dae: noise standard deviation (brain-window units)
     # dae: > 0 = also paint 2-6 small spots into every training slice (``pretext.small_spots``)
     # and weight the squared error 1 + spot_weight inside them, so that the U-Net learns to
-    # repair lesions smaller than the coarse noise's blobs; 0 = off (model card, "spots")
+    # repair lesions smaller than the coarse noise's blobs; 0 = off (model card, "Training data")
     spot_weight: float = 0.0
     flip_aug: bool = True
     seed: int = 0
