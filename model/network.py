@@ -1,9 +1,11 @@
-"""The detector network: a convolutional VAE with a geometric-transformation head.
+"""The detector networks: the denoising U-Net and its ensemble (``DenoisingUNet``,
+``UNetEnsemble``; the bundled detector is an ensemble of four), and a convolutional VAE with a
+geometric-transformation head.
 
 Venkatakrishnan, Kim et al. (2020) put a classifier on the VAE encoder's features that predicts
 which of 20 geometric transforms (4 rotations x {none, up, down, left, right} shift by 1/8 of the
-image) was applied to the input. The decoder reconstructs the (transformed) input. The same class
-serves every learned method of the harness: a method that does not use the geometric head simply
+image) was applied to the input. The decoder reconstructs the (transformed) input. The VAE class
+serves every VAE-based method of the harness: a method that does not use the geometric head simply
 does not train it (``NetConfig.geo_head=False`` drops it from the checkpoint).
 
 Pure PyTorch: no DICOM, no I/O.
