@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -102,68 +103,78 @@ class Worker:
 
     def run_once(self) -> bool:
         """Claim and process one job; False when the queue had nothing runnable."""
+        claim = self._claim()
+        if claim is None:
+            return False
+        log.info("job %d: scoring series %s (%d files)", claim.job_id,
+                 short_id(claim.series_uid), len(claim.paths))
+        try:
+            done = self._score_and_build(claim)
+        except PermanentJobError as e:
+            self._fail(claim.job_id, str(e), permanent=True)
+            return True
+        except Exception as e:
+            log.warning("job %d failed: %s", claim.job_id, e.__class__.__name__)
+            self._fail(claim.job_id, _error_text(e), permanent=False)
+            return True
+        if not self._commit(claim, done):
+            return True
+        _observe(claim, done)
+        log.info("job %d: %s (score %s)", claim.job_id, done.result.verdict,
+                 "-" if done.result.score is None else f"{done.result.score:.3f}")
+        return True
+
+    def _claim(self) -> _Claim | None:
+        """Claim the next runnable job and read what scoring needs of its series."""
         wcfg = self.cfg.worker
         with self.sessions() as s, s.begin():
             job = queue.claim(s, self.worker_id, wcfg.lease_s, wcfg.max_attempts)
             if job is None:
-                return False
-            job_id, series_id, generation = job.id, job.series_id, job.generation
+                return None
             claimed_at = utcnow()
-            paths, series_uid, last_received, completed = self._series_files(s, series_id)
-        log.info("job %d: scoring series %s (%d files)", job_id, short_id(series_uid), len(paths))
-        try:
-            if not paths:
-                raise PermanentJobError("series has no stored image files")
-            missing = [p for p in paths if not p.exists()]
-            if missing:
-                raise PermanentJobError(f"{len(missing)} stored file(s) missing from storage")
-            with _LeaseKeeper(self, job_id):
-                t0 = time.perf_counter()
-                result = self.scorer(paths)
-                infer_s = time.perf_counter() - t0
-                inference_done = utcnow()
-            priority = publish.priority_for(result.score, self.cfg, result.threshold)
-            t1 = time.perf_counter()
-            outputs = publish.build_outputs(
-                cfg=self.cfg, storage=self.storage, source_paths=paths, result=result,
-                model=self.model, uid_key=f"{series_uid}/{generation}/{self.model.weights_sha256}",
-                supersedes_path=self._previous_sr(series_id, generation), priority=priority,
-                content_datetime=completed,
-            )
-            outputs_s = time.perf_counter() - t1
-        except PermanentJobError as e:
-            self._fail(job_id, str(e), permanent=True)
-            return True
-        except Exception as e:
-            log.warning("job %d failed: %s", job_id, e.__class__.__name__)
-            # Only our own exceptions' messages are stored: others (pydicom, numpy) may quote
-            # header values, which are sender-controlled and can carry patient identifiers.
-            where = e.__traceback__
-            while where is not None and where.tb_next is not None:
-                where = where.tb_next
-            place = (f" in {where.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:"
-                     f"{where.tb_lineno}") if where is not None else ""
-            self._fail(job_id, f"{e.__class__.__name__}{place}", permanent=False)
-            return True
+            paths, series_uid, last_received, completed = self._series_files(s, job.series_id)
+            return _Claim(job.id, job.series_id, job.generation, claimed_at, paths, series_uid,
+                          last_received, completed)
 
-        timings: dict[str, Any] = {
-            "last_instance_received": _iso(last_received),
-            "series_complete": _iso(completed),
-            "job_claimed": _iso(claimed_at),
-            "inference_done": _iso(inference_done),
-            "inference_s": round(infer_s, 4),
-            "outputs_s": round(outputs_s, 4),
-            "outputs_built": _iso(utcnow()),
-            **{k: round(float(v), 4) for k, v in (result.timings or {}).items()},
-        }
+    def _score_and_build(self, claim: _Claim) -> _Done:
+        """Score the series (lease renewed meanwhile) and build its outputs; raises
+        PermanentJobError when the stored files are gone."""
+        paths = claim.paths
+        if not paths:
+            raise PermanentJobError("series has no stored image files")
+        missing = [p for p in paths if not p.exists()]
+        if missing:
+            raise PermanentJobError(f"{len(missing)} stored file(s) missing from storage")
+        with _LeaseKeeper(self, claim.job_id):
+            t0 = time.perf_counter()
+            result = self.scorer(paths)
+            infer_s = time.perf_counter() - t0
+            inference_done = utcnow()
+        priority = publish.priority_for(result.score, self.cfg, result.threshold)
+        t1 = time.perf_counter()
+        outputs = publish.build_outputs(
+            cfg=self.cfg, storage=self.storage, source_paths=paths, result=result,
+            model=self.model,
+            uid_key=f"{claim.series_uid}/{claim.generation}/{self.model.weights_sha256}",
+            supersedes_path=self._previous_sr(claim.series_id, claim.generation),
+            priority=priority, content_datetime=claim.completed,
+        )
+        outputs_s = time.perf_counter() - t1
+        return _Done(result, priority, outputs, infer_s, inference_done, outputs_s)
+
+    def _commit(self, claim: _Claim, done: _Done) -> bool:
+        """Store the result, its outputs, their deliveries and the slice scores, and complete
+        the job, in one transaction; False (nothing stored) when the lease was lost."""
+        result = done.result
+        timings = _timings(claim, done)
         with self.sessions() as s, s.begin():
-            job = s.get(Job, job_id)
+            job = s.get(Job, claim.job_id)
             if job is None or job.worker_id != self.worker_id or job.state != "running":
-                log.warning("job %d: lease lost before commit; result discarded", job_id)
-                return True
+                log.warning("job %d: lease lost before commit; result discarded", claim.job_id)
+                return False
             row = Result(
-                job_id=job_id,
-                series_id=series_id,
+                job_id=claim.job_id,
+                series_id=claim.series_id,
                 score=result.score,
                 verdict=result.verdict,
                 threshold=result.threshold,
@@ -172,43 +183,41 @@ class Worker:
                 model_version=self.model.version,
                 weights_sha256=self.model.weights_sha256,
                 timings=timings,
-                priority=priority,
+                priority=done.priority,
             )
             s.add(row)
             s.flush()
-            deliver = self.cfg.triage.mode == "active"
-            for o in outputs:
-                orow = Output(result_id=row.id, kind=o.kind, sop_class_uid=o.sop_class_uid,
-                              sop_instance_uid=o.sop_instance_uid,
-                              series_instance_uid=o.series_instance_uid, path=o.relpath)
-                s.add(orow)
-                s.flush()
-                if not deliver:
-                    continue
-                if o.kind == "hl7":
-                    s.add(Delivery(output_id=orow.id, destination=HL7_PREFIX + str(o.destination)))
-                else:
-                    s.add_all(Delivery(output_id=orow.id, destination=destination_key(d))
-                              for d in self.cfg.destinations)
+            self._add_outputs(s, row.id, done.outputs)
             s.add_all(
                 SliceScore(result_id=row.id, sop_instance_uid=uid, slice_index=i, score=float(sc))
                 for i, (uid, sc) in enumerate(result.slices)
             )
             queue.complete(s, job, SeriesState.SCORED)
-            s.add(Event(kind="series_scored", series_instance_uid=series_uid,
-                        detail=f"job {job_id} generation {generation}: {result.verdict}"
+            s.add(Event(kind="series_scored", series_instance_uid=claim.series_uid,
+                        detail=f"job {claim.job_id} generation {claim.generation}: "
+                        f"{result.verdict}"
                         + (f" score {result.score:.3f}" if result.score is not None else "")))
-        metrics.INFERENCE_SECONDS.observe(infer_s)
-        metrics.STAGE_SECONDS.labels("outputs").observe(outputs_s)
-        if completed is not None:
-            metrics.STAGE_SECONDS.labels("complete_to_claimed").observe(
-                max(0.0, (claimed_at - completed).total_seconds()))
-        for stage in ("read", "preprocess", "model"):
-            if f"{stage}_s" in (result.timings or {}):
-                metrics.STAGE_SECONDS.labels(stage).observe(float(result.timings[f"{stage}_s"]))
-        log.info("job %d: %s (score %s)", job_id, result.verdict,
-                 "-" if result.score is None else f"{result.score:.3f}")
         return True
+
+    def _add_outputs(
+        self, s: Session, result_id: int, outputs: Sequence[publish.BuiltOutput]
+    ) -> None:
+        """One Output row per built object and, in active mode, its deliveries (HL7 messages
+        to their RIS, DICOM objects to every destination)."""
+        deliver = self.cfg.triage.mode == "active"
+        for o in outputs:
+            orow = Output(result_id=result_id, kind=o.kind, sop_class_uid=o.sop_class_uid,
+                          sop_instance_uid=o.sop_instance_uid,
+                          series_instance_uid=o.series_instance_uid, path=o.relpath)
+            s.add(orow)
+            s.flush()
+            if not deliver:
+                continue
+            if o.kind == "hl7":
+                s.add(Delivery(output_id=orow.id, destination=HL7_PREFIX + str(o.destination)))
+            else:
+                s.add_all(Delivery(output_id=orow.id, destination=destination_key(d))
+                          for d in self.cfg.destinations)
 
     def _previous_sr(self, series_id: int, generation: int) -> Path | None:
         """The SR of the latest earlier generation of this series, which a re-run supersedes."""
@@ -269,6 +278,71 @@ class _LeaseKeeper:
                     queue.renew(s, self.job_id, self.worker.worker_id, lease_s)
             except Exception:
                 log.warning("job %d: could not renew lease", self.job_id)
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """A claimed job and what scoring needs of its series."""
+
+    job_id: int
+    series_id: int
+    generation: int
+    claimed_at: Any
+    paths: list[Path]
+    series_uid: str
+    last_received: Any
+    completed: Any
+
+
+@dataclass(frozen=True)
+class _Done:
+    """A scored series with its outputs built, not yet committed."""
+
+    result: SeriesScore
+    priority: str
+    outputs: list[publish.BuiltOutput]
+    infer_s: float
+    inference_done: Any
+    outputs_s: float
+
+
+def _error_text(e: Exception) -> str:
+    """Exception class and the file:line it came from. Only our own exceptions' messages are
+    stored: others (pydicom, numpy) may quote header values, which are sender-controlled and can
+    carry patient identifiers."""
+    where = e.__traceback__
+    while where is not None and where.tb_next is not None:
+        where = where.tb_next
+    place = (f" in {where.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:"
+             f"{where.tb_lineno}") if where is not None else ""
+    return f"{e.__class__.__name__}{place}"
+
+
+def _timings(claim: _Claim, done: _Done) -> dict[str, Any]:
+    """The Result row's timings: stage timestamps, durations and the scorer's own timings."""
+    return {
+        "last_instance_received": _iso(claim.last_received),
+        "series_complete": _iso(claim.completed),
+        "job_claimed": _iso(claim.claimed_at),
+        "inference_done": _iso(done.inference_done),
+        "inference_s": round(done.infer_s, 4),
+        "outputs_s": round(done.outputs_s, 4),
+        "outputs_built": _iso(utcnow()),
+        **{k: round(float(v), 4) for k, v in (done.result.timings or {}).items()},
+    }
+
+
+def _observe(claim: _Claim, done: _Done) -> None:
+    """Stage durations of a committed job into the Prometheus histograms."""
+    metrics.INFERENCE_SECONDS.observe(done.infer_s)
+    metrics.STAGE_SECONDS.labels("outputs").observe(done.outputs_s)
+    if claim.completed is not None:
+        metrics.STAGE_SECONDS.labels("complete_to_claimed").observe(
+            max(0.0, (claim.claimed_at - claim.completed).total_seconds()))
+    timings = done.result.timings or {}
+    for stage in ("read", "preprocess", "model"):
+        if f"{stage}_s" in timings:
+            metrics.STAGE_SECONDS.labels(stage).observe(float(timings[f"{stage}_s"]))
 
 
 def _iso(t: Any) -> str | None:
