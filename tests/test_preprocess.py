@@ -225,3 +225,139 @@ def test_non_axial_rejected(tmp_path: Path, small_series: tuple[list[Path], list
         out.append(q)
     with pytest.raises(PreprocessError, match="not an axial series"):
         read_series(out)
+
+
+# ------------------------------------------------------------------ site-independent steps
+
+
+def _tilted_ball_series(tmp_path: Path, tilt: float = 18.0, th: float = 5.0, n: int = 30,
+                        m: int = 96, ps: float = 2.0) -> list[Path]:
+    """A 40 mm ball scanned with a tilted gantry, written as a scanner does (table along z)."""
+    t = np.radians(tilt)
+    v = (np.arange(m) - (m - 1) / 2.0) * ps  # row coordinate in the tilted plane
+    u = (np.arange(m) - (m - 1) / 2.0) * ps
+    c = (np.arange(n) - (n - 1) / 2.0) * th / np.cos(t)  # table position of each slice
+    z = c[:, None, None] + v[None, :, None] * np.sin(t)
+    y = np.broadcast_to(v[None, :, None] * np.cos(t), z.shape)
+    x = u[None, None, :]
+    hu = np.where((z - 5.0) ** 2 + (y + 15.0) ** 2 + (x - 10.0) ** 2 < 40.0**2, 1000.0, -1000.0)
+    meta = {"gantry_tilt_deg": tilt, "thickness_mm": th,
+            "origin_mm": [float(c[0] + v[0] * np.sin(t)), float(v[0] * np.cos(t)), float(u[0])]}
+    case = SynthCase(hu=hu.astype(np.float32), spacing_mm=(th, ps, ps), lesion_mask=hu > 0,
+                     label="normal", subtle=False, seed=77, meta=meta)
+    return write_case_dicom(case, tmp_path, write_mask=False, encoding="signed_hu")
+
+
+def _ball_centres(hu: np.ndarray) -> np.ndarray:
+    out = []
+    for sl in hu:
+        ys, xs = np.nonzero(sl > 0)
+        if len(ys) > 300:  # not the caps, which interpolation between 5 mm slices blurs
+            out.append((ys.mean(), xs.mean()))
+    return np.array(out)
+
+
+def test_tilt_correction_puts_a_ball_back_on_one_axis(tmp_path: Path) -> None:
+    from triage_agent.preprocess import correct_tilt
+
+    vol = read_series(_shuffled(_tilted_ball_series(tmp_path), 3))
+    assert vol.affine_zyx is not None
+    before = _ball_centres(vol.hu)
+    # read as if orthogonal, the ball's sections drift 5 mm * tan(18 deg) / 2 mm per slice
+    drift = np.polyfit(np.arange(len(before)), before[:, 0], 1)[0]
+    assert abs(drift) == pytest.approx(5.0 * np.tan(np.radians(18.0)) / 2.0, rel=0.1)
+    fixed, _, src = correct_tilt(vol)
+    assert fixed.affine_zyx is None
+    assert fixed.spacing_mm == pytest.approx(vol.spacing_mm)
+    after = _ball_centres(fixed.hu)
+    assert len(after) >= 10
+    assert np.ptp(after[:, 0]) < 0.6 and np.ptp(after[:, 1]) < 0.6  # pixels
+    # and the ball is round again: as tall as it is wide (80 mm, to a slice)
+    tall = np.count_nonzero((fixed.hu > 0).any((1, 2))) * fixed.spacing_mm[0]
+    wide = np.count_nonzero((fixed.hu > 0).any((0, 2))) * fixed.spacing_mm[1]
+    assert abs(tall - 80.0) <= 5.0 and abs(wide - 80.0) <= 4.0
+    # each new slice stands for a received slice, bottom to top
+    assert np.all(np.diff(src) >= 0) and src.min() >= 0 and src.max() <= vol.hu.shape[0] - 1
+    assert len(fixed.sop_instance_uids) == fixed.hu.shape[0]
+    assert set(fixed.sop_instance_uids) <= set(vol.sop_instance_uids)
+
+
+def test_tilt_correction_moves_the_lesion_mask_with_the_image(tmp_path: Path) -> None:
+    from triage_agent.preprocess import correct_tilt
+
+    vol = read_series(_tilted_ball_series(tmp_path))
+    fixed, mask, _ = correct_tilt(vol, vol.hu > 0)
+    assert mask is not None and mask.shape == fixed.hu.shape
+    inside = fixed.hu > 500
+    assert (mask & inside).sum() > 0.9 * inside.sum()
+    assert (mask & (fixed.hu < -500)).sum() < 0.05 * mask.sum()
+
+
+def test_model_inputs_on_a_tilted_head(tmp_path: Path) -> None:
+    """A tilted site's series: slice_index still names received slices; switching the
+    correction off gives the uncorrected stack."""
+    from triage_agent.preprocess import PreprocessOptions
+
+    c = make_case(12, "intraparenchymal_haemorrhage", subtle=False, matrix=128, site="B")
+    vol = read_series(write_case_dicom(c, tmp_path / "t", write_mask=False))
+    on = model_inputs(vol, lesion_mask=c.lesion_mask)
+    off = model_inputs(vol, lesion_mask=c.lesion_mask,
+                       options=PreprocessOptions(correct_tilt=False))
+    for mi in (on, off):
+        assert np.all(np.diff(mi.slice_index) >= 0)
+        assert mi.slice_index.max() < vol.hu.shape[0] and mi.lesion.any()
+    assert not np.array_equal(on.slice_index, off.slice_index)
+    # the lesion sits on received slices that hold it
+    src_area = c.lesion_mask.sum((1, 2))
+    assert src_area[on.slice_index[on.lesion.sum((1, 2)) > 20]].min() > 0
+
+
+def test_untilted_series_unchanged_by_the_options(case: SynthCase) -> None:
+    from triage_agent.preprocess import PreprocessOptions
+
+    vol = volume_from_case(case)
+    a = model_inputs(vol)
+    b = model_inputs(vol, options=PreprocessOptions(correct_tilt=False, slab_mm=0.0,
+                                                    align_yaw=False))
+    assert np.array_equal(a.x, b.x) and np.array_equal(a.slice_index, b.slice_index)
+
+
+def test_thin_slices_to_slabs() -> None:
+    from triage_agent.preprocess import PreprocessOptions, thin_to_slabs
+
+    rng = np.random.default_rng(0)
+    hu = (30.0 + 6.0 * rng.standard_normal((50, 32, 32))).astype(np.float32)
+    vol = HUVolume(hu, (1.0, 1.0, 1.0), [f"1.2.{k}" for k in range(50)])
+    mask = np.zeros(hu.shape, bool)
+    mask[21, 5:9, 5:9] = True
+    slab, smask, src = thin_to_slabs(vol, 5.0, mask)
+    assert slab.hu.shape == (10, 32, 32) and slab.spacing_mm[0] == 5.0
+    assert np.std(slab.hu) == pytest.approx(6.0 / np.sqrt(5), rel=0.1)
+    assert smask is not None and smask[4].any() and smask.sum() == 16
+    assert list(src) == [2, 7, 12, 17, 22, 27, 32, 37, 42, 47]
+    assert slab.sop_instance_uids[0] == "1.2.2"
+    same, _, _ = thin_to_slabs(HUVolume(hu, (2.5, 1.0, 1.0), [None] * 50), 5.0)
+    assert same.hu is hu  # thick slices are left alone
+    assert PreprocessOptions().slab_mm >= 0
+
+
+def test_yaw_alignment_undoes_an_in_plane_turn() -> None:
+    from scipy import ndimage as ndi
+
+    from triage_agent.preprocess import PreprocessOptions
+
+    c = make_case(14, "normal", matrix=128)
+    vol = volume_from_case(c)
+    turned = HUVolume(ndi.rotate(vol.hu, 15.0, axes=(1, 2), reshape=False, order=1,
+                                 cval=-1000.0).astype(np.float32),
+                      vol.spacing_mm, vol.sop_instance_uids)  # fmt: skip
+    opt = PreprocessOptions(align_yaw=True)
+    ref, plain, aligned = (model_inputs(vol, options=opt), model_inputs(turned),
+                           model_inputs(turned, options=opt))
+    assert abs(np.degrees(aligned.yaw_rad - ref.yaw_rad)) == pytest.approx(15.0, abs=3.0)
+
+    def diff(a, b) -> float:  # noqa: ANN001
+        common, ia, ib = np.intersect1d(a.slice_index, b.slice_index, return_indices=True)
+        return float(np.mean(np.abs(a.x[ia] - b.x[ib])))
+
+    assert diff(ref, aligned) < 0.6 * diff(ref, plain)

@@ -40,9 +40,34 @@ class HUVolume:
     columns patient right->left (LPS, like a DICOM axial series with identity orientation)."""
 
     hu: np.ndarray  # (Z, Y, X) float32
-    spacing_mm: tuple[float, float, float]  # (z, y, x)
+    spacing_mm: tuple[float, float, float]  # (z, y, x); z along the slice normal
     sop_instance_uids: list[str | None]  # one per z slice (None for synthetic volumes)
     series_instance_uid: str | None = None
+    #: Patient-space step (mm, in (z, y, x) order) of one index along each array axis, as
+    #: columns; set only when the stack is not an orthogonal grid (gantry tilt: the slices
+    #: are tilted and the stack is sheared). ``correct_tilt`` resamples such a volume.
+    affine_zyx: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class PreprocessOptions:
+    """Switchable steps that remove what a site changes before the detector sees a series.
+
+    * ``correct_tilt``: resample a gantry-tilted (sheared) stack onto an orthogonal grid, so
+      that slices are perpendicular to the table axis like an untilted scan's.
+    * ``slab_mm``: average slices thinner than half of this into slabs about this thick (0:
+      keep the slices); the detector was trained on 2.5-5 mm slices, and thin ones are
+      noisier and many more.
+    * ``align_yaw``: turn each slice about the head centre so that the head's midline runs
+      along the image columns (the head's in-plane rotation undone).
+    """
+
+    correct_tilt: bool = True
+    slab_mm: float = 0.0
+    align_yaw: bool = False
+
+
+DEFAULT_OPTIONS = PreprocessOptions()
 
 
 @dataclass
@@ -56,6 +81,7 @@ class ModelInput:
     hu: np.ndarray | None = None  # (N, S, S) float32 HU at model resolution (for baselines)
     pixel_mm: float = 0.0  # in-plane spacing of the model grid
     centre_yx_mm: tuple[float, float] = (0.0, 0.0)  # model-grid centre, mm from pixel (0, 0)
+    yaw_rad: float = 0.0  # model rows turned by this angle from the image columns (align_yaw)
 
 
 # --------------------------------------------------------------------------------- reading
@@ -134,6 +160,7 @@ def read_series(paths: Sequence[Path]) -> HUVolume:
     spacing = _numbers(first, "PixelSpacing", 2, "geometry", datasets[0][0].name)
 
     positions = []
+    ipps = []
     for p, ds in datasets:
         this_iop = np.array(_numbers(ds, "ImageOrientationPatient", 6, "geometry", p.name))
         if not np.allclose(this_iop, iop, atol=1e-3):
@@ -144,9 +171,14 @@ def read_series(paths: Sequence[Path]) -> HUVolume:
             raise PreprocessError(f"pixels: {p.name} has no pixel data")
         ipp = _numbers(ds, "ImagePositionPatient", 3, "geometry", p.name)
         positions.append(float(np.dot(ipp, normal)))
+        ipps.append(ipp)
     pos = np.array(positions)
     order = np.argsort(pos, kind="stable")
     pos = pos[order]
+    ipp_sorted = np.asarray(ipps, dtype=float)[order]
+    # mean patient-space step between consecutive slices (LPS x, y, z): along the normal for
+    # an ordinary series, along the table axis (sheared) for a gantry-tilted one
+    step = (ipp_sorted[-1] - ipp_sorted[0]) / max(len(order) - 1, 1)
     gaps = np.diff(pos)
     if np.any(gaps < 1e-3):
         raise PreprocessError("geometry: two or more slices share the same position")
@@ -176,6 +208,10 @@ def read_series(paths: Sequence[Path]) -> HUVolume:
     if normal[2] < 0:
         hu = hu[::-1]
         uids = uids[::-1]
+        step = -step
+    # patient-space vectors of one index step along rows (i) and columns (j), before flips
+    v_i = col_dir * float(spacing[0])
+    v_j = row_dir * float(spacing[1])
     ax_r, ax_c = int(np.argmax(np.abs(row_dir))), int(np.argmax(np.abs(col_dir)))
     if {ax_r, ax_c} != {0, 1}:
         raise PreprocessError("geometry: image rows/columns are not along the patient x/y axes")
@@ -183,16 +219,24 @@ def read_series(paths: Sequence[Path]) -> HUVolume:
         hu = hu.transpose(0, 2, 1)
         spacing = spacing[::-1]
         row_dir, col_dir = col_dir, row_dir
+        v_i, v_j = v_j, v_i
     if row_dir[0] < 0:
         hu = hu[:, :, ::-1]
+        v_j = -v_j
     if col_dir[1] < 0:
         hu = hu[:, ::-1, :]
+        v_i = -v_i
+    # (z, y, x) columns; an orthogonal grid has no off-diagonal terms
+    affine = np.stack([step[::-1], v_i[::-1], v_j[::-1]], axis=1)
+    off = affine - np.diag(np.diag(affine))
+    sheared = bool(np.max(np.abs(off)) > 1e-3 * max(dz, 1e-3))
     # PixelSpacing is (row spacing = between rows, column spacing = between columns)
     vol = HUVolume(
         hu=np.ascontiguousarray(hu, dtype=np.float32),
         spacing_mm=(dz, float(spacing[0]), float(spacing[1])),
         sop_instance_uids=uids,
         series_instance_uid=series_uid,
+        affine_zyx=affine if sheared else None,
     )
     log.debug("read series: %d slices, spacing %s", len(uids), vol.spacing_mm)
     return vol
@@ -206,6 +250,132 @@ def volume_from_case(case: SynthCase) -> HUVolume:
         sop_instance_uids=[None] * int(case.hu.shape[0]),
         series_instance_uid=None,
     )
+
+
+# ------------------------------------------------------------- site-independent geometry
+
+
+def correct_tilt(vol: HUVolume, lesion_mask: np.ndarray | None = None
+                 ) -> tuple[HUVolume, np.ndarray | None, np.ndarray]:
+    """Resample a gantry-tilted (sheared) stack onto an orthogonal patient-axis grid.
+
+    The new slices are perpendicular to the patient z axis, ``spacing_mm[0]`` apart, with the
+    in-plane spacing kept; the grid covers every input voxel (air fills the rest). Returns the
+    new volume, the resampled lesion mask and, per new slice, the index of the input slice
+    nearest its centre (for mapping scores back to the received images). A volume without
+    ``affine_zyx`` comes back unchanged.
+    """
+    nz = vol.hu.shape[0]
+    if vol.affine_zyx is None:
+        return vol, lesion_mask, np.arange(nz)
+    import SimpleITK as sitk
+
+    a = np.asarray(vol.affine_zyx, dtype=float)
+    if abs(np.linalg.det(a)) < 1e-9:
+        raise PreprocessError("geometry: degenerate slice geometry (tilt correction)")
+    shape = np.array(vol.hu.shape)
+    corners = np.array([[k, i, j] for k in (0, shape[0] - 1) for i in (0, shape[1] - 1)
+                        for j in (0, shape[2] - 1)], dtype=float)
+    pts = corners @ a.T
+    lo, hi = pts.min(0), pts.max(0)
+    out_sp = np.array([float(vol.spacing_mm[0]), abs(float(vol.spacing_mm[1])),
+                       abs(float(vol.spacing_mm[2]))])
+    size = np.floor((hi - lo) / out_sp + 1e-6).astype(int) + 1
+    if int(np.prod(size)) > 4 * int(np.prod(shape)) + 10**6:
+        raise PreprocessError("geometry: tilt correction would grow the volume implausibly")
+    # SimpleITK works in (x, y, z): the input lives in index space, the output in patient mm
+    # relative to the first voxel, and the transform maps output points to input indices
+    inv = np.linalg.inv(a)[::-1, ::-1]
+    tx = sitk.AffineTransform(3)
+    tx.SetMatrix([float(v) for v in inv.ravel()])
+
+    def resample(arr: np.ndarray, fill: float) -> np.ndarray:
+        img = sitk.GetImageFromArray(np.ascontiguousarray(arr, dtype=np.float32))
+        out = sitk.Resample(img, [int(v) for v in size[::-1]], tx, sitk.sitkLinear,
+                            [float(v) for v in lo[::-1]], [float(v) for v in out_sp[::-1]],
+                            [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0], float(fill), sitk.sitkFloat32)
+        return sitk.GetArrayFromImage(out)
+
+    hu = resample(vol.hu, -1000.0)
+    mask = None if lesion_mask is None else resample(lesion_mask.astype(np.float32), 0.0) >= 0.5
+    # the input slice under the centre of each output slice
+    centre = lo + (size - 1) / 2.0 * out_sp
+    zq = lo[0] + np.arange(size[0]) * out_sp[0]
+    q = np.stack([zq, np.full_like(zq, centre[1]), np.full_like(zq, centre[2])], axis=1)
+    src = np.clip(np.rint((q @ np.linalg.inv(a).T)[:, 0]), 0, nz - 1).astype(int)
+    out = HUVolume(hu=hu, spacing_mm=(float(out_sp[0]), float(out_sp[1]), float(out_sp[2])),
+                   sop_instance_uids=[vol.sop_instance_uids[k] for k in src],
+                   series_instance_uid=vol.series_instance_uid)
+    return out, mask, src
+
+
+def thin_to_slabs(vol: HUVolume, slab_mm: float, lesion_mask: np.ndarray | None = None
+                  ) -> tuple[HUVolume, np.ndarray | None, np.ndarray]:
+    """Average groups of thin slices into slabs about ``slab_mm`` thick.
+
+    Returns the slab volume, the lesion mask (a slab holds the lesion where any of its slices
+    does) and, per slab, the index of its middle input slice. Slices at least half a slab
+    thick (the 2.5-5 mm series the detector was trained on, with 5 mm slabs) come back
+    unchanged.
+    """
+    nz = vol.hu.shape[0]
+    dz = float(vol.spacing_mm[0])
+    n = int(round(slab_mm / dz)) if slab_mm > 0 else 1
+    if n <= 1 or dz >= 0.5 * slab_mm:
+        return vol, lesion_mask, np.arange(nz)
+    groups = [np.arange(s, min(s + n, nz)) for s in range(0, nz, n)]
+    if len(groups) > 1 and len(groups[-1]) < (n + 1) // 2:  # a short top slab joins the last
+        groups[-2] = np.concatenate([groups[-2], groups[-1]])
+        groups.pop()
+    hu = np.stack([vol.hu[g].mean(0, dtype=np.float32) for g in groups]).astype(np.float32)
+    mask = None
+    if lesion_mask is not None:
+        mask = np.stack([lesion_mask[g].any(0) for g in groups])
+    src = np.array([int(g[len(g) // 2]) for g in groups])
+    out = HUVolume(hu=hu, spacing_mm=(dz * n, vol.spacing_mm[1], vol.spacing_mm[2]),
+                   sop_instance_uids=[vol.sop_instance_uids[k] for k in src],
+                   series_instance_uid=vol.series_instance_uid, affine_zyx=vol.affine_zyx)
+    return out, mask, src
+
+
+def prepare_volume(vol: HUVolume, options: PreprocessOptions = DEFAULT_OPTIONS,
+                   lesion_mask: np.ndarray | None = None
+                   ) -> tuple[HUVolume, np.ndarray | None, np.ndarray]:
+    """Apply the volume-level steps of ``options`` (tilt correction, slabs); also returns,
+    per resulting slice, the index of the input slice it stands for."""
+    src = np.arange(vol.hu.shape[0])
+    if options.correct_tilt and vol.affine_zyx is not None:
+        vol, lesion_mask, s1 = correct_tilt(vol, lesion_mask)
+        src = src[s1]
+    if options.slab_mm > 0:
+        vol, lesion_mask, s2 = thin_to_slabs(vol, options.slab_mm, lesion_mask)
+        src = src[s2]
+    return vol, lesion_mask, src
+
+
+def _head_yaw(hu: np.ndarray, spacing_yx: tuple[float, float]) -> float:
+    """In-plane angle (radians) of the head's long (front-back) axis from the image columns'
+    direction, from the second moments of the largest head blob in the axial projection."""
+    proj = (hu > -300.0).any(axis=0)
+    proj = ndi.binary_opening(proj, iterations=max(2, round(3.0 / min(spacing_yx))))
+    lab, n = ndi.label(proj)
+    if n == 0:
+        return 0.0
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    ys, xs = np.nonzero(lab == int(np.argmax(sizes)))
+    y = (ys - ys.mean()) * spacing_yx[0]
+    x = (xs - xs.mean()) * spacing_yx[1]
+    cov = np.cov(np.stack([y, x]))
+    w, v = np.linalg.eigh(cov)
+    major = v[:, int(np.argmax(w))]  # (y, x)
+    if major[0] < 0:
+        major = -major
+    ang = float(np.arctan2(major[1], major[0]))
+    # a nearly round head has no reliable axis; a big angle is not a head turn
+    if w.max() < 1.1 * w.min() or abs(ang) > np.radians(30):
+        return 0.0
+    return ang
 
 
 # ----------------------------------------------------------------------------- model input
@@ -321,23 +491,29 @@ def model_inputs(
     min_brain_fraction: float = 0.05,
     lesion_mask: np.ndarray | None = None,
     window: tuple[float, float] = (0.0, 80.0),
+    options: PreprocessOptions | None = None,
 ) -> ModelInput:
     """HU volume -> (N, size, size) brain-windowed, head-centred slices with brain masks.
 
     The in-plane grid is ``fov_mm / size`` mm per pixel around the head centre, so every
     scanner's field of view gives the model the same anatomy scale. Slices whose brain covers
     less than ``min_brain_fraction`` of the frame (vertex, skull base) are dropped.
+    ``options`` (default ``DEFAULT_OPTIONS``) switches the site-independent steps; whatever
+    they do, ``slice_index`` names slices of ``vol`` as given.
     """
+    opts = DEFAULT_OPTIONS if options is None else options
+    if lesion_mask is not None and lesion_mask.shape != vol.hu.shape:
+        raise PreprocessError(
+            f"model input: lesion mask shape {lesion_mask.shape} != volume {vol.hu.shape}"
+        )
+    vol, lesion_mask, src_index = prepare_volume(vol, opts, lesion_mask)
     hu = vol.hu
     if hu.ndim != 3 or hu.shape[0] < 1:
         raise PreprocessError(f"model input: expected a (Z, Y, X) volume, got shape {hu.shape}")
-    if lesion_mask is not None and lesion_mask.shape != hu.shape:
-        raise PreprocessError(
-            f"model input: lesion mask shape {lesion_mask.shape} != volume {hu.shape}"
-        )
     _, sy, sx = (float(s) for s in vol.spacing_mm)
     px = fov_mm / size
     cy, cx = _head_centre(hu, (sy, sx))
+    yaw = _head_yaw(hu, (sy, sx)) if opts.align_yaw else 0.0
 
     # cheap anti-aliasing: integer block mean to roughly the target spacing, then linear
     k = max(1, int(np.floor(px / max(sy, sx) + 1e-6)))
@@ -346,12 +522,20 @@ def model_inputs(
     by, bx = sy * k, sx * k
     grid = (np.arange(size, dtype=np.float64) - (size - 1) / 2.0) * px
     # block j covers original pixels [j*k, j*k+k): its centre is at (j*k + (k-1)/2) * s
-    iy = (cy + grid) / by - (k - 1) / (2.0 * k)
-    ix = (cx + grid) / bx - (k - 1) / (2.0 * k)
     nz = hu.shape[0]
     zc = np.broadcast_to(np.arange(nz, dtype=np.float64)[:, None, None], (nz, size, size))
-    yc = np.broadcast_to(iy[None, :, None], (nz, size, size))
-    xc = np.broadcast_to(ix[None, None, :], (nz, size, size))
+    if yaw:  # model row r runs along the head's front-back axis
+        gy, gx = grid[:, None], grid[None, :]
+        cs, sn = np.cos(yaw), np.sin(yaw)
+        iy2 = (cy + cs * gy - sn * gx) / by - (k - 1) / (2.0 * k)
+        ix2 = (cx + sn * gy + cs * gx) / bx - (k - 1) / (2.0 * k)
+        yc = np.broadcast_to(iy2[None], (nz, size, size))
+        xc = np.broadcast_to(ix2[None], (nz, size, size))
+    else:
+        iy = (cy + grid) / by - (k - 1) / (2.0 * k)
+        ix = (cx + grid) / bx - (k - 1) / (2.0 * k)
+        yc = np.broadcast_to(iy[None, :, None], (nz, size, size))
+        xc = np.broadcast_to(ix[None, None, :], (nz, size, size))
     coords = np.stack([zc, yc, xc])
     hu_m = ndi.map_coordinates(
         small, coords, order=1, mode="constant", cval=-1000.0, prefilter=False
@@ -375,9 +559,10 @@ def model_inputs(
     return ModelInput(
         x=x,
         brain=brain[keep],
-        slice_index=keep.astype(int),
+        slice_index=src_index[keep].astype(int),
         lesion=lesion,
         hu=hu_m[keep],
         pixel_mm=px,
         centre_yx_mm=(cy, cx),
+        yaw_rad=float(yaw),
     )
