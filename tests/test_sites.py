@@ -160,3 +160,38 @@ def test_cli_site(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert float(pydicom.dcmread(f, stop_before_pixels=True).GantryDetectorTilt) >= 12.0
     assert main(["synth", str(out), "--site", "nowhere"]) == 2
     assert "unknown site" in capsys.readouterr().err
+
+
+def test_site_eval_plans_and_metrics(tmp_path: Path) -> None:
+    from triage_agent.preprocess import PreprocessOptions
+    from triage_agent.site_eval import SiteCase, load_case, metrics, site_plan
+
+    on, test = site_plan("B", 4, 3, 2)
+    assert site_plan("B", 4, 3, 2) == (on, test)
+    assert {s for s, _ in on}.isdisjoint(s for s, _ in test)
+    assert {s for s, _ in on}.isdisjoint(s for s, _ in site_plan("C", 4, 3, 2)[0])
+    assert [lab for _, lab in on] == ["normal"] * 4
+    assert sum(lab != "normal" for _, lab in test) == 2
+
+    # a case is made once (DICOM round trip, tilt corrected) and then read from the cache
+    seed, label = test[0]
+    opts = PreprocessOptions()
+    a = load_case(tmp_path, "B", seed, label, matrix=64, size=32, opts=opts)
+    assert a.x.shape[1:] == (32, 32) and a.x.shape == a.brain.shape == a.lesion.shape
+    assert len(list(tmp_path.rglob("*.npz"))) == 1
+    b = load_case(tmp_path, "B", seed, label, matrix=64, size=32, opts=opts)
+    assert np.array_equal(a.x, b.x)
+
+    def case(label: str, lesion_slices: list[int]) -> SiteCase:
+        les = np.zeros((4, 2, 2), bool)
+        les[lesion_slices] = True
+        return SiteCase("c", label, np.zeros((4, 2, 2), np.float32), np.ones((4, 2, 2), bool),
+                        les)
+
+    cases = [case("normal", []), case("normal", []), case("cavernoma", [2]), case("tumour", [1])]
+    scores = [np.array([0.0, 1.0, 0.5, 0.2]), np.array([3.0, 0.1, 0.1, 0.1]),
+              np.array([0.0, 0.0, 5.0, 0.0]), np.array([0.0, 2.0, 0.0, 0.0])]
+    m = metrics(cases, scores, threshold=2.5)
+    assert m["series_auroc"] == pytest.approx(0.75)
+    assert m["specificity"] == 0.5 and m["sensitivity"] == 0.5
+    assert m["normal_top_slice_low_quarter"] == 0.5  # the second normal peaks at its bottom

@@ -1,0 +1,282 @@
+"""How the detector does at synthetic sites it was not trained on, zero-shot and onboarded.
+
+    python -m triage_agent.site_eval --site A --site B --onboard 20 --test-normals 10 \\
+        --test-abnormals 11 --cache DIR --out results.json
+
+For each site (``triage_model.sites``): normal series to onboard from and separate test series
+(normals and abnormals cycling through the lesion families) are drawn from seeds that belong to
+the site, written as DICOM, read back and preprocessed as the node does (``--tilt``, ``--slab``,
+``--yaw`` switch the site-independent steps of ``triage_agent.preprocess``), and cached under
+``--cache``. The model (default: the bundled weights) then scores the test series
+
+* zero-shot: with its own normalisation and threshold;
+* onboarded: its residual atlas refitted on part of the site's onboarding normals and its
+  normalisation and threshold recalibrated on the rest (``triage_model.atlas``), the adaptation
+  that ``triage-agent onboard`` performs.
+
+Reported per site and mode: series AUROC (series score = max slice score), slice AUROC (a slice
+is abnormal when its lesion mask is not empty), and specificity and sensitivity at the
+threshold. Development and demo data only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_CACHE_VERSION = 1
+
+
+@dataclass
+class SiteCase:
+    """One preprocessed series of a site."""
+
+    key: str
+    label: str
+    x: np.ndarray  # (N,S,S) float32
+    brain: np.ndarray  # (N,S,S) bool
+    lesion: np.ndarray  # (N,S,S) bool
+
+    @property
+    def abnormal(self) -> bool:
+        return self.label != "normal"
+
+
+def site_plan(site: str, onboard: int, test_normals: int, test_abnormals: int
+              ) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """(onboarding normals, test series) as (seed, label) lists; seeds are the site's own, so
+    no two sites share a head and onboarding and test never overlap."""
+    from triage_model.synth import make_dataset_plan
+
+    base = int.from_bytes(hashlib.sha256(f"site-{site}".encode()).digest()[:4], "little")
+    return (make_dataset_plan(onboard, 0, base + 1),
+            make_dataset_plan(test_normals, test_abnormals, base + 2))
+
+
+def _case_path(cache: Path, site: str, seed: int, label: str, matrix: int, size: int,
+               opts: Any) -> Path:
+    tag = f"v{_CACHE_VERSION}-m{matrix}-s{size}-t{int(opts.correct_tilt)}-" \
+          f"sl{opts.slab_mm:g}-y{int(opts.align_yaw)}"
+    return cache / site / tag / f"{seed}-{label}.npz"
+
+
+def load_case(cache: Path, site: str, seed: int, label: str, *, matrix: int, size: int,
+              opts: Any) -> SiteCase:
+    """A site's series, preprocessed, from the cache or made (DICOM round trip) and cached."""
+    from triage_model.synth import make_case
+
+    from triage_agent.preprocess import model_inputs, read_series
+    from triage_agent.synth_dicom import write_case_dicom
+
+    path = _case_path(cache, site, seed, label, matrix, size, opts)
+    if path.exists():
+        with np.load(path) as z:
+            return SiteCase(f"{site}/{seed}-{label}", label, z["x"].astype(np.float32) / 255.0,
+                            z["brain"], z["lesion"])
+    c = make_case(seed, label, matrix=matrix, site=site)
+    with tempfile.TemporaryDirectory() as tmp:
+        vol = read_series(write_case_dicom(c, Path(tmp), write_mask=False))
+    mi = model_inputs(vol, size=size, lesion_mask=c.lesion_mask, options=opts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x8 = np.round(mi.x * 255.0).astype(np.uint8)
+    lesion = mi.lesion if mi.lesion is not None else np.zeros(mi.x.shape, bool)
+    np.savez_compressed(path.with_suffix(".tmp.npz"), x=x8, brain=mi.brain, lesion=lesion)
+    path.with_suffix(".tmp.npz").replace(path)
+    return SiteCase(f"{site}/{seed}-{label}", label, x8.astype(np.float32) / 255.0, mi.brain,
+                    lesion)
+
+
+def _slice_set(cases: list[SiteCase]) -> Any:
+    from triage_model.train import SliceSet
+
+    return SliceSet(np.concatenate([c.x for c in cases]),
+                    np.concatenate([c.brain for c in cases]),
+                    np.concatenate([np.full(len(c.x), i, np.int32) for i, c in enumerate(cases)]))
+
+
+def score_cases(det: Any, cases: list[SiteCase]) -> list[np.ndarray]:
+    """Slice scores of each series (one series at a time, slices in order)."""
+    return [np.asarray(det.score(c.x, c.brain).score, np.float32) for c in cases]
+
+
+def metrics(cases: list[SiteCase], scores: list[np.ndarray], threshold: float) -> dict[str, Any]:
+    from triage_model.evaluate import roc_auc
+
+    y = np.array([c.abnormal for c in cases])
+    s = np.array([float(v.max()) if len(v) else -np.inf for v in scores])
+    ys = np.concatenate([c.lesion.any((1, 2)) for c in cases])
+    ss = np.concatenate(scores)
+    flagged = s > threshold
+    normals_max = s[~y]
+    return {
+        "series_auroc": roc_auc(y, s),
+        "slice_auroc": roc_auc(ys, ss),
+        "threshold": float(threshold),
+        "specificity": float(np.mean(~flagged[~y])) if (~y).any() else None,
+        "sensitivity": float(np.mean(flagged[y])) if y.any() else None,
+        "normals": int((~y).sum()),
+        "abnormals": int(y.sum()),
+        "slices": int(len(ss)),
+        # where the normals' top slice lies (relative height in the kept slices)
+        "normal_top_slice_low_quarter": float(np.mean([
+            (int(np.argmax(v)) + 0.5) / len(v) < 0.25 for v, c in zip(scores, cases, strict=True)
+            if not c.abnormal and len(v)])) if normals_max.size else None,
+    }
+
+
+def onboard(ckpt: dict[str, Any], normals: list[SiteCase], *, atlas_fraction: float,
+            seed: int = 0) -> dict[str, Any]:
+    """The model refitted to a site: atlas on part of the normals, calibration on the rest."""
+    from triage_model.atlas import fit_atlas, with_atlas
+    from triage_model.train import calibrate
+
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(normals))
+    n_atlas = int(round(atlas_fraction * len(normals)))
+    atlas_set = _slice_set([normals[i] for i in order[:n_atlas]])
+    cal_set = _slice_set([normals[i] for i in order[n_atlas:]])
+    atlas = fit_atlas(ckpt, atlas_set)
+    return calibrate(with_atlas(ckpt, atlas, source="site onboarding normals"), cal_set)
+
+
+def evaluate_site(site: str, args: argparse.Namespace, ckpt: dict[str, Any], opts: Any
+                  ) -> dict[str, Any]:
+    from triage_model.checkpoint import Detector
+
+    t0 = time.perf_counter()
+    plan_on, plan_test = site_plan(site, args.onboard, args.test_normals, args.test_abnormals)
+    det0 = Detector(ckpt, device="cpu")
+    size = det0.input_size
+
+    def load(plan: list[tuple[int, str]], what: str) -> list[SiteCase]:
+        out = []
+        for i, (seed, label) in enumerate(plan):
+            out.append(load_case(args.cache, site, seed, label, matrix=args.matrix, size=size,
+                                 opts=opts))
+            print(f"\r{site}: {what} {i + 1}/{len(plan)}", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        return out
+
+    test = load(plan_test, "test series")
+    normals = load(plan_on, "onboarding normals")
+    t_prep = time.perf_counter() - t0
+    res: dict[str, Any] = {"site": site, "options": asdict(opts), "matrix": args.matrix,
+                           "onboard_normals": len(normals)}
+    t1 = time.perf_counter()
+    res["zero_shot"] = metrics(test, score_cases(det0, test), det0.threshold_for("max"))
+    print(f"{site}: zero-shot {_row(res['zero_shot'])}", file=sys.stderr)
+    if normals and not args.zero_shot_only:
+        ck = onboard(ckpt, normals, atlas_fraction=args.atlas_fraction)
+        det1 = Detector(ck, device="cpu")
+        res["onboarded"] = metrics(test, score_cases(det1, test), det1.threshold_for("max"))
+        print(f"{site}: onboarded {_row(res['onboarded'])}", file=sys.stderr)
+    res["seconds"] = {"prepare": round(t_prep, 1), "score": round(time.perf_counter() - t1, 1)}
+    return res
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _row(m: dict[str, Any]) -> str:
+    return (f"series AUROC {_f(m['series_auroc'])}, slice AUROC {_f(m['slice_auroc'])}, "
+            f"specificity {_f(m['specificity'])}, sensitivity {_f(m['sensitivity'])} "
+            f"at {m['threshold']:.3f}")
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    lines = ["| site | mode | series AUROC | slice AUROC | specificity | sensitivity | "
+             "threshold | normals' top slice in lowest quarter |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for mode in ("zero_shot", "onboarded"):
+            if mode not in r:
+                continue
+            m = r[mode]
+            lines.append(f"| {r['site']} | {mode.replace('_', '-')} | {_f(m['series_auroc'])} | "
+                         f"{_f(m['slice_auroc'])} | {_f(m['specificity'])} | "
+                         f"{_f(m['sensitivity'])} | {m['threshold']:.3f} | "
+                         f"{_f(m['normal_top_slice_low_quarter'])} |")
+    return "\n".join(lines)
+
+
+def _on_off(v: str) -> bool:
+    if v not in ("on", "off"):
+        raise argparse.ArgumentTypeError("expected on or off")
+    return v == "on"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from triage_model.sites import SITES
+
+    ap = argparse.ArgumentParser(prog="python -m triage_agent.site_eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--site", action="append", required=True, choices=list(SITES),
+                    help="site to evaluate (repeat for several)")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="checkpoint to evaluate (default: the bundled weights)")
+    ap.add_argument("--onboard", type=int, default=20,
+                    help="normal series to onboard from (default 20)")
+    ap.add_argument("--test-normals", type=int, default=10, help="normal test series")
+    ap.add_argument("--test-abnormals", type=int, default=11,
+                    help="abnormal test series, cycling through the lesion families")
+    ap.add_argument("--atlas-fraction", type=float, default=0.6,
+                    help="share of the onboarding normals the atlas is fitted on; the rest "
+                         "calibrate (default 0.6)")
+    ap.add_argument("--matrix", type=int, default=256, help="in-plane matrix of the series")
+    ap.add_argument("--tilt", type=_on_off, default=None, metavar="on|off",
+                    help="gantry-tilt correction (default: the preprocessing default)")
+    ap.add_argument("--slab", type=float, default=None, metavar="MM",
+                    help="thin slices to slabs of about MM (0: off; default: the default)")
+    ap.add_argument("--yaw", type=_on_off, default=None, metavar="on|off",
+                    help="in-plane head-turn alignment (default: the preprocessing default)")
+    ap.add_argument("--zero-shot-only", action="store_true", help="skip onboarding")
+    ap.add_argument("--cache", type=Path, required=True,
+                    help="folder for the preprocessed series (reused across runs)")
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    from dataclasses import replace
+
+    from triage_model.checkpoint import default_weights_path, read_checkpoint
+
+    from triage_agent.preprocess import DEFAULT_OPTIONS
+
+    opts = DEFAULT_OPTIONS
+    if a.tilt is not None:
+        opts = replace(opts, correct_tilt=a.tilt)
+    if a.slab is not None:
+        opts = replace(opts, slab_mm=float(a.slab))
+    if a.yaw is not None:
+        opts = replace(opts, align_yaw=a.yaw)
+    if not 0.0 < a.atlas_fraction < 1.0:
+        print("error: --atlas-fraction must be in (0, 1)", file=sys.stderr)
+        return 2
+    ckpt, _ = read_checkpoint(a.model or default_weights_path())
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    results = [evaluate_site(s, a, ckpt, opts) for s in a.site]
+    print(markdown(results))
+    if a.out is not None:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps({"command": " ".join(sys.argv), "results": results},
+                                    indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
