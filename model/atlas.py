@@ -26,6 +26,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from triage_model.checkpoint import (
     CheckpointError,
     Detector,
@@ -33,20 +35,55 @@ from triage_model.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from triage_model.scoring import AtlasFitter, ResidualAtlas, ScoringConfig, slice_heights
+from triage_model.scoring import (
+    AtlasFitter,
+    ResidualAtlas,
+    ScoringConfig,
+    masked_stat,
+    slice_heights,
+)
 from triage_model.train import SliceSet, calibrate
 
 log = logging.getLogger(__name__)
+
+
+def plain_detector(ckpt: dict[str, Any], device: str | torch.device = "cpu") -> Detector:
+    """``ckpt``'s detector without its atlas: ``raw_scores`` gives the plain residual maps (the
+    heat maps) that an atlas is fitted to and applied to (``stat_with_atlas``)."""
+    sc = ScoringConfig.from_dict(ckpt.get("scoring"))
+    det = Detector({**ckpt, "scoring": replace(sc, atlas_bins=0).to_dict()}, device=device)
+    if det.net is None or not det.uses["rec"]:
+        raise CheckpointError(f"method {det.method!r} has no reconstruction to fit an atlas to")
+    return det
+
+
+def stat_with_atlas(r_plain: np.ndarray, heat: np.ndarray, brain: np.ndarray,
+                    heights: np.ndarray, atlas: ResidualAtlas | None, scoring: ScoringConfig,
+                    chunk: int = 256) -> np.ndarray:
+    """The raw reconstruction statistic (``Detector.raw_scores``' s_r) that a detector with
+    ``atlas`` gives, from the plain detector's ``r_plain`` and heat maps: the top-q statistic of
+    the atlas z-map (``Detector.rec_stat``). An asymmetry column (``symmetry``) is kept as it
+    is: it does not depend on the atlas. No atlas: ``r_plain``."""
+    if atlas is None:
+        return r_plain
+    out = np.array(r_plain, dtype=np.float32, copy=True)
+    for s in range(0, len(out), chunk):
+        sl = slice(s, s + chunk)
+        h = torch.from_numpy(np.asarray(heat[sl], np.float32))
+        st = masked_stat(atlas.zmap(h, heights[sl]), torch.from_numpy(np.asarray(brain[sl])),
+                         scoring).numpy()
+        if out.ndim == 2:
+            out[sl, 0] = st
+        else:
+            out[sl] = st
+    return out
 
 
 def fit_atlas(ckpt: dict[str, Any], normals: SliceSet, *, bins: int = 16, sigma: float = 1.5,
               eps: float = 0.002, batch_size: int = 32, device: str = "cpu",
               chunk: int = 512, progress: bool = False) -> ResidualAtlas:
     """The residual atlas of ``ckpt``'s network on ``normals`` (each series in slice order)."""
-    sc = ScoringConfig.from_dict(ckpt.get("scoring"))
-    det = Detector({**ckpt, "scoring": replace(sc, atlas_bins=0).to_dict()}, device=device)
-    if det.net is None or not det.uses["rec"]:
-        raise CheckpointError(f"method {det.method!r} has no reconstruction to fit an atlas to")
+    det = plain_detector(ckpt, device)
     fitter = AtlasFitter(bins, det.input_size)
     heights = slice_heights(normals.series)
     for s in range(0, len(normals), chunk):

@@ -1,0 +1,139 @@
+"""``triage-agent onboard --normal DIR [DIR ...] --out FILE``: a site model from its normal series.
+
+Reads the site's normal head-CT series (folders searched recursively, as ``calibrate --normal``
+finds them), keeps those the node's selection rules accept, refits the residual atlas on about
+2/3 of them and calibrates the normalisation and the threshold at ``[triage] target_specificity``
+on the rest. Writes FILE (a model file for ``[model] weights`` and ``score --model``) and
+FILE.report.md with its plots next to it. See ``triage_agent.onboarding``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from triage_agent.cli import add_config_argument
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "onboard", help="adapt the detector to this site from its normal series",
+        description="Refit the detector's residual atlas on a site's normal series and "
+                    "calibrate its threshold on held-out ones; writes a model file and a report.")
+    p.add_argument("--normal", nargs="+", required=True, metavar="DIR",
+                   help="folders of normal head-CT series (searched recursively); 60 or more "
+                        "series recommended")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE",
+                   help="the site model file to write (FILE.report.md and plots go next to it)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="model to start from (default: [model] weights, else the bundled one)")
+    p.add_argument("--holdout-fraction", type=float, default=1 / 3, metavar="F",
+                   help="share of the normal series held out to calibrate the threshold "
+                        "(default 1/3; the rest refit the atlas)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fit/held-out split")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
+                   help="where the network runs (default: [model] device; auto = a GPU if any)")
+    add_config_argument(p)
+    p.set_defaults(func=run)
+
+
+def _progress() -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+
+    def bar(it: Iterable[Any], desc: str, total: int) -> Iterable[Any]:
+        return tqdm(it, desc=desc, total=total, unit="step" if "atlas" in desc else "series",
+                    file=sys.stderr, dynamic_ncols=True)
+
+    return bar
+
+
+def run(args: argparse.Namespace) -> int:
+    progress = _progress()
+    if progress is None:
+        print("error: onboarding needs the training extra: pip install 'triage-agent[train]'",
+              file=sys.stderr)
+        return 2
+    from triage_model.checkpoint import (
+        CheckpointError,
+        default_weights_path,
+        read_checkpoint,
+        resolve_device,
+        save_checkpoint,
+    )
+
+    from triage_agent.config import AgentConfig, ConfigError, load_config
+    from triage_agent.inference import find_series
+    from triage_agent.onboarding import (
+        OnboardingError,
+        onboard_checkpoint,
+        report_paths,
+        write_report,
+    )
+
+    cfg = AgentConfig()
+    if Path(args.config).exists():
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    else:
+        print(f"note: {args.config} not found; the default selection rules and [triage] "
+              "settings apply", file=sys.stderr)
+    base = args.model or cfg.model.weights or default_weights_path()
+    if args.out.exists() and args.out.resolve() == Path(base).resolve():
+        print(f"error: --out {args.out} is the model onboarding starts from; write the site "
+              "model to a new file", file=sys.stderr)
+        return 2
+    t0 = time.monotonic()
+    try:
+        ckpt, digest = read_checkpoint(base)
+        groups = find_series(args.normal)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not groups:
+        print(f"error: no DICOM series under {' '.join(args.normal)}", file=sys.stderr)
+        return 2
+    device = resolve_device(args.device or cfg.model.device)
+    print(f"onboarding {Path(base).name} on {len(groups)} series from {len(args.normal)} "
+          f"folder(s) on {device}", file=sys.stderr)
+    try:
+        res = onboard_checkpoint(
+            ckpt, groups, series_rules=cfg.series, triage=cfg.triage,
+            holdout_fraction=args.holdout_fraction, seed=args.seed, device=str(device),
+            batch_size=cfg.model.batch_size, progress=progress,
+            source=f"onboard: normal series of {', '.join(args.normal)} (seed {args.seed})")
+    except OnboardingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    res.ckpt["training"]["onboarding"]["base_model"] = {"file": Path(base).name,
+                                                        "sha256": digest}
+    new_digest = save_checkpoint(res.ckpt, args.out)
+    report = write_report(res, args.out, normal_dirs=list(args.normal),
+                          elapsed_s=time.monotonic() - t0, device=str(device),
+                          base_name=Path(base).name)
+    for s in res.skipped:
+        print(f"skipped series {s.series}: {s.reason}", file=sys.stderr)
+    for w in res.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"wrote {args.out} (sha256 {new_digest[:12]}): atlas refitted on {res.n_fit} normal "
+          f"series, threshold {res.threshold_after:.4g} calibrated on {res.n_held} held-out "
+          f"series; held-out normals flagged: {res.flags_before:.0f} in 100 before, "
+          f"{res.flags_after:.0f} in 100 after")
+    plots = [p.name for k, p in report_paths(args.out).items() if k != "report"]
+    print(f"report: {report} (plots {', '.join(plots)})")
+    print(f"try it: triage-agent score --model {args.out} DIR; use it: [model] weights = "
+          f"\"{args.out}\" in {args.config}, then reload the node (SIGHUP)")
+    if cfg.triage.threshold is not None:
+        print(f"warning: {args.config} sets [triage] threshold = {cfg.triage.threshold:.6g}, "
+              f"which would override this file's threshold {res.threshold_after:.6g}: remove "
+              "it when you switch to the site model", file=sys.stderr)
+    return 0

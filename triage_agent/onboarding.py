@@ -1,0 +1,473 @@
+"""Site onboarding: adapt the detector to a site from the site's own normal series.
+
+``triage-agent onboard`` runs these stages:
+
+1. ``select_series``: the node's selection rules (``[series]``) on each series' header; skipped
+   series are listed with the reason, as the node would record it.
+2. ``measure``: every selected series is read, preprocessed and passed once through the network;
+   what is kept per slice is the plain residual map (the heat map), its statistic and the brain
+   mask. Everything after this reuses those maps: the network runs once per slice.
+3. ``split``: the series are split, seeded, into the atlas-fit part and the held-out calibration
+   part (about 2/3 : 1/3).
+4. ``adapt``: the residual atlas is refitted on the fit part (``triage_model.atlas``), then the
+   z-normalisation and the operating threshold at ``[triage] target_specificity`` are calibrated
+   on the held-out part (``triage_model.train.calibrate_from_raw``, with the one threshold rule of
+   ``triage_model.thresholds``). The held-out series are scored before (the model as it came) and
+   after, for the report.
+5. ``write_report``: FILE.report.md with PNG plots next to the model file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from triage_model.atlas import plain_detector, stat_with_atlas, with_atlas
+from triage_model.checkpoint import Detector
+from triage_model.scoring import AtlasFitter, ScoringConfig, apply_slice_context, slice_heights
+from triage_model.train import SliceSet, calibrate_from_raw
+
+from triage_agent.config import SeriesConfig, TriageConfig
+from triage_agent.ingest import classify_orientation, short_id
+from triage_agent.selection import SeriesFacts, skip_reason
+
+log = logging.getLogger(__name__)
+
+#: fewer normal series than this in either part of the split: the report warns
+MIN_SERIES = 20
+#: the worker's minimum of brain slices for a series to be assessable
+MIN_BRAIN_SLICES = 5
+
+Progress = Callable[[Iterable[Any], str, int], Iterable[Any]]
+
+
+def _no_progress(it: Iterable[Any], _desc: str, _total: int) -> Iterable[Any]:
+    return it
+
+
+class OnboardingError(Exception):
+    """Onboarding cannot go on; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    series: str  # short SeriesInstanceUID (never patient identifiers)
+    reason: str
+
+
+# ------------------------------------------------------------------------------------ selection
+
+
+def series_facts(files: list[Path]) -> SeriesFacts:
+    """What the node's selection rules look at, from the series' first readable header."""
+    import pydicom
+
+    ds = None
+    for f in sorted(files):
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            break
+        except Exception:  # noqa: BLE001 - unreadable files are the reader's problem later
+            continue
+    if ds is None:
+        return SeriesFacts(None, None, None, len(files), None, None)
+
+    def text(keyword: str) -> str | None:
+        v = ds.get(keyword)
+        return None if v in (None, "") else str(v)
+
+    try:
+        thickness = float(ds.get("SliceThickness")) if ds.get("SliceThickness") not in (
+            None, "") else None
+    except (TypeError, ValueError):
+        thickness = None
+    iop = ds.get("ImageOrientationPatient")
+    return SeriesFacts(text("Modality"), text("BodyPartExamined"), text("SeriesDescription"),
+                       len(files), thickness, classify_orientation(iop) if iop else None)
+
+
+def select_series(groups: dict[str, list[Path]], rules: SeriesConfig
+                  ) -> tuple[dict[str, list[Path]], list[Skipped]]:
+    """The series the node would score, and those it would skip with the reason."""
+    kept: dict[str, list[Path]] = {}
+    skipped: list[Skipped] = []
+    for uid, files in sorted(groups.items()):
+        reason = skip_reason(series_facts(files), rules)
+        if reason is None:
+            kept[uid] = files
+        else:
+            skipped.append(Skipped(short_id(uid), reason))
+    return kept, skipped
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+
+@dataclass
+class SiteNormals:
+    """One network pass over a site's normal series: per kept slice (series in slice order) its
+    series index, relative height, brain mask, plain residual map and raw statistics."""
+
+    uids: list[str]
+    series: np.ndarray  # (N,) int index into uids
+    brain: np.ndarray  # (N,S,S) bool
+    heat: np.ndarray  # (N,S,S) float16, plain (pre-atlas) smoothed residual
+    g_raw: np.ndarray  # (N,)
+    r_plain: np.ndarray  # (N,) or (N,2) with symmetry
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.series.shape[0])
+
+    @property
+    def heights(self) -> np.ndarray:
+        return slice_heights(self.series)
+
+    def subset(self, ids: Iterable[int]) -> SiteNormals:
+        keep = np.isin(self.series, np.asarray(list(ids)))
+        return SiteNormals(self.uids, self.series[keep], self.brain[keep], self.heat[keep],
+                           self.g_raw[keep], self.r_plain[keep], self.skipped)
+
+    def slice_set(self) -> SliceSet:
+        """The set as ``calibrate_from_raw`` takes it (it reads brain, series and the count)."""
+        x = np.broadcast_to(np.zeros((1, 1, 1), np.float32), (len(self), 1, 1))
+        return SliceSet(x, self.brain, self.series)
+
+
+def measure(groups: dict[str, list[Path]], det: Detector, *, batch_size: int = 32,
+            progress: Progress = _no_progress) -> SiteNormals:
+    """Read, preprocess and pass every series once through ``det`` (a plain detector, see
+    ``triage_model.atlas.plain_detector``). Series that cannot be read or preprocessed, or keep
+    fewer than ``MIN_BRAIN_SLICES`` brain slices, are skipped with the reason."""
+    from triage_agent.preprocess import PreprocessError, model_inputs, read_series
+
+    uids: list[str] = []
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("series", "brain", "heat", "g", "r")}
+    skipped: list[Skipped] = []
+    for uid, files in progress(list(groups.items()), "read and score normals", len(groups)):
+        try:
+            mi = model_inputs(read_series(files), size=det.input_size)
+        except PreprocessError as e:
+            skipped.append(Skipped(short_id(uid), f"cannot be read or preprocessed: {e}"))
+            continue
+        n = int(mi.x.shape[0])
+        if n < MIN_BRAIN_SLICES:
+            skipped.append(Skipped(short_id(uid), f"only {n} slice(s) with enough brain "
+                                   f"(need {MIN_BRAIN_SLICES})"))
+            continue
+        g, r, heat = det.raw_scores(mi.x, mi.brain, batch_size)
+        parts["series"].append(np.full(n, len(uids), np.int64))
+        parts["brain"].append(mi.brain)
+        parts["heat"].append(heat.astype(np.float16))
+        parts["g"].append(g)
+        parts["r"].append(r)
+        uids.append(uid)
+    if not uids:
+        s = det.input_size
+        return SiteNormals([], np.zeros(0, np.int64), np.zeros((0, s, s), bool),
+                           np.zeros((0, s, s), np.float16), np.zeros(0, np.float32),
+                           np.zeros(0, np.float32), skipped)
+    return SiteNormals(uids, np.concatenate(parts["series"]), np.concatenate(parts["brain"]),
+                       np.concatenate(parts["heat"]), np.concatenate(parts["g"]),
+                       np.concatenate(parts["r"]), skipped)
+
+
+def split(n_series: int, holdout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(atlas-fit, held-out) series indices, seeded; both parts non-empty."""
+    if not 0.0 < holdout_fraction < 1.0:
+        raise OnboardingError(f"--holdout-fraction must be between 0 and 1, got "
+                              f"{holdout_fraction}")
+    if n_series < 2:
+        raise OnboardingError(f"{n_series} usable normal series; onboarding needs at least 2 "
+                              f"(60 recommended: {2 * MIN_SERIES} to fit, {MIN_SERIES} to "
+                              "calibrate)")
+    ids = np.random.default_rng(seed).permutation(n_series)
+    n_hold = min(n_series - 1, max(1, int(round(holdout_fraction * n_series))))
+    return sorted(int(i) for i in ids[n_hold:]), sorted(int(i) for i in ids[:n_hold])
+
+
+# ------------------------------------------------------------------------------------- scoring
+
+
+def series_scores(det: Detector, data: SiteNormals, r_raw: np.ndarray, triage: TriageConfig
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(series score, relative height of its top slice) per series of ``data``, as the node
+    scores them with ``det``'s normalisation at ``[triage]`` lambda / aggregate / top_k."""
+    g_raw = data.g_raw
+    if det.scoring.slice_context:
+        g_raw = apply_slice_context(g_raw, det.scoring.slice_context, data.series)
+        r_raw = apply_slice_context(r_raw, det.scoring.slice_context, data.series)
+    area = data.brain.reshape(len(data), -1).mean(1)
+    score, _, _ = det.normalise(g_raw, r_raw, triage.lambda_, area)
+    heights = data.heights
+    from triage_model.scoring import aggregate
+
+    out, top = [], []
+    for sid in np.unique(data.series):
+        idx = np.flatnonzero(data.series == sid)
+        out.append(aggregate(score[idx], triage.aggregate, triage.top_k))
+        top.append(float(heights[idx[int(np.argmax(score[idx]))]]))
+    return np.asarray(out, np.float64), np.asarray(top, np.float64)
+
+
+@dataclass
+class Onboarded:
+    ckpt: dict[str, Any]
+    n_fit: int
+    n_held: int
+    before: np.ndarray  # held-out series scores with the model as it came
+    after: np.ndarray  # ... with the onboarded model
+    before_top: np.ndarray  # relative height of each held-out series' top slice
+    after_top: np.ndarray
+    threshold_before: float
+    threshold_after: float
+    target_specificity: float
+    skipped: list[Skipped]
+    warnings: list[str]
+
+    @property
+    def flags_before(self) -> float:
+        return 100.0 * float(np.mean(self.before >= self.threshold_before))
+
+    @property
+    def flags_after(self) -> float:
+        return 100.0 * float(np.mean(self.after >= self.threshold_after))
+
+
+def adapt(ckpt: dict[str, Any], data: SiteNormals, triage: TriageConfig, *,
+          holdout_fraction: float = 1 / 3, seed: int = 0, bins: int | None = None,
+          sigma: float | None = None, eps: float | None = None, source: str = "",
+          progress: Progress = _no_progress) -> Onboarded:
+    """Refit the atlas on one part of ``data``, calibrate on the other; ``ckpt`` is the model
+    as it came (its network is not changed)."""
+    fit_ids, held_ids = split(len(data.uids), holdout_fraction, seed)
+    fit, held = data.subset(fit_ids), data.subset(held_ids)
+    sc = ScoringConfig.from_dict(ckpt.get("scoring"))
+    before_det = Detector(ckpt, device="cpu")
+    # the atlas settings of the model as it came (the shipped ones when it has no atlas)
+    bins = bins or sc.atlas_bins or 16
+    sigma = (before_det.atlas.sigma if before_det.atlas is not None else 1.5) \
+        if sigma is None else sigma
+    eps = (before_det.atlas.eps if before_det.atlas is not None else 0.002) \
+        if eps is None else eps
+
+    r_before = stat_with_atlas(held.r_plain, held.heat, held.brain, held.heights,
+                               before_det.atlas, sc)
+    before, before_top = series_scores(before_det, held, r_before, triage)
+    threshold_before = before_det.threshold_for(triage.aggregate)
+
+    fitter = AtlasFitter(bins, int(data.heat.shape[-1]))
+    chunk = 512
+    heights = fit.heights
+    for s in progress(range(0, len(fit), chunk), "fit the residual atlas",
+                      math.ceil(len(fit) / chunk)):
+        sl = slice(s, s + chunk)
+        fitter.add(fit.heat[sl], fit.brain[sl], heights[sl], fit.series[sl])
+    atlas = fitter.finish(sigma, eps)
+    new = with_atlas(ckpt, atlas, source=source)
+    r_after = stat_with_atlas(held.r_plain, held.heat, held.brain, held.heights, atlas,
+                              ScoringConfig.from_dict(new["scoring"]))
+    new = calibrate_from_raw(new, held.slice_set(), held.g_raw, r_after,
+                             held.heat.astype(np.float32),
+                             target_specificity=triage.target_specificity, top_k=triage.top_k,
+                             lambda_=triage.lambda_)
+    after_det = Detector(new, device="cpu")
+    after, after_top = series_scores(after_det, held, r_after, triage)
+    result = Onboarded(
+        ckpt=new, n_fit=len(fit_ids), n_held=len(held_ids), before=before, after=after,
+        before_top=before_top, after_top=after_top, threshold_before=threshold_before,
+        threshold_after=after_det.threshold_for(triage.aggregate),
+        target_specificity=triage.target_specificity, skipped=list(data.skipped), warnings=[])
+    result.warnings = warnings_for(result)
+    training = dict(new.get("training") or {})
+    training["onboarding"] = {
+        "created_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "normal_series": len(data.uids), "fit_series": result.n_fit,
+        "calibration_series": result.n_held, "holdout_fraction": holdout_fraction,
+        "seed": seed, "skipped_series": len(data.skipped),
+        "target_specificity": triage.target_specificity,
+        "threshold_before": threshold_before, "threshold_after": result.threshold_after,
+        "flags_per_100_normals_before": result.flags_before,
+        "flags_per_100_normals_after": result.flags_after,
+    }
+    new["training"] = training
+    return result
+
+
+def warnings_for(r: Onboarded) -> list[str]:
+    out = []
+    if r.n_fit < MIN_SERIES:
+        out.append(f"only {r.n_fit} normal series to fit the atlas on ({MIN_SERIES} or more "
+                   "recommended, 40 better): the atlas is noisy and the held-out scores spread")
+    if r.n_held < MIN_SERIES:
+        out.append(f"only {r.n_held} held-out normal series to calibrate the threshold on "
+                   f"({MIN_SERIES} or more recommended): the threshold moves with every series "
+                   "and the expected flag rate is known only roughly "
+                   f"(specificity 95 % interval {_interval(r)})")
+    if r.skipped:
+        out.append(f"{len(r.skipped)} series skipped (listed below); check that they are not "
+                   "the site's usual head CT protocol")
+    low = float(np.mean(r.after_top < 0.25)) if len(r.after_top) else 0.0
+    if low > 0.5:
+        out.append(f"after onboarding, {low:.0%} of the held-out normals still have their "
+                   "highest-scoring slice in the lowest quarter of the head (skull base): "
+                   "expect false flags there")
+    if r.flags_after > 2 * 100 * (1 - r.target_specificity) + 10:
+        out.append(f"{r.flags_after:.0f} in 100 held-out normals are flagged after onboarding; "
+                   "the model does not separate this site's normals well")
+    return out
+
+
+def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def _interval(r: Onboarded) -> str:
+    k = int(np.sum(r.after < r.threshold_after))
+    lo, hi = _wilson(k, r.n_held)
+    return f"{lo:.2f}-{hi:.2f}"
+
+
+# ------------------------------------------------------------------------------------- report
+
+
+def report_paths(out: Path) -> dict[str, Path]:
+    return {"report": out.with_name(out.name + ".report.md"),
+            "scores": out.with_name(out.name + ".report-scores.png"),
+            "heights": out.with_name(out.name + ".report-heights.png")}
+
+
+def write_report(r: Onboarded, out: Path, *, normal_dirs: list[str], elapsed_s: float,
+                 device: str, base_name: str) -> Path:
+    """FILE.report.md and its PNG plots next to the model file ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = report_paths(out)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, scores, thr, title in (
+            (axes[0], r.before, r.threshold_before, f"before: {base_name}"),
+            (axes[1], r.after, r.threshold_after, "after onboarding")):
+        ax.hist(scores, bins=min(30, max(5, len(scores))), color="#4c72b0", alpha=0.85)
+        ax.axvline(thr, color="#c44e52", lw=2, label=f"threshold {thr:.3g}")
+        flagged = int(np.sum(scores >= thr))
+        ax.set_title(f"{title}\n{flagged} of {len(scores)} held-out normals flagged", fontsize=10)
+        ax.set_xlabel("series score")
+        ax.set_ylabel("normal series")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths["scores"], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    edges = np.linspace(0, 1, 9)
+    ax.hist([r.before_top, r.after_top], bins=edges, label=["before", "after"],
+            color=["#8c8c8c", "#4c72b0"])
+    ax.set_xlabel("relative height of the top slice (0 = lowest brain slice, 1 = vertex)")
+    ax.set_ylabel("held-out normal series")
+    ax.set_title("where the normals' highest-scoring slices lie", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths["heights"], dpi=100)
+    plt.close(fig)
+
+    target_flags = 100 * (1 - r.target_specificity)
+    lo, hi = _wilson(int(np.sum(r.after < r.threshold_after)), r.n_held)
+    quarters = ["lowest", "second", "third", "top"]
+
+    def share(tops: np.ndarray, q: int) -> str:
+        return f"{np.mean((tops >= q / 4) & (tops < (q + 1) / 4 + (q == 3))):.0%}"
+
+    lines = [
+        f"# Site onboarding report: {out.name}",
+        "",
+        f"Created {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC from {base_name} in "
+        f"{elapsed_s / 60:.1f} min on {device}.",
+        "",
+        "## Normal series",
+        "",
+        f"* folders: {', '.join(normal_dirs)}",
+        f"* used: {r.n_fit + r.n_held} series: {r.n_fit} to refit the residual atlas, "
+        f"{r.n_held} held out to calibrate the normalisation and the threshold",
+        f"* skipped: {len(r.skipped)}",
+        "",
+        "## Operating point",
+        "",
+        "| | threshold | held-out normals flagged | flags per 100 normal studies |",
+        "|---|---|---|---|",
+        f"| before ({base_name}) | {r.threshold_before:.4g} | "
+        f"{int(np.sum(r.before >= r.threshold_before))} of {r.n_held} | {r.flags_before:.0f} |",
+        f"| after onboarding | {r.threshold_after:.4g} | "
+        f"{int(np.sum(r.after >= r.threshold_after))} of {r.n_held} | {r.flags_after:.0f} |",
+        "",
+        f"The threshold keeps at least {r.target_specificity:.1%} of the held-out normals below "
+        f"it (`[triage] target_specificity`): expect about {target_flags:.0f} flags per 100 "
+        f"normal studies. It was measured on those same {r.n_held} series; the specificity's "
+        f"95 % interval with that many series is {lo:.2f}-{hi:.2f}.",
+        "",
+        f"![held-out normals' scores before and after]({paths['scores'].name})",
+        "",
+        "## Where the normals' top slices lie",
+        "",
+        "Relative height of each held-out normal series' highest-scoring slice among its brain "
+        "slices (0 = lowest, at the skull base; 1 = vertex).",
+        "",
+        "| quarter of the head | before | after |",
+        "|---|---|---|",
+        *[f"| {quarters[q]} | {share(r.before_top, q)} | {share(r.after_top, q)} |"
+          for q in range(4)],
+        "",
+        f"![top-slice heights]({paths['heights'].name})",
+        "",
+        "## Warnings",
+        "",
+        *([f"* {w}" for w in r.warnings] or ["None."]),
+        "",
+    ]
+    if r.skipped:
+        lines += ["## Skipped series", "", "| series | reason |", "|---|---|",
+                  *[f"| {s.series} | {s.reason} |" for s in r.skipped], ""]
+    lines += [
+        "## Using the model",
+        "",
+        f"* try it: `triage-agent score --model {out.name} DIR` (scores at this file's "
+        "threshold)",
+        f"* use it: `[model] weights = \"{out}\"` in agent.toml, no `[triage] threshold` (the "
+        "file's threshold applies), then `systemctl reload triage-agent` (SIGHUP)",
+        "",
+    ]
+    paths["report"].write_text("\n".join(lines), encoding="utf-8")
+    return paths["report"]
+
+
+def onboard_checkpoint(ckpt: dict[str, Any], groups: dict[str, list[Path]], *,
+                       series_rules: SeriesConfig, triage: TriageConfig,
+                       holdout_fraction: float = 1 / 3, seed: int = 0, device: str = "cpu",
+                       batch_size: int = 32, source: str = "",
+                       progress: Progress = _no_progress) -> Onboarded:
+    """All stages from grouped DICOM files to the onboarded checkpoint (not written)."""
+    from triage_model.checkpoint import CheckpointError
+
+    selected, skipped = select_series(groups, series_rules)
+    try:
+        det = plain_detector(ckpt, device)
+    except CheckpointError as e:
+        raise OnboardingError(f"this model cannot be onboarded: {e}") from e
+    data = measure(selected, det, batch_size=batch_size, progress=progress)
+    data.skipped = skipped + data.skipped
+    return adapt(ckpt, data, triage, holdout_fraction=holdout_fraction, seed=seed,
+                 source=source, progress=progress)
