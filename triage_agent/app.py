@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import os
 import socket
@@ -18,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from triage_agent import completion, db, metrics
 from triage_agent.config import AgentConfig
+from triage_agent.drift import DriftMonitor
 from triage_agent.models import Event, Job, JobState
 from triage_agent.operating_point import OperatingPoint
 from triage_agent.receiver import Receiver
@@ -129,6 +131,7 @@ class App:
     model: Model | None = None
     sender: Sender | None = None
     web: Any = None
+    drift: DriftMonitor | None = None
 
     def __post_init__(self) -> None:
         db.upgrade(self.cfg.database.url)
@@ -167,6 +170,12 @@ class App:
             self._deliver, "interval", seconds=self.cfg.delivery.interval_s,
             id="delivery", max_instances=1, coalesce=True,
         )
+        if self.cfg.drift.enabled:
+            self.drift = DriftMonitor(self.sessions)
+            self.scheduler.add_job(
+                self._check_drift, "interval", seconds=self.cfg.drift.interval_s, id="drift",
+                max_instances=1, coalesce=True, next_run_time=dt.datetime.now(dt.UTC),
+            )
         self.scheduler.start()
         if self.run_receiver:
             self.receiver = Receiver(self.cfg, self.storage, self.sessions)
@@ -185,6 +194,18 @@ class App:
         except Exception:
             log.exception("delivery run failed; will retry on the next tick")
 
+    def _check_drift(self) -> None:
+        """The drift test on the latest results (triage_agent/drift.py)."""
+        assert self.drift is not None
+        try:
+            if self.model is not None:
+                from_model = self.model.operating_point(self.cfg).source == "model"
+                self.drift.check(self.cfg, self.model.detector.ckpt, from_model)
+            else:  # receive-only node: no model file to read the calibration from
+                self.drift.check(self.cfg, None, self.cfg.triage.threshold is None)
+        except Exception:
+            log.exception("drift check failed; will retry on the next tick")
+
     def _sweep(self) -> None:
         try:
             completion.sweep(self.sessions, self.cfg.series)
@@ -192,7 +213,8 @@ class App:
             log.exception("completion sweep failed; will retry on the next tick")
 
     # Sections a SIGHUP applies; the others (ports, database, storage, model) need a restart.
-    RELOADABLE = ("triage", "destinations", "hl7_destinations", "delivery", "outputs", "security", "series", "logging")
+    RELOADABLE = ("triage", "destinations", "hl7_destinations", "delivery", "outputs", "security", "series", "logging",
+                  "drift")
 
     def reload(self, new: AgentConfig) -> list[str]:
         """Apply reloadable settings from ``new`` without dropping associations.

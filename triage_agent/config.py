@@ -231,6 +231,25 @@ class ModelConfig(_Section):
     batch_size: int = Field(32, ge=1)
 
 
+class DriftConfig(_Section):
+    """The drift alarm (triage_agent/drift.py): the flag rate of the last ``window`` assessable
+    series against the rate the threshold was calibrated for, by an exact binomial test."""
+
+    enabled: bool = True
+    window: int = Field(50, ge=5, le=10000)
+    min_series: int = Field(20, ge=1)
+    alpha: float = Field(0.01, gt=0, lt=0.5)
+    # None = 1 - target specificity of the model's calibration (or of [triage]).
+    expected_flag_rate: float | None = Field(None, gt=0, lt=1)
+    interval_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _min_le_window(self) -> DriftConfig:
+        if self.min_series > self.window:
+            raise ValueError("min_series must not exceed window")
+        return self
+
+
 class WorkerConfig(_Section):
     count: int = Field(1, ge=0, le=64)
     lease_s: float = Field(300.0, gt=0)
@@ -305,6 +324,7 @@ class AgentConfig(_Section):
     delivery: DeliveryConfig = DeliveryConfig()
     http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
+    drift: DriftConfig = DriftConfig()
 
     @model_validator(mode="after")
     def _unique_destination_names(self) -> AgentConfig:

@@ -53,6 +53,31 @@ MODEL_INFO = Gauge(
 )
 
 
+# The drift alarm (triage_agent/drift.py); NaN where there is nothing to report yet.
+DRIFT_OBSERVED_RATE = Gauge(
+    "triage_drift_observed_flag_rate",
+    "Share of the last [drift] window assessable series flagged abnormal",
+)
+DRIFT_EXPECTED_RATE = Gauge(
+    "triage_drift_expected_flag_rate", "Flag rate the operating threshold was calibrated for",
+)
+DRIFT_P_VALUE = Gauge(
+    "triage_drift_p_value",
+    "Exact two-sided binomial p-value of the window's flag count (NaN below [drift] min_series)",
+)
+DRIFT_WINDOW = Gauge("triage_drift_window_series", "Assessable series in the drift window")
+DRIFT_ALARM = Gauge(
+    "triage_drift_alarm", "1 while the window's flag rate is outside the calibrated band",
+)
+DRIFT_MEDIAN_SCORE = Gauge(
+    "triage_drift_window_median_score", "Median series score of the drift window",
+)
+DRIFT_CALIBRATION_MEDIAN = Gauge(
+    "triage_drift_calibration_median_score",
+    "Median series score of the model's calibration normals (NaN when the file has none)",
+)
+
+
 class DatabaseCollector(Collector):
     """Series by state, queue depth and pending deliveries, read from the database at scrape."""
 

@@ -140,7 +140,17 @@ th{background:#f0f0f0;font-weight:600} td.num{text-align:right;font-variant-nume
 .urgent{background:#b00020;color:#fff} .high{background:#e65100;color:#fff}
 img{height:64px;border-radius:3px} .uid{font-family:monospace;color:#555}
 .banner{background:#fff3cd;border:1px solid #e0c36a;padding:.4em .8em;margin-bottom:1em}
+.drift{background:#fde2e1;border-color:#b00020}
 """
+
+
+def drift_banner(app: Any) -> str:
+    """The drift alarm's banner (triage_agent/drift.py) while it is on, else nothing."""
+    st = getattr(app, "drift", None) and app.drift.status
+    if not st or not st.alarm:
+        return ""
+    return (f"<div class='banner drift' id='drift-alarm'><strong>Drift alarm:</strong> "
+            f"{html.escape(st.advice())}.<br><small>{html.escape(st.summary())}</small></div>")
 
 
 def render_page(app: Any) -> str:
@@ -158,6 +168,7 @@ def render_page(app: Any) -> str:
         f"{len(cfg.destinations)} destination(s); refreshes every 10 s</div>",
         "<div class='banner'>AI triage &mdash; not for diagnosis. "
         "Scores rank studies for reading order only.</div>",
+        drift_banner(app),
         "<table><thead><tr><th>last received (UTC)</th><th>patient</th><th>series</th>"
         "<th>slices</th><th>state</th><th>verdict</th><th>score</th><th>priority</th>"
         "<th>delivery</th><th>heat map</th></tr></thead><tbody>",
