@@ -174,7 +174,7 @@ def test_score_series_not_assessable(tiny_ckpt: Path, tmp_path: Path):
 
 
 def _write_case_repeatedly(path: str, barrier, n: int) -> None:
-    from triage_agent.inference import Case, _save_case
+    from triage_agent.datasets import Case, _save_case
 
     rng = np.random.default_rng(0)
     c = Case("synth-1-normal", "normal", False, rng.random((6, 32, 32), dtype=np.float32),
@@ -190,7 +190,7 @@ def test_case_cache_survives_concurrent_writers(tmp_path: Path):
     after an hour's work), and the entry left behind must read back whole."""
     import multiprocessing as mp
 
-    from triage_agent.inference import _load_case
+    from triage_agent.datasets import _load_case
 
     path = tmp_path / "synth-normal-seed1-m512-s32-x.npz"
     ctx = mp.get_context("fork")

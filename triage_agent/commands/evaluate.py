@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from triage_model.checkpoint import CheckpointError, load_detector
     from triage_model.evaluate import EvalCase, evaluate
 
-    from triage_agent.inference import folder_cases, synthetic_cases
+    from triage_agent.datasets import folder_cases, synthetic_cases
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def load_training_cases(args: argparse.Namespace) -> tuple[list, dict]:
-    from triage_agent.inference import folder_cases, synthetic_cases
+    from triage_agent.datasets import folder_cases, synthetic_cases
 
     if (args.synthetic is None) == (args.folder is None):
         raise SystemExit("error: give either a FOLDER of normal series or --synthetic N")
