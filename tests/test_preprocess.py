@@ -361,3 +361,19 @@ def test_yaw_alignment_undoes_an_in_plane_turn() -> None:
         return float(np.mean(np.abs(a.x[ia] - b.x[ib])))
 
     assert diff(ref, aligned) < 0.6 * diff(ref, plain)
+
+
+def test_noise_limit_smooths_only_noisy_series() -> None:
+    from triage_agent.preprocess import PreprocessOptions, brain_noise_hu
+
+    c = make_case(15, "normal", matrix=128)
+    vol = volume_from_case(c)
+    rng = np.random.default_rng(1)
+    noisy = HUVolume((vol.hu + 12.0 * rng.standard_normal(vol.hu.shape)).astype(np.float32),
+                     vol.spacing_mm, vol.sop_instance_uids)  # fmt: skip
+    opt = PreprocessOptions(max_noise_hu=4.0)
+    plain, limited = model_inputs(noisy), model_inputs(noisy, options=opt)
+    assert brain_noise_hu(plain.hu, plain.brain) > 6.0
+    assert brain_noise_hu(limited.hu, limited.brain) <= 4.0
+    quiet = model_inputs(vol, options=PreprocessOptions(max_noise_hu=50.0))
+    assert np.array_equal(quiet.x, model_inputs(vol).x)  # below the limit: untouched

@@ -69,6 +69,8 @@ def _case_path(cache: Path, site: str, seed: int, label: str, matrix: int, size:
                opts: Any) -> Path:
     tag = f"v{_CACHE_VERSION}-m{matrix}-s{size}-t{int(opts.correct_tilt)}-" \
           f"sl{opts.slab_mm:g}-y{int(opts.align_yaw)}"
+    if opts.max_noise_hu:
+        tag += f"-n{opts.max_noise_hu:g}"
     return cache / site / tag / f"{seed}-{label}.npz"
 
 
@@ -242,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="thin slices to slabs of about MM (0: off; default: the default)")
     ap.add_argument("--yaw", type=_on_off, default=None, metavar="on|off",
                     help="in-plane head-turn alignment (default: the preprocessing default)")
+    ap.add_argument("--max-noise", type=float, default=None, metavar="HU",
+                    help="limit the brain noise at model resolution to HU by in-plane "
+                         "smoothing (0: off; default: the preprocessing default)")
     ap.add_argument("--zero-shot-only", action="store_true", help="skip onboarding")
     ap.add_argument("--cache", type=Path, required=True,
                     help="folder for the preprocessed series (reused across runs)")
@@ -262,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         opts = replace(opts, slab_mm=float(a.slab))
     if a.yaw is not None:
         opts = replace(opts, align_yaw=a.yaw)
+    if a.max_noise is not None:
+        opts = replace(opts, max_noise_hu=float(a.max_noise))
     if not 0.0 < a.atlas_fraction < 1.0:
         print("error: --atlas-fraction must be in (0, 1)", file=sys.stderr)
         return 2
