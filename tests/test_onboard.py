@@ -120,3 +120,28 @@ def test_split_is_seeded_by_series_about_two_thirds_to_one_third() -> None:
         split(1, 1 / 3, 0)
     with pytest.raises(OnboardingError, match="between 0 and 1"):
         split(10, 1.5, 0)
+
+
+def test_onboard_from_pacs_onboards_from_what_retrieve_returns(
+        site: dict[str, Path], tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    retrieve = pytest.importorskip("triage_agent.retrieve")
+    calls = []
+
+    def fake(cfg, csv_path, out_dir, progress=True):  # type: ignore[no-untyped-def]
+        calls.append((Path(csv_path), Path(out_dir)))
+        raise retrieve.RetrieveError("PACS 127.0.0.1:1 refused the association")
+
+    monkeypatch.setattr(retrieve, "retrieve_normals", fake)
+    studies = tmp_path / "studies.csv"
+    studies.write_text("1.2.3\n")
+    out = tmp_path / "site.pt"
+    assert main(["onboard", "--from-pacs", str(studies), "--out", str(out), "--config",
+                 str(site["config"])]) == 2
+    assert "refused the association" in capsys.readouterr().err
+    assert calls == [(studies, tmp_path / "site.pt.normals")]
+    monkeypatch.setattr(retrieve, "retrieve_normals", lambda *a, **k: [])
+    assert main(["onboard", "--from-pacs", str(studies), "--out", str(out), "--config",
+                 str(site["config"])]) == 2
+    assert "no DICOM series" in capsys.readouterr().err
+    assert main(["onboard", "--out", str(out), "--config", str(site["config"])]) == 2
+    assert "--from-pacs" in capsys.readouterr().err

@@ -24,9 +24,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "onboard", help="adapt the detector to this site from its normal series",
         description="Refit the detector's residual atlas on a site's normal series and "
                     "calibrate its threshold on held-out ones; writes a model file and a report.")
-    p.add_argument("--normal", nargs="+", required=True, metavar="DIR",
+    p.add_argument("--normal", nargs="+", default=[], metavar="DIR",
                    help="folders of normal head-CT series (searched recursively); 60 or more "
                         "series recommended")
+    p.add_argument("--from-pacs", type=Path, default=None, metavar="STUDIES.csv",
+                   help="also retrieve these normal studies (StudyInstanceUID or "
+                        "AccessionNumber per line) from the configured PACS with C-GET")
+    p.add_argument("--retrieve-dir", type=Path, default=None, metavar="DIR",
+                   help="with --from-pacs: where the retrieved series go "
+                        "(default: FILE.normals/ next to --out)")
     p.add_argument("--out", type=Path, required=True, metavar="FILE",
                    help="the site model file to write (FILE.report.md and plots go next to it)")
     p.add_argument("--model", type=Path, default=None,
@@ -87,37 +93,51 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"note: {args.config} not found; the default selection rules and [triage] "
               "settings apply", file=sys.stderr)
+    if not args.normal and args.from_pacs is None:
+        print("error: give --normal DIR [DIR ...] and/or --from-pacs STUDIES.csv",
+              file=sys.stderr)
+        return 2
     base = args.model or cfg.model.weights or default_weights_path()
     if args.out.exists() and args.out.resolve() == Path(base).resolve():
         print(f"error: --out {args.out} is the model onboarding starts from; write the site "
               "model to a new file", file=sys.stderr)
         return 2
     t0 = time.monotonic()
+    normal_dirs = [str(d) for d in args.normal]
     try:
         ckpt, digest = read_checkpoint(base)
-        groups = find_series(args.normal)
+        if args.from_pacs is not None:
+            retrieved = _from_pacs(cfg, args.from_pacs,
+                                   args.retrieve_dir or args.out.with_name(args.out.name
+                                                                           + ".normals"))
+            if retrieved is None:
+                return 2
+            normal_dirs += [str(d) for d in retrieved]
+        groups = find_series(normal_dirs)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not groups:
-        print(f"error: no DICOM series under {' '.join(args.normal)}", file=sys.stderr)
+        print(f"error: no DICOM series under {' '.join(normal_dirs) or 'the retrieved studies'}",
+              file=sys.stderr)
         return 2
     device = resolve_device(args.device or cfg.model.device)
-    print(f"onboarding {Path(base).name} on {len(groups)} series from {len(args.normal)} "
-          f"folder(s) on {device}", file=sys.stderr)
+    print(f"onboarding {Path(base).name} on {len(groups)} series on {device}", file=sys.stderr)
     try:
         res = onboard_checkpoint(
             ckpt, groups, series_rules=cfg.series, triage=cfg.triage,
             holdout_fraction=args.holdout_fraction, seed=args.seed, device=str(device),
             batch_size=cfg.model.batch_size, progress=progress,
-            source=f"onboard: normal series of {', '.join(args.normal)} (seed {args.seed})")
+            source=f"onboard: {len(groups)} normal series (seed {args.seed})")
     except OnboardingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     res.ckpt["training"]["onboarding"]["base_model"] = {"file": Path(base).name,
                                                         "sha256": digest}
     new_digest = save_checkpoint(res.ckpt, args.out)
-    report = write_report(res, args.out, normal_dirs=list(args.normal),
+    sources = [str(d) for d in args.normal] + (
+        [f"{args.from_pacs} (from the PACS)"] if args.from_pacs is not None else [])
+    report = write_report(res, args.out, normal_dirs=sources,
                           elapsed_s=time.monotonic() - t0, device=str(device),
                           base_name=Path(base).name)
     for s in res.skipped:
@@ -137,3 +157,18 @@ def run(args: argparse.Namespace) -> int:
               f"which would override this file's threshold {res.threshold_after:.6g}: remove "
               "it when you switch to the site model", file=sys.stderr)
     return 0
+
+
+def _from_pacs(cfg: Any, studies_csv: Path, out_dir: Path) -> list[Path] | None:
+    """Folders of the normal series retrieved from the PACS; None (after saying why) when the
+    PACS cannot be used."""
+    try:
+        from triage_agent.retrieve import RetrieveError, retrieve_normals
+    except ImportError:
+        print("error: --from-pacs is not available in this installation", file=sys.stderr)
+        return None
+    try:
+        return list(retrieve_normals(cfg, studies_csv, out_dir))
+    except RetrieveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
