@@ -212,9 +212,10 @@ class App:
         except Exception:
             log.exception("completion sweep failed; will retry on the next tick")
 
-    # Sections a SIGHUP applies; the others (ports, database, storage, model) need a restart.
+    # Sections a SIGHUP applies; the others (ports, database, storage) need a restart. The model
+    # file is loaded again when [model] or the file itself changed.
     RELOADABLE = ("triage", "destinations", "hl7_destinations", "delivery", "outputs", "security", "series", "logging",
-                  "drift")
+                  "drift", "model")
 
     def reload(self, new: AgentConfig) -> list[str]:
         """Apply reloadable settings from ``new`` without dropping associations.
@@ -231,6 +232,10 @@ class App:
                         ", ".join(ignored))
         cfg = old.model_copy(update={k: getattr(new, k) for k in applied})
         self.cfg = cfg
+        note = self._reload_model(old) if self.model is not None else None
+        if note is not None:
+            applied = [k for k in applied if k != "model"] + [note]
+            cfg = self.cfg
         if self.receiver is not None:
             self.receiver.cfg = cfg  # read per association: new allow-lists apply to the next one
             if old.security.tls != cfg.security.tls and self.receiver._server is not None:
@@ -245,6 +250,7 @@ class App:
         for w in self.workers:
             w.cfg = cfg
             if scorer is not None:
+                w.model = self.model  # type: ignore[assignment]
                 w.scorer = scorer
         if applied:
             log.info("reload: applied %s", ", ".join(applied))
@@ -253,6 +259,35 @@ class App:
                             detail="applied: " + ", ".join(applied)
                             + ("; needs restart: " + ", ".join(ignored) if ignored else "")))
         return applied
+
+    def _reload_model(self, old: AgentConfig) -> str | None:
+        """Load the model again when [model] or the model file changed (a site model written
+        over the old one). Returns what to record, None when nothing changed. A file that does
+        not load leaves the model in use, and its [model] settings, as they were."""
+        from triage_model.checkpoint import default_weights_path, sha256_file
+
+        assert self.model is not None
+        path = self.cfg.model.weights or default_weights_path()
+        try:
+            same = self.cfg.model == old.model and sha256_file(path) == self.model.weights_sha256
+        except OSError:
+            same = False
+        if same:
+            return None
+        try:
+            model = load_model(self.cfg)
+        except StartupError as e:
+            log.error("reload: %s; the model in use is kept", e)
+            self.cfg = self.cfg.model_copy(update={"model": old.model})
+            return "model kept (the new one does not load)"
+        before = (self.model.name, self.model.version, self.model.weights_sha256)
+        if before != (model.name, model.version, model.weights_sha256):
+            with contextlib.suppress(KeyError):
+                metrics.MODEL_INFO.remove(*before)
+        self.model = model
+        log.info("reload: model %s %s (weights %s) in use", model.name, model.version,
+                 model.weights_sha256[:12])
+        return f"model {model.name} {model.version} weights {model.weights_sha256[:12]}"
 
     def stop(self, grace_s: float = 30.0) -> None:
         """Stop taking associations, let in-flight ones finish, stop scheduler and workers."""
