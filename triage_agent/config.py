@@ -250,6 +250,12 @@ class DriftConfig(_Section):
         return self
 
 
+class OnboardingConfig(_Section):
+    # The [[destinations]] entry (by name) that `onboard --from-pacs` retrieves normals from
+    # with C-FIND and C-GET; empty = the first destination.
+    pacs: str = ""
+
+
 class WorkerConfig(_Section):
     count: int = Field(1, ge=0, le=64)
     lease_s: float = Field(300.0, gt=0)
@@ -325,6 +331,7 @@ class AgentConfig(_Section):
     http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
     drift: DriftConfig = DriftConfig()
+    onboarding: OnboardingConfig = OnboardingConfig()
 
     @model_validator(mode="after")
     def _unique_destination_names(self) -> AgentConfig:
