@@ -25,6 +25,7 @@ from triage_agent.operating_point import OperatingPoint
 from triage_agent.receiver import Receiver
 from triage_agent.sender import Sender
 from triage_agent.storage import Storage
+from triage_agent.web import WebServer
 from triage_agent.worker import Worker, make_worker_id
 
 log = logging.getLogger(__name__)
@@ -181,8 +182,6 @@ class App:
             self.receiver = Receiver(self.cfg, self.storage, self.sessions)
             self.receiver.start()
         if self.cfg.http.enabled:
-            from triage_agent.web import WebServer
-
             self.web = WebServer(self)
             self.web.start()
 
@@ -238,12 +237,8 @@ class App:
             cfg = self.cfg
         if self.receiver is not None:
             self.receiver.cfg = cfg  # read per association: new allow-lists apply to the next one
-            if old.security.tls != cfg.security.tls and self.receiver._server is not None:
-                from triage_agent.receiver import build_ssl_context
-
-                # read per connection by get_request; switching TLS on/off still needs a restart
-                if (old.security.tls is None) == (cfg.security.tls is None):
-                    self.receiver._server.ssl_context = build_ssl_context(cfg)
+            if old.security.tls != cfg.security.tls:
+                self.receiver.reload_tls(old, cfg)
         if self.sender is not None:
             self.sender.cfg = cfg
         scorer = self.model.scorer(cfg) if self.model is not None else None

@@ -9,9 +9,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage_agent.config import SeriesConfig
+from triage_agent.dicom_uids import IMAGE_SOP_CLASSES
 from triage_agent.ingest import short_id
 from triage_agent.models import Event, Job, Series, SeriesState, Study, utcnow
-from triage_agent.receiver import IMAGE_SOP_CLASSES
 from triage_agent.selection import SeriesFacts, skip_reason
 
 log = logging.getLogger(__name__)

@@ -12,11 +12,15 @@ import math
 from dataclasses import dataclass
 from typing import Any, cast
 
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
 from sqlalchemy import CursorResult, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
+from triage_agent.dicom_uids import IMAGE_SOP_CLASSES, valid_uid
 from triage_agent.models import (
     Event,
     Instance,
@@ -135,8 +139,6 @@ def _check_pixels(ds: Dataset, ts: str) -> None:
 
 def inspect_dataset(ds: Dataset, sop_class: str, sop_uid: str, ts: str) -> InstanceInfo:
     """Decode what we need and check it against the request. Raises on anything unusable."""
-    from triage_agent.receiver import IMAGE_SOP_CLASSES, valid_uid
-
     ds_class = str(ds.get("SOPClassUID", ""))
     ds_uid = str(ds.get("SOPInstanceUID", ""))
     if ds_class != sop_class or ds_uid != sop_uid:
@@ -359,11 +361,6 @@ def _file_preamble(info: InstanceInfo) -> bytes:
     Depends only on the SOP class/instance and transfer syntax, so the same dataset from two
     senders gives byte-identical files and one digest.
     """
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_file_meta_info
-    from pydicom.uid import UID
-
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(info.sop_class_uid)
     meta.MediaStorageSOPInstanceUID = UID(info.sop_instance_uid)

@@ -8,8 +8,6 @@ Success. Every failure class has its own status so a modality's log says what we
 from __future__ import annotations
 
 import logging
-import re
-import socket
 import ssl
 import threading
 import time
@@ -18,18 +16,14 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
-from pynetdicom import _config as pynetdicom_config
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    CTImageStorage,
-    EnhancedCTImageStorage,
-    Verification,
-)
-from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from triage_agent import ingest, metrics
+from triage_agent import ingest, metrics, pynetdicom_compat
 from triage_agent.config import AgentConfig
+from triage_agent.dicom_uids import IMAGE_SOP_CLASSES, valid_uid
 from triage_agent.storage import Storage, StorageFullError
 from triage_agent.transfer_syntax import (
     ACCEPTED_TRANSFER_SYNTAXES,
@@ -42,14 +36,10 @@ from triage_agent.transfer_syntax import (
 
 log = logging.getLogger(__name__)
 
-# Never let pynetdicom log identifiers from requests/responses (patient names, IDs).
-pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
-pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
-
-IMAGE_SOP_CLASSES = (str(CTImageStorage), str(EnhancedCTImageStorage))
-
-UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-
+# Never let pynetdicom log identifiers from requests/responses (patient names, IDs), and
+# never read a PDU longer than the receiver allows (cap set per association on EVT_CONN_OPEN).
+pynetdicom_compat.hide_identifiers_in_logs()
+pynetdicom_compat.install_bounded_recv()
 
 class Status:
     SUCCESS = 0x0000
@@ -64,19 +54,6 @@ class Status:
 # slack for the P-DATA item headers around a PDU of our advertised maximum length.
 UNLIMITED_PDU_CAP = 64 * 1024 * 1024
 PDU_SLACK = 4096
-_original_recv = AssociationSocket.recv
-
-
-def _bounded_recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    """Refuse to read a PDU longer than we allow: stock pynetdicom reads whatever 32-bit length
-    the peer declares. Raising OSError makes the DUL treat it as a closed connection."""
-    cap = getattr(self, "triage_max_read", None)
-    if cap is not None and nr_bytes > cap:
-        raise OSError(f"peer declared a {nr_bytes}-byte PDU; limit is {cap}")
-    return _original_recv(self, nr_bytes)
-
-
-AssociationSocket.recv = _bounded_recv  # type: ignore[method-assign]
 
 
 class HardenedServer(ThreadedAssociationServer):
@@ -156,16 +133,6 @@ class HardenedServer(ThreadedAssociationServer):
                 cls.open_by_ip.pop(ip, None)
 
 
-def _set_read_cap(event: Any, cap: int) -> None:
-    sock = event.assoc.dul.socket
-    if sock is not None:
-        sock.triage_max_read = cap
-
-
-def valid_uid(value: Any) -> bool:
-    return isinstance(value, str) and len(value) <= 64 and bool(UID_RE.fullmatch(value))
-
-
 @dataclass
 class Receiver:
     """Binds config, storage and the session factory to the pynetdicom handlers."""
@@ -216,7 +183,7 @@ class Receiver:
             ssl_context=build_ssl_context(self.cfg),
             server_class=self._server_class,
         )
-        self.ae._servers.append(self._server)
+        pynetdicom_compat.register_server(self.ae, self._server)
         threading.Thread(target=self._server.serve_forever, name="acceptor", daemon=True).start()
         log.info("listening as %s on %s:%d", node.ae_title, node.bind_address, self.port)
 
@@ -270,6 +237,12 @@ class Receiver:
                                  detail=why, flagged=True)
                     _abort(assoc)
 
+    def reload_tls(self, old: AgentConfig, new: AgentConfig) -> None:
+        """Use the new certificates for the next connections (get_request reads the context
+        per connection); switching TLS on or off still needs a restart."""
+        if self._server is not None and (old.security.tls is None) == (new.security.tls is None):
+            self._server.ssl_context = build_ssl_context(new)
+
     @property
     def port(self) -> int:
         return int(self._server.server_address[1]) if self._server else self.cfg.node.port
@@ -279,8 +252,7 @@ class Receiver:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
-            if self._server in self.ae._servers:
-                self.ae._servers.remove(self._server)
+            pynetdicom_compat.forget_server(self.ae, self._server)
             self._server = None
 
 
@@ -324,12 +296,7 @@ def _abort(assoc: Any) -> None:
     The socket goes first: a DUL thread blocked in recv() on a slow-drip peer only notices a
     closed socket, and ``Association.abort()`` waits for that thread.
     """
-    try:
-        sock = assoc.dul.socket
-        if sock is not None and sock.socket is not None:
-            sock.socket.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+    pynetdicom_compat.shutdown_socket(assoc)
     threading.Thread(target=_quiet_abort, args=(assoc,), daemon=True).start()
 
 
@@ -349,7 +316,7 @@ def handle_conn_open(event: Any, rx: Receiver) -> None:
     event.assoc.triage_started = time.monotonic()
     event.assoc.triage_last_pdu = event.assoc.triage_started
     event.assoc.triage_message_bytes = 0
-    _set_read_cap(event, rx.max_read)
+    pynetdicom_compat.set_read_cap(event.assoc, rx.max_read)
 
 
 def _release_slot(assoc: Any) -> None:
@@ -369,13 +336,7 @@ def _hard_kill(assoc: Any) -> None:
     timer after a protocol error): it must not hold an association slot until it expires."""
     log.warning("killing association from %s that did not end after abort",
                 getattr(assoc.requestor, "address", "?"))
-    assoc.dul.kill_dul()
-    assoc._kill = True
-    assoc.is_established = False
-    assoc._reactor_checkpoint.set()
-    # An acceptor still waiting for its A-ASSOCIATE-RQ blocks on this queue for acse_timeout;
-    # None is what a timeout returns, and makes it give up now.
-    assoc.dul.to_user_queue.put(None)
+    pynetdicom_compat.hard_kill(assoc)
 
 
 def handle_conn_close(event: Any, rx: Receiver) -> None:
@@ -430,21 +391,6 @@ def handle_pdu_recv(event: Any, rx: Receiver) -> None:
         _abort(assoc)
 
 
-def _wait_reject_sent(assoc: Any, timeout_s: float = 2.0) -> None:
-    """Wait (bounded) until the DUL thread has written the A-ASSOCIATE-RJ.
-
-    pynetdicom only queues the rejection for its DUL thread, and shuts the socket as soon as the
-    EVT_REQUESTED handlers return; when the shutdown wins, the modality sees a bare close
-    ("peer aborted association") instead of the reason. The DUL enters Sta13 right after it
-    has sent the PDU (action AE-8)."""
-    dul = assoc.dul
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if dul.state_machine.current_state == "Sta13" or not dul.is_alive():
-            return
-        time.sleep(0.002)
-
-
 def handle_requested(event: Any, rx: Receiver) -> None:
     """Association policy: reject with the right A-ASSOCIATE-RJ reason and audit why."""
     primitive = event.assoc.requestor.primitive
@@ -463,8 +409,8 @@ def handle_requested(event: Any, rx: Receiver) -> None:
     if reject is None:
         return
     metrics.ASSOCIATIONS.labels("rejected", label).inc()
-    event.assoc.acse.send_reject(*reject)
-    _wait_reject_sent(event.assoc)
+    pynetdicom_compat.send_reject(event.assoc, *reject)
+    pynetdicom_compat.wait_reject_sent(event.assoc)
     log.warning("association rejected: %s", why)
     ingest.audit(rx.sessions, "association_rejected", calling_ae=calling, source_address=address,
                  detail=why, flagged=True)
