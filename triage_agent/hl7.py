@@ -3,7 +3,7 @@
 The RIS learns the verdict, score and priority of each study without reading the DICOM SR. This
 module only builds and sends one message; the retry / dead-letter bookkeeping is the same as for
 DICOM deliveries (``triage_agent.sender``), so :func:`send_mllp` answers with the same
-:class:`~triage_agent.sender.SendOutcome` (``status`` is always ``None``: HL7 has no DICOM status).
+:class:`~triage_agent.delivery.SendOutcome` (``status`` is always ``None``: HL7 has no DICOM status).
 
 Retries are recognisable: :func:`build_oru` is a pure function of the notice and the destination
 (MSH-7 is the observation time, not "now"; MSH-10 comes from the notice), so a resent message is
@@ -51,6 +51,7 @@ from typing import Any
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
 
+from triage_agent.delivery import DELIVERED, PERMANENT, TRANSIENT, SendOutcome
 from triage_agent.outputs.sr import (
     PRIORITY,
     PRIVATE_SCHEME,
@@ -60,7 +61,6 @@ from triage_agent.outputs.sr import (
     VERDICT_CODES,
     priority_code,
 )
-from triage_agent.sender import DELIVERED, PERMANENT, TRANSIENT, SendOutcome
 
 __all__ = [
     "HL7Destination",

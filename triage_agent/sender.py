@@ -13,7 +13,6 @@ import logging
 import random
 import ssl
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
@@ -24,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from triage_agent import metrics
 from triage_agent.config import AgentConfig, DestinationConfig, HL7DestinationConfig
+from triage_agent.delivery import DELIVERED, PERMANENT, TRANSIENT, SendOutcome
 from triage_agent.models import (
     Delivery,
     DeliveryState,
@@ -39,9 +39,6 @@ from triage_agent.storage import Storage
 
 log = logging.getLogger(__name__)
 
-DELIVERED, TRANSIENT, PERMANENT = "delivered", "transient", "permanent"
-
-
 HL7_PREFIX = "hl7:"
 
 
@@ -54,6 +51,8 @@ def hl7_destination_key(dest: HL7DestinationConfig) -> str:
 
 
 def _send_hl7(dest: HL7DestinationConfig, files: list[Path]) -> list[SendOutcome]:
+    # Lazy: hl7 builds its messages with outputs.sr, which imports highdicom (seconds); only
+    # HL7 deliveries need it.
     from triage_agent.hl7 import HL7Destination, send_mllp
 
     target = HL7Destination(**dest.model_dump())
@@ -80,13 +79,6 @@ class _SSLErrorTrap(logging.Handler):
         exc = record.exc_info[1] if record.exc_info else None
         if self.error is None and isinstance(exc, ssl.SSLError):
             self.error = str(exc)
-
-
-@dataclass
-class SendOutcome:
-    kind: str  # DELIVERED | TRANSIENT | PERMANENT
-    status: int | None
-    error: str | None
 
 
 def build_scu_ssl(dest: DestinationConfig) -> ssl.SSLContext | None:
