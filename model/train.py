@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from triage_model import losses, pretext
 from triage_model.checkpoint import (
     METHODS,
+    CheckpointError,
     Detector,
     make_checkpoint,
     read_checkpoint,
@@ -497,6 +498,27 @@ def fit_hu_threshold(train: SliceSet, quantile: float = 0.995, calcification_hu:
 # --------------------------------------------------------------------------------------- driver
 
 
+def init_state_dict(ck: dict[str, Any], path: Path | str, member: int | None = None
+                    ) -> dict[str, Any]:
+    """The network weights to fine-tune from: the file's network, or member ``member``
+    (1-based) of an ensemble file (the bundled model is a mean of four U-Nets: one network is
+    trained at a time, so one of them must be chosen)."""
+    members = (ck.get("net_config") or {}).get("members") or ()
+    if (ck.get("net_config") or {}).get("arch") == "ensemble":
+        if member is None:
+            raise ValueError(f"{path} is an ensemble of {len(members)} U-Nets; fine-tuning "
+                             "trains one network: add --init-member K to start from member K "
+                             f"(1-{len(members)})")
+        if not 1 <= member <= len(members):
+            raise ValueError(f"--init-member {member}: {path} has members 1-{len(members)}")
+        prefix = f"members.{member - 1}."
+        return {k[len(prefix):]: v for k, v in ck["state_dict"].items() if k.startswith(prefix)}
+    if member is not None:
+        raise ValueError(f"--init-member: {path} holds one network, not an ensemble; "
+                         "drop --init-member")
+    return dict(ck["state_dict"])
+
+
 def train(
     cfg: TrainConfig,
     train_set: SliceSet,
@@ -509,6 +531,7 @@ def train(
     data_summary: dict[str, Any] | None = None,
     time_budget_s: float | None = None,
     init_from: Path | str | None = None,
+    init_member: int | None = None,
 ) -> dict[str, Any] | None:
     """Train ``cfg.method`` and write the calibrated checkpoint to ``out`` (rank 0).
 
@@ -541,6 +564,8 @@ def train(
             save_checkpoint(ck, out)
         return ck
 
+    if init_member is not None and init_from is None:
+        raise ValueError("--init-member chooses a member of the --init file: give --init too")
     tr = Trainer(cfg, train_set, dd)
     if init_from is not None and not (resume and state_path(Path(out)).exists()):
         init_ck, init_sha = read_checkpoint(init_from)
@@ -550,11 +575,12 @@ def train(
         if "state_dict" not in init_ck:
             raise ValueError(f"{init_from}: holds no network weights to start from")
         try:
-            tr.model.load_state_dict(init_ck["state_dict"])
+            tr.model.load_state_dict(init_state_dict(init_ck, init_from, init_member))
         except RuntimeError as e:
             raise ValueError(f"{init_from}: its network does not match this configuration "
                              f"(--base-channels, input size): {str(e).splitlines()[0]}") from None
-        summary["init_from"] = {"file": Path(init_from).name, "sha256": init_sha}
+        summary["init_from"] = {"file": Path(init_from).name, "sha256": init_sha,
+                                **({"member": init_member} if init_member else {})}
         log.info("network starts from %s (%s)", init_from, init_sha[:12])
     sp = state_path(out)
     if resume and sp.exists():
@@ -689,6 +715,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init", type=Path, default=None, metavar="CKPT",
                     help="with --slices: start the network from this checkpoint's weights "
                          "(fine-tuning; fresh optimiser and step count)")
+    ap.add_argument("--init-member", type=int, default=None, metavar="K",
+                    help="with --init of an ensemble file (the bundled model): start from its "
+                         "K-th U-Net (1-based)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--progress", action="store_true")
@@ -725,8 +754,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = default_config(a.method, total_steps=a.steps, pretrain_fraction=a.pretrain_fraction,
                              batch_size=a.batch_size, seed=a.seed, num_threads=a.threads,
                              net=net, **over)
-        ck = train(cfg, tr, va, a.out, progress=a.progress, device=a.device, data_summary=summary,
-                   time_budget_s=a.time_budget, resume=a.resume, init_from=a.init)
+        try:
+            ck = train(cfg, tr, va, a.out, progress=a.progress, device=a.device,
+                       data_summary=summary, time_budget_s=a.time_budget, resume=a.resume,
+                       init_from=a.init, init_member=a.init_member)
+        except (ValueError, CheckpointError) as e:  # a bad --init file: say why, no traceback
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if ck is not None:
             t = ck["training"]
             print(f"wrote {a.out}: {a.method} {t['steps']} steps, {t['wall_s']:.0f} s, "
