@@ -177,8 +177,9 @@ def evaluate_site(site: str, args: argparse.Namespace, ckpt: dict[str, Any], opt
     res: dict[str, Any] = {"site": site, "options": asdict(opts), "matrix": args.matrix,
                            "onboard_normals": len(normals)}
     t1 = time.perf_counter()
-    res["zero_shot"] = metrics(test, score_cases(det0, test), det0.threshold_for("max"))
-    print(f"{site}: zero-shot {_row(res['zero_shot'])}", file=sys.stderr)
+    if not args.onboarded_only:
+        res["zero_shot"] = metrics(test, score_cases(det0, test), det0.threshold_for("max"))
+        print(f"{site}: zero-shot {_row(res['zero_shot'])}", file=sys.stderr)
     if normals and not args.zero_shot_only:
         ck = onboard(ckpt, normals, atlas_fraction=args.atlas_fraction)
         det1 = Detector(ck, device="cpu")
@@ -248,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="limit the brain noise at model resolution to HU by in-plane "
                          "smoothing (0: off; default: the preprocessing default)")
     ap.add_argument("--zero-shot-only", action="store_true", help="skip onboarding")
+    ap.add_argument("--onboarded-only", action="store_true",
+                    help="skip the zero-shot scoring (when it is already measured)")
     ap.add_argument("--cache", type=Path, required=True,
                     help="folder for the preprocessed series (reused across runs)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
