@@ -7,6 +7,11 @@ so that places where normal anatomy always leaves residual (skull base, the inne
 skull) count for less than the same residual in the middle of the brain. The heat maps do not
 change.
 
+A site adapts the shipped model to its own images with ``triage-agent onboard --normal DIR --out
+FILE``, which reads the DICOM series, splits them and calls the functions here; this command is
+for slice archives (``triage-agent train --export-slices``), e.g. on a machine without the DICOM
+stack.
+
 The atlas and the calibration must come from different normal series: a threshold measured on
 the series that the atlas was fitted to would sit too low for new ones. So ``--atlas-slices``
 (the normals to fit the atlas on) and ``--slices`` (the normals to calibrate on: normalisation

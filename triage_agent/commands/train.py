@@ -106,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.export_slices}: {len(data)} slices of {data.n_series} series "
               f"({size:.1f} MB); train with: python -m triage_model.train OUT --slices "
               f"{args.export_slices} --method {args.method} --steps {args.steps} "
-              f"--batch-size {args.batch_size} --seed {args.seed}", flush=True)
+              f"--batch-size {args.batch_size} --seed {args.seed}. To adapt the shipped model "
+              "to a site's normal series, no archive is needed: triage-agent onboard --normal "
+              "DIR --out FILE", flush=True)
         return 0
     tr, va = data.split(args.val_fraction, seed=args.seed)
     summary.update(train_slices=len(tr), val_slices=len(va))
