@@ -7,7 +7,6 @@ import math
 import urllib.request
 from pathlib import Path
 
-import pydicom
 import pytest
 from scipy.stats import binom
 from sqlalchemy import select
@@ -194,15 +193,13 @@ def test_node_raises_the_drift_alarm_in_metrics_status_page_and_audit(
     assert _gauge(text, "triage_drift_alarm") == 0 and _gauge(text, "triage_drift_window_series") == 0
     files = []
     for seed in (21, 22, 23):
-        files += write_case_dicom(make_case(seed, "normal", matrix=128), tmp_path / f"h{seed}",
+        files += write_case_dicom(make_case(seed, "normal", matrix=64), tmp_path / f"h{seed}",
                                   patient_name=CANARY_NAME, patient_id=CANARY_ID)
     assert storescu(node.port, files).returncode == 0
-    uids = {pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID for f in files}
-    for uid in uids:
-        node.wait_state(uid, {"scored"}, timeout_s=120)
 
+    # the alarm needs all three series scored (min_series = 3)
     text = wait_for(lambda: (t := _get(node.http_port, "/metrics"))
-                    and _gauge(t, "triage_drift_alarm") == 1 and t, 30, "the drift alarm")
+                    and _gauge(t, "triage_drift_alarm") == 1 and t, 180, "the drift alarm")
     assert _gauge(text, "triage_drift_window_series") == 3
     assert _gauge(text, "triage_drift_observed_flag_rate") == 1.0
     assert _gauge(text, "triage_drift_expected_flag_rate") == pytest.approx(0.05)

@@ -30,7 +30,7 @@ from typing import Any, TextIO
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
-from pynetdicom.sop_class import (
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
 )
@@ -127,7 +127,7 @@ class _Pacs:
         self.ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
         for uid in IMAGE_SOP_CLASSES:
             self.ae.add_requested_context(uid, list(ACCEPTED_TRANSFER_SYNTAXES))
-        self.roles = [build_role(uid, scp_role=True) for uid in IMAGE_SOP_CLASSES]
+        self.roles: list[Any] = [build_role(uid, scp_role=True) for uid in IMAGE_SOP_CLASSES]
         self.folder: Path | None = None
         self.received = 0
         self.bar: Any = None
