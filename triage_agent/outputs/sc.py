@@ -364,7 +364,7 @@ def _sc_image(
             instance_number=rank,
             manufacturer=algorithm.manufacturer[:64],
             patient_orientation=("L", "P"),
-            pixel_spacing=series.pixel_spacing,
+            pixel_spacing=series.pixel_spacing,  # type: ignore[arg-type]  # mm, not int
             transfer_syntax_uid=ExplicitVRLittleEndian,
             contributing_equipment=[series.equipment],
             series_description=series.description,
