@@ -175,5 +175,12 @@ def test_a_refused_mr_association_leaves_a_trace(node_factory: Any, tmp_path: Pa
         text = h.read().decode()
     assert 'triage_refused_proposals_total{reason="sop_class",sop_class="MR Image Storage"' \
         in text, text[-2000:]
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/", timeout=10) as h:
+        page = h.read().decode()
+    assert "Refused today" in page, page
+    assert "1 association from MR_ROUTER could not carry: MR Image Storage" in page, page
+    # the test node has no allow-list: the page and the log say that anyone may store here
+    assert "id='open-node'" in page and "no [security] allowed_calling_ae_titles" in page
+    assert "stores from any caller" in node.log_path.read_text()
     for canary in (CANARY_NAME, CANARY_ID):
-        assert canary not in (ev.detail or "") and canary not in text
+        assert canary not in (ev.detail or "") and canary not in text and canary not in page

@@ -25,7 +25,7 @@ from triage_agent.operating_point import OperatingPoint
 from triage_agent.receiver import Receiver
 from triage_agent.sender import Sender
 from triage_agent.storage import Storage
-from triage_agent.web import WebServer
+from triage_agent.web import WebServer, open_node_warning
 from triage_agent.worker import Worker, make_worker_id
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,9 @@ class App:
             REGISTRY.register(metrics.DatabaseCollector(self.sessions))
 
     def start(self) -> None:
+        if self.run_receiver and self.cfg.security.open_to_anyone:
+            log.warning("%s Restrict callers in agent.toml ([security]).",
+                        open_node_warning(self.cfg))
         removed = self.storage.clean_tmp()
         if removed:
             log.info("removed %d temp file(s) left by an earlier crash", removed)

@@ -100,6 +100,13 @@ class SecurityConfig(_Section):
             return False
         return any(ip in ipaddress.ip_network(n, strict=False) for n in self.allowed_networks)
 
+    @property
+    def open_to_anyone(self) -> bool:
+        """No calling-AE or network allow-list and no client certificates: anyone who can reach
+        the port may store here."""
+        return (not self.allowed_calling_ae_titles and not self.allowed_networks
+                and not (self.tls is not None and self.tls.require_client_certificate))
+
     def calling_ae_allowed(self, ae_title: str) -> bool:
         return not self.allowed_calling_ae_titles or ae_title.strip() in {
             a.strip() for a in self.allowed_calling_ae_titles

@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from triage_agent.models import Delivery, Job, Output, Result, Series, Study
+from triage_agent.models import Delivery, Event, Job, JobState, Output, Result, Series, Study
 
 
 @dataclass(frozen=True)
@@ -150,3 +150,44 @@ def recent_series(sessions: Any, limit: int, *,
                 **fields,
             ))
     return out
+
+
+REFUSAL_KINDS = ("association_rejected", "contexts_refused")
+
+
+@dataclass(frozen=True)
+class RefusalSummary:
+    """Refused associations or presentation contexts of one caller and reason (audit trail)."""
+
+    kind: str  # one of REFUSAL_KINDS
+    calling_ae: str
+    detail: str
+    count: int
+    last_at: dt.datetime
+
+    def describe(self) -> str:
+        what = "rejected" if self.kind == "association_rejected" else "could not carry"
+        return (f"{self.count} association{'s' if self.count != 1 else ''} from "
+                f"{self.calling_ae or '(no AE title)'} {what}: {self.detail}")
+
+
+def refusals_since(sessions: Any, since: dt.datetime, limit: int = 8) -> list[RefusalSummary]:
+    """Refused associations and proposals since ``since`` (naive UTC), grouped by caller and
+    reason, most recent first. Audit details name AE titles, addresses and SOP classes only."""
+    with sessions() as s:
+        rows = s.execute(
+            select(Event.kind, Event.calling_ae, Event.detail, func.count(), func.max(Event.at))
+            .where(Event.kind.in_(REFUSAL_KINDS), Event.at >= since)
+            .group_by(Event.kind, Event.calling_ae, Event.detail)
+            .order_by(func.max(Event.at).desc())
+            .limit(limit)
+        ).all()
+    return [RefusalSummary(kind, ae or "", detail or "", int(n), last)
+            for kind, ae, detail, n, last in rows]
+
+
+def queue_depth(sessions: Any) -> int:
+    """Series waiting for or in scoring."""
+    with sessions() as s:
+        return int(s.scalar(select(func.count()).select_from(Job).where(
+            Job.state.in_((JobState.QUEUED, JobState.RUNNING)))) or 0)

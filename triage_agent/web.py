@@ -6,6 +6,7 @@ Loopback by default. The status page hides patient identifiers unless an admin e
 
 from __future__ import annotations
 
+import datetime as dt
 import html
 import io
 import json
@@ -19,7 +20,7 @@ from sqlalchemy import select
 
 from triage_agent import db
 from triage_agent.models import Output, Result
-from triage_agent.status_view import recent_series
+from triage_agent.status_view import queue_depth, recent_series, refusals_since
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,36 @@ def drift_banner(app: Any) -> str:
             f"{html.escape(st.advice())}.<br><small>{html.escape(st.summary())}</small></div>")
 
 
+def open_node_warning(cfg: Any) -> str:
+    return (f"This node stores from any caller that reaches {cfg.node.bind_address} port "
+            f"{cfg.node.port}: no [security] allowed_calling_ae_titles, allowed_networks or "
+            "client certificates are set.")
+
+
+def threshold_text(app: Any) -> str:
+    if app.model is None:
+        return "threshold n/a"
+    op = app.model.operating_point(app.cfg)
+    origin = "model file" if op.source == "model" else "configuration"
+    return f"threshold {op.threshold:.3f} (from the {origin})"
+
+
+def admin_banners(app: Any) -> str:
+    """What the admin must see: an open node, and today's refused associations and proposals."""
+    e = html.escape
+    out = []
+    if app.run_receiver and app.cfg.security.open_to_anyone:
+        warning = open_node_warning(app.cfg)
+        out.append(f"<div class='banner' id='open-node'>{e(warning)}</div>")
+    midnight = dt.datetime.combine(dt.datetime.now(dt.UTC).date(), dt.time())
+    refused = refusals_since(app.sessions, midnight)
+    if refused:
+        items = "".join(f"<li>{e(r.describe())}</li>" for r in refused)
+        out.append(f"<div class='banner' id='refused'><strong>Refused today (UTC):</strong>"
+                   f"<ul>{items}</ul></div>")
+    return "".join(out)
+
+
 def render_page(app: Any) -> str:
     cfg = app.cfg
     show_phi = cfg.http.show_patient_identifiers
@@ -165,10 +196,12 @@ def render_page(app: Any) -> str:
         f"<h1>triage-agent &mdash; {e(cfg.node.ae_title)}</h1>",
         f"<div class='sub'>mode {e(cfg.triage.mode)}; model "
         f"{e(app.model.name + ' ' + app.model.version) if app.model else 'not loaded'}; "
+        f"{threshold_text(app)}; queue {queue_depth(app.sessions)}; "
         f"{len(cfg.destinations)} destination(s); refreshes every 10 s</div>",
         "<div class='banner'>AI triage &mdash; not for diagnosis. "
         "Scores rank studies for reading order only.</div>",
         drift_banner(app),
+        admin_banners(app),
         "<table><thead><tr><th>last received (UTC)</th><th>patient</th><th>series</th>"
         "<th>slices</th><th>state</th><th>verdict</th><th>score</th><th>priority</th>"
         "<th>delivery</th><th>heat map</th></tr></thead><tbody>",
