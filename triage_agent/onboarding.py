@@ -356,6 +356,7 @@ def write_report(r: Onboarded, out: Path, *, normal_dirs: list[str], elapsed_s: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     paths = report_paths(out)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -368,17 +369,19 @@ def write_report(r: Onboarded, out: Path, *, normal_dirs: list[str], elapsed_s: 
         ax.set_title(f"{title}\n{flagged} of {len(scores)} held-out normals flagged", fontsize=10)
         ax.set_xlabel("series score")
         ax.set_ylabel("normal series")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(paths["scores"], dpi=100)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    edges = np.linspace(0, 1, 9)
+    edges = [i / 8 for i in range(9)]
     ax.hist([r.before_top, r.after_top], bins=edges, label=["before", "after"],
             color=["#8c8c8c", "#4c72b0"])
     ax.set_xlabel("relative height of the top slice (0 = lowest brain slice, 1 = vertex)")
     ax.set_ylabel("held-out normal series")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("where the normals' highest-scoring slices lie", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
