@@ -3,13 +3,21 @@ in sender.py, HL7 v2 over MLLP in hl7.py); the sender turns it into the delivery
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
-DELIVERED, TRANSIENT, PERMANENT = "delivered", "transient", "permanent"
+
+class Outcome(enum.StrEnum):
+    DELIVERED = "delivered"
+    TRANSIENT = "transient"  # retried until [delivery] max_attempts
+    PERMANENT = "permanent"  # dead letter at once
+
+
+DELIVERED, TRANSIENT, PERMANENT = Outcome.DELIVERED, Outcome.TRANSIENT, Outcome.PERMANENT
 
 
 @dataclass
 class SendOutcome:
-    kind: str  # DELIVERED | TRANSIENT | PERMANENT
+    kind: Outcome
     status: int | None
     error: str | None

@@ -92,17 +92,17 @@ class DatabaseCollector(Collector):
                                        labels=["state"])
         try:
             with self.sessions() as s:
-                for state, n in s.execute(select(Series.state, func.count())
-                                          .group_by(Series.state)):
-                    series.add_metric([state], n)
-                for state, n in s.execute(
+                for series_state, n in s.execute(select(Series.state, func.count())
+                                                 .group_by(Series.state)):
+                    series.add_metric([str(series_state)], n)
+                for job_state, n in s.execute(
                         select(Job.state, func.count())
                         .where(Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
                         .group_by(Job.state)):
-                    queue.add_metric([state], n)
-                for state, n in s.execute(select(Delivery.state, func.count())
-                                          .group_by(Delivery.state)):
-                    deliveries.add_metric([state], n)
+                    queue.add_metric([str(job_state)], n)
+                for delivery_state, n in s.execute(select(Delivery.state, func.count())
+                                                   .group_by(Delivery.state)):
+                    deliveries.add_metric([str(delivery_state)], n)
         except Exception:  # a scrape must not fail because the database blinked
             return
         yield series

@@ -4,6 +4,7 @@ from the last committed state and ``triage-agent status`` can say where each ser
 from __future__ import annotations
 
 import datetime as dt
+import enum
 from typing import Any
 
 from sqlalchemy import (
@@ -11,6 +12,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Enum,
     Float,
     ForeignKey,
     Index,
@@ -33,6 +35,14 @@ NAMING_CONVENTION = {
 UID = String(64)
 
 
+def state_type(states: type[enum.StrEnum]) -> Enum:
+    """A state column: VARCHAR(16) holding the enum's values, as the migrations create it (no
+    database enum type, no CHECK constraint); rows load as enum members, and assigning a value
+    the enum does not know fails before it reaches the database."""
+    return Enum(states, native_enum=False, create_constraint=False, length=16,
+                values_callable=lambda e: [m.value for m in e], validate_strings=True)
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
@@ -41,7 +51,7 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-class SeriesState:
+class SeriesState(enum.StrEnum):
     RECEIVING = "receiving"
     QUEUED = "queued"
     PROCESSING = "processing"
@@ -50,10 +60,8 @@ class SeriesState:
     DELIVERED = "delivered"
     FAILED = "failed"
 
-    TERMINAL = frozenset({SKIPPED, SCORED, DELIVERED, FAILED})
 
-
-class JobState:
+class JobState(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
@@ -90,7 +98,8 @@ class Series(Base):
     series_number: Mapped[int | None] = mapped_column(Integer)
     slice_thickness_mm: Mapped[float | None] = mapped_column(Float)
     orientation: Mapped[str | None] = mapped_column(String(32))  # e.g. "axial:2.0" (plane:tilt)
-    state: Mapped[str] = mapped_column(String(16), default=SeriesState.RECEIVING, index=True)
+    state: Mapped[SeriesState] = mapped_column(state_type(SeriesState),
+                                               default=SeriesState.RECEIVING, index=True)
     reason: Mapped[str | None] = mapped_column(Text)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
@@ -134,7 +143,7 @@ class Job(Base):
     kind: Mapped[str] = mapped_column(String(16), default="score")
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
     generation: Mapped[int] = mapped_column(Integer, default=1)
-    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED)
+    state: Mapped[JobState] = mapped_column(state_type(JobState), default=JobState.QUEUED)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     available_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
@@ -191,7 +200,7 @@ class Output(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
-class DeliveryState:
+class DeliveryState(enum.StrEnum):
     PENDING = "pending"
     SENDING = "sending"
     DELIVERED = "delivered"
@@ -210,7 +219,8 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     output_id: Mapped[int] = mapped_column(ForeignKey("outputs.id"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)
+    state: Mapped[DeliveryState] = mapped_column(state_type(DeliveryState),
+                                                 default=DeliveryState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime)

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from triage_agent import metrics
 from triage_agent.config import AgentConfig, DestinationConfig, HL7DestinationConfig
-from triage_agent.delivery import DELIVERED, PERMANENT, TRANSIENT, SendOutcome
+from triage_agent.delivery import DELIVERED, PERMANENT, TRANSIENT, Outcome, SendOutcome
 from triage_agent.models import (
     Delivery,
     DeliveryState,
@@ -59,7 +59,7 @@ def _send_hl7(dest: HL7DestinationConfig, files: list[Path]) -> list[SendOutcome
     return [send_mllp(target, f.read_bytes()) for f in files]
 
 
-def classify_status(status: int) -> str:
+def classify_status(status: int) -> Outcome:
     """Map a C-STORE response status to delivered / transient / permanent."""
     if status == 0x0000 or 0xB000 <= status <= 0xBFFF:  # success, or success with warnings
         return DELIVERED
