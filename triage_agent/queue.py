@@ -66,7 +66,8 @@ def renew(session: Session, job_id: int, worker_id: str, lease_s: float) -> bool
     return bool(cast(CursorResult[Any], res).rowcount)
 
 
-def complete(session: Session, job: Job, series_state: str = SeriesState.SCORED) -> None:
+def complete(session: Session, job: Job,
+             series_state: SeriesState = SeriesState.SCORED) -> None:
     job.state = JobState.DONE
     job.finished_at = utcnow()
     job.lease_until = None
@@ -96,7 +97,8 @@ def _dead_letter(session: Session, job: Job, error: str) -> None:
     _set_series_state_if_current(session, job, SeriesState.FAILED, f"processing failed: {error}"[:500])
 
 
-def _set_series_state_if_current(session: Session, job: Job, state: str, reason: str | None) -> None:
+def _set_series_state_if_current(session: Session, job: Job, state: SeriesState,
+                                 reason: str | None) -> None:
     # A job of an older generation must not overwrite the state of a reopened series.
     session.execute(
         update(Series)
