@@ -158,7 +158,9 @@ def run(args: argparse.Namespace) -> int:
     if args.write:
         write_threshold(Path(args.config), chosen)
         print(f"wrote [triage] threshold = {chosen:.6g} to {args.config}; reload a running node "
-              "with SIGHUP (systemctl reload triage-agent)")
+              "with SIGHUP (systemctl reload triage-agent). It overrides the threshold "
+              f"{det.threshold_for(t.aggregate):.6g} calibrated into the model file, and the node "
+              "and check-config say so; remove it when you switch models")
     else:
         print(f"threshold for specificity {target}: {chosen:.6g} "
               "(use --write to put it in the config)")
