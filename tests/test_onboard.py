@@ -145,3 +145,21 @@ def test_onboard_from_pacs_onboards_from_what_retrieve_returns(
     assert "no DICOM series" in capsys.readouterr().err
     assert main(["onboard", "--out", str(out), "--config", str(site["config"])]) == 2
     assert "--from-pacs" in capsys.readouterr().err
+
+
+def test_atlas_part_of_thin_slice_series_is_subsampled_with_whole_series_heights(
+        site: dict[str, Path]) -> None:
+    from triage_model.atlas import plain_detector
+    from triage_model.scoring import slice_heights
+
+    from triage_agent.inference import find_series
+    from triage_agent.onboarding import measure
+
+    uid, files = sorted(find_series([site["normals"]]).items())[0]
+    det = plain_detector(read_checkpoint(site["model"])[0], "cpu")
+    whole = measure({uid: files}, det)
+    n = len(whole)
+    part = measure({uid: files}, det, max_slices=8)
+    assert n > 8 and len(part) == 8
+    np.testing.assert_allclose(part.heights[[0, -1]], slice_heights(n)[[0, -1]])
+    np.testing.assert_allclose(whole.heights, slice_heights(n))

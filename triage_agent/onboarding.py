@@ -4,11 +4,12 @@
 
 1. ``select_series``: the node's selection rules (``[series]``) on each series' header; skipped
    series are listed with the reason, as the node would record it.
-2. ``measure``: every selected series is read, preprocessed and passed once through the network;
-   what is kept per slice is the plain residual map (the heat map), its statistic and the brain
-   mask. Everything after this reuses those maps: the network runs once per slice.
-3. ``split``: the series are split, seeded, into the atlas-fit part and the held-out calibration
+2. ``split``: the series are split, seeded, into the atlas-fit part and the held-out calibration
    part (about 2/3 : 1/3).
+3. ``measure``: every selected series is read, preprocessed and passed once through the network;
+   what is kept per slice is the plain residual map (the heat map), its statistic and the brain
+   mask. Everything after this reuses those maps: the network runs once per slice. Thin-slice
+   series of the atlas part are subsampled to ``FIT_MAX_SLICES`` evenly spaced slices.
 4. ``adapt``: the residual atlas is refitted on the fit part (``triage_model.atlas``), then the
    z-normalisation and the operating threshold at ``[triage] target_specificity`` are calibrated
    on the held-out part (``triage_model.train.calibrate_from_raw``, with the one threshold rule of
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 MIN_SERIES = 20
 #: the worker's minimum of brain slices for a series to be assessable
 MIN_BRAIN_SLICES = 5
+#: brain slices per series used to fit the atlas (thin-slice series are subsampled evenly: the
+#: atlas has 16 height bands); held-out series are always scored whole, as the node scores them
+FIT_MAX_SLICES = 64
 
 Progress = Callable[[Iterable[Any], str, int], Iterable[Any]]
 
@@ -116,6 +120,7 @@ class SiteNormals:
 
     uids: list[str]
     series: np.ndarray  # (N,) int index into uids
+    heights: np.ndarray  # (N,) relative height among the series' brain slices (slice_heights)
     brain: np.ndarray  # (N,S,S) bool
     heat: np.ndarray  # (N,S,S) float16, plain (pre-atlas) smoothed residual
     g_raw: np.ndarray  # (N,)
@@ -125,15 +130,6 @@ class SiteNormals:
     def __len__(self) -> int:
         return int(self.series.shape[0])
 
-    @property
-    def heights(self) -> np.ndarray:
-        return slice_heights(self.series)
-
-    def subset(self, ids: Iterable[int]) -> SiteNormals:
-        keep = np.isin(self.series, np.asarray(list(ids)))
-        return SiteNormals(self.uids, self.series[keep], self.brain[keep], self.heat[keep],
-                           self.g_raw[keep], self.r_plain[keep], self.skipped)
-
     def slice_set(self) -> SliceSet:
         """The set as ``calibrate_from_raw`` takes it (it reads brain, series and the count)."""
         x = np.broadcast_to(np.zeros((1, 1, 1), np.float32), (len(self), 1, 1))
@@ -141,16 +137,20 @@ class SiteNormals:
 
 
 def measure(groups: dict[str, list[Path]], det: Detector, *, batch_size: int = 32,
+            max_slices: int | None = None, desc: str = "read and score normals",
             progress: Progress = _no_progress) -> SiteNormals:
     """Read, preprocess and pass every series once through ``det`` (a plain detector, see
     ``triage_model.atlas.plain_detector``). Series that cannot be read or preprocessed, or keep
-    fewer than ``MIN_BRAIN_SLICES`` brain slices, are skipped with the reason."""
+    fewer than ``MIN_BRAIN_SLICES`` brain slices, are skipped with the reason. ``max_slices``
+    keeps that many evenly spaced brain slices of a longer (thin-slice) series, with their
+    heights in the whole series: enough to fit the atlas, whose bins are bands of height."""
     from triage_agent.preprocess import PreprocessError, model_inputs, read_series
 
     uids: list[str] = []
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("series", "brain", "heat", "g", "r")}
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("series", "h", "brain", "heat", "g",
+                                                          "r")}
     skipped: list[Skipped] = []
-    for uid, files in progress(list(groups.items()), "read and score normals", len(groups)):
+    for uid, files in progress(list(groups.items()), desc, len(groups)):
         try:
             mi = model_inputs(read_series(files), size=det.input_size)
         except PreprocessError as e:
@@ -161,21 +161,26 @@ def measure(groups: dict[str, list[Path]], det: Detector, *, batch_size: int = 3
             skipped.append(Skipped(short_id(uid), f"only {n} slice(s) with enough brain "
                                    f"(need {MIN_BRAIN_SLICES})"))
             continue
-        g, r, heat = det.raw_scores(mi.x, mi.brain, batch_size)
-        parts["series"].append(np.full(n, len(uids), np.int64))
-        parts["brain"].append(mi.brain)
+        keep = np.arange(n)
+        if max_slices is not None and n > max_slices:
+            keep = np.unique(np.round(np.linspace(0, n - 1, max_slices)).astype(int))
+        x, brain = mi.x[keep], mi.brain[keep]
+        g, r, heat = det.raw_scores(x, brain, batch_size)
+        parts["series"].append(np.full(len(keep), len(uids), np.int64))
+        parts["h"].append(slice_heights(n)[keep])
+        parts["brain"].append(brain)
         parts["heat"].append(heat.astype(np.float16))
         parts["g"].append(g)
         parts["r"].append(r)
         uids.append(uid)
     if not uids:
         s = det.input_size
-        return SiteNormals([], np.zeros(0, np.int64), np.zeros((0, s, s), bool),
-                           np.zeros((0, s, s), np.float16), np.zeros(0, np.float32),
-                           np.zeros(0, np.float32), skipped)
-    return SiteNormals(uids, np.concatenate(parts["series"]), np.concatenate(parts["brain"]),
-                       np.concatenate(parts["heat"]), np.concatenate(parts["g"]),
-                       np.concatenate(parts["r"]), skipped)
+        return SiteNormals([], np.zeros(0, np.int64), np.zeros(0, np.float32),
+                           np.zeros((0, s, s), bool), np.zeros((0, s, s), np.float16),
+                           np.zeros(0, np.float32), np.zeros(0, np.float32), skipped)
+    return SiteNormals(uids, np.concatenate(parts["series"]), np.concatenate(parts["h"]),
+                       np.concatenate(parts["brain"]), np.concatenate(parts["heat"]),
+                       np.concatenate(parts["g"]), np.concatenate(parts["r"]), skipped)
 
 
 def split(n_series: int, holdout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -240,14 +245,15 @@ class Onboarded:
         return 100.0 * float(np.mean(self.after >= self.threshold_after))
 
 
-def adapt(ckpt: dict[str, Any], data: SiteNormals, triage: TriageConfig, *,
-          holdout_fraction: float = 1 / 3, seed: int = 0, bins: int | None = None,
-          sigma: float | None = None, eps: float | None = None, source: str = "",
-          progress: Progress = _no_progress) -> Onboarded:
-    """Refit the atlas on one part of ``data``, calibrate on the other; ``ckpt`` is the model
-    as it came (its network is not changed)."""
-    fit_ids, held_ids = split(len(data.uids), holdout_fraction, seed)
-    fit, held = data.subset(fit_ids), data.subset(held_ids)
+def adapt(ckpt: dict[str, Any], fit: SiteNormals, held: SiteNormals, triage: TriageConfig,
+          *, bins: int | None = None, sigma: float | None = None, eps: float | None = None,
+          source: str = "", progress: Progress = _no_progress) -> Onboarded:
+    """Refit the atlas on the ``fit`` normals, calibrate on the ``held`` out ones; ``ckpt`` is
+    the model as it came (its network is not changed)."""
+    for part, name in ((fit, "to fit the atlas on"), (held, "held out to calibrate")):
+        if not part.uids:
+            raise OnboardingError(f"no usable normal series {name} (see the skipped series); "
+                                  "give more normal series")
     sc = ScoringConfig.from_dict(ckpt.get("scoring"))
     before_det = Detector(ckpt, device="cpu")
     # the atlas settings of the model as it came (the shipped ones when it has no atlas)
@@ -262,7 +268,7 @@ def adapt(ckpt: dict[str, Any], data: SiteNormals, triage: TriageConfig, *,
     before, before_top = series_scores(before_det, held, r_before, triage)
     threshold_before = before_det.threshold_for(triage.aggregate)
 
-    fitter = AtlasFitter(bins, int(data.heat.shape[-1]))
+    fitter = AtlasFitter(bins, int(fit.heat.shape[-1]))
     chunk = 512
     heights = fit.heights
     for s in progress(range(0, len(fit), chunk), "fit the residual atlas",
@@ -280,17 +286,17 @@ def adapt(ckpt: dict[str, Any], data: SiteNormals, triage: TriageConfig, *,
     after_det = Detector(new, device="cpu")
     after, after_top = series_scores(after_det, held, r_after, triage)
     result = Onboarded(
-        ckpt=new, n_fit=len(fit_ids), n_held=len(held_ids), before=before, after=after,
+        ckpt=new, n_fit=len(fit.uids), n_held=len(held.uids), before=before, after=after,
         before_top=before_top, after_top=after_top, threshold_before=threshold_before,
         threshold_after=after_det.threshold_for(triage.aggregate),
-        target_specificity=triage.target_specificity, skipped=list(data.skipped), warnings=[])
+        target_specificity=triage.target_specificity, skipped=fit.skipped + held.skipped,
+        warnings=[])
     result.warnings = warnings_for(result)
     training = dict(new.get("training") or {})
     training["onboarding"] = {
         "created_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "normal_series": len(data.uids), "fit_series": result.n_fit,
-        "calibration_series": result.n_held, "holdout_fraction": holdout_fraction,
-        "seed": seed, "skipped_series": len(data.skipped),
+        "normal_series": result.n_fit + result.n_held, "fit_series": result.n_fit,
+        "calibration_series": result.n_held, "skipped_series": len(result.skipped),
         "target_specificity": triage.target_specificity,
         "threshold_before": threshold_before, "threshold_after": result.threshold_after,
         "flags_per_100_normals_before": result.flags_before,
@@ -470,7 +476,14 @@ def onboard_checkpoint(ckpt: dict[str, Any], groups: dict[str, list[Path]], *,
         det = plain_detector(ckpt, device)
     except CheckpointError as e:
         raise OnboardingError(f"this model cannot be onboarded: {e}") from e
-    data = measure(selected, det, batch_size=batch_size, progress=progress)
-    data.skipped = skipped + data.skipped
-    return adapt(ckpt, data, triage, holdout_fraction=holdout_fraction, seed=seed,
-                 source=source, progress=progress)
+    uids = sorted(selected)
+    fit_ids, held_ids = split(len(uids), holdout_fraction, seed)
+    fit = measure({uids[i]: selected[uids[i]] for i in fit_ids}, det, batch_size=batch_size,
+                  max_slices=FIT_MAX_SLICES, desc="read and score normals (atlas part)",
+                  progress=progress)
+    held = measure({uids[i]: selected[uids[i]] for i in held_ids}, det, batch_size=batch_size,
+                   desc="read and score normals (held-out part)", progress=progress)
+    fit.skipped = skipped + fit.skipped
+    res = adapt(ckpt, fit, held, triage, source=source, progress=progress)
+    res.ckpt["training"]["onboarding"].update(holdout_fraction=holdout_fraction, seed=seed)
+    return res
