@@ -6,10 +6,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from triage_model.thresholds import threshold_for_specificity
 
 from tests.test_model_e2e import tiny_ckpt  # noqa: F401  (module-scoped fixture)
 from triage_agent.cli import main
-from triage_agent.commands.calibrate import operating_points, threshold_for_specificity
+from triage_agent.commands.calibrate import operating_points
 from triage_agent.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent

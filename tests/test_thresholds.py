@@ -24,7 +24,6 @@ S = 32
 
 
 def test_rule_keeps_the_target_share_of_normals_below_and_is_shared() -> None:
-    assert calibrate_cmd.threshold_for_specificity is threshold_for_specificity
     scores = np.arange(20, dtype=float)  # 0..19
     # 19 of 20 below at 0.95: midway between the two highest; all 20 at 0.99: above the highest
     assert threshold_for_specificity(scores, 0.95) == 18.5

@@ -11,12 +11,12 @@ import argparse
 import csv
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-from triage_model.thresholds import threshold_for_specificity
+from triage_agent.commands._common import add_config_argument, config_or_exit
 
-from triage_agent.cli import add_config_argument
-from triage_agent.commands._common import config_or_exit
+if TYPE_CHECKING:  # numpy is imported where it is used: `--help` stays quick
+    import numpy as np
 
 SPECIFICITIES = (0.80, 0.85, 0.90, 0.95, 0.975, 0.99)
 
@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def operating_points(normal: np.ndarray, abnormal: np.ndarray, prevalence: float,
                      targets: tuple[float, ...] = SPECIFICITIES) -> list[dict[str, float | None]]:
+    import numpy as np
+    from triage_model.thresholds import threshold_for_specificity
+
     rows: list[dict[str, float | None]] = []
     for target in targets:
         t = threshold_for_specificity(normal, target)
@@ -68,6 +71,8 @@ def range_warnings(normal: np.ndarray, abnormal: np.ndarray, threshold: float,
     above most abnormal series, or the site's normals score far above the model's own
     calibration (more than half of them at or above the threshold calibrated into the file,
     which was set to flag ``1 - model_target`` of normals)."""
+    import numpy as np
+
     out = []
     if len(abnormal):
         above = int(np.sum(abnormal >= threshold))
@@ -91,7 +96,9 @@ def _series_under(dirs: list[str]) -> dict[str, list[Path]]:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_or_exit(args.config)
+    import numpy as np
     from triage_model.checkpoint import load_detector
+    from triage_model.thresholds import threshold_for_specificity
 
     from triage_agent.inference import score_series
 

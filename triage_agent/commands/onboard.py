@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from triage_agent.cli import add_config_argument
+from triage_agent.commands._common import add_config_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:

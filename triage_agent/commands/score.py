@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from triage_agent.cli import add_config_argument
+from triage_agent.commands._common import add_config_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
