@@ -54,7 +54,7 @@ def _progress() -> Any:
         return None
 
     def bar(it: Iterable[Any], desc: str, total: int) -> Iterable[Any]:
-        return tqdm(it, desc=desc, total=total, unit="step" if "atlas" in desc else "series",
+        return tqdm(it, desc=desc, total=total, unit="series" if desc.startswith("read") else "step",
                     file=sys.stderr, dynamic_ncols=True)
 
     return bar
