@@ -1,5 +1,10 @@
 """Self-describing checkpoints and the ``Detector`` that the node runs.
 
+The ``Detector`` scores the method families the node ships (``SHIPPED_METHODS``): the denoising
+U-Net (``dae``: one network or an ensemble, the reconstruction residual, optionally the residual
+atlas) and the multitask VAE + geometric head (``multitask``: both terms). The research baselines
+that training and evaluation compare against score through ``triage_model.baselines``.
+
 A checkpoint is a ``torch.save``d dict of tensors and plain values (loadable with
 ``weights_only=True``): format tag, method, network config, state dict, scoring config,
 normalisation statistics measured on normal validation slices, calibrated operating thresholds,
@@ -16,12 +21,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from triage_model import pretext
 from triage_model.network import NetConfig, build_network
+from triage_model.options import ALL_METHODS
 from triage_model.scoring import (
     NormStats,
     ResidualAtlas,
@@ -32,7 +38,6 @@ from triage_model.scoring import (
     masked_stat,
     residual_map,
     slice_heights,
-    smooth,
 )
 from triage_model.symmetry import asymmetric_residual, fit_midline
 
@@ -42,34 +47,16 @@ FORMAT = "triage-detector/1"
 MODEL_VERSION = "0.1.0"
 DEFAULT_WEIGHTS_NAME = "detector.pt"
 
-# Which terms each method's score uses.
-METHODS: dict[str, dict[str, bool]] = {
-    "multitask": {"geo": True, "rec": True},
-    "geometry_only": {"geo": True, "rec": False},
-    "vae": {"geo": False, "rec": True},
-    "cevae": {"geo": False, "rec": True},
-    "vae_pretrained": {"geo": False, "rec": True},
-    "hu_threshold": {"geo": False, "rec": True},
+#: The method families the node runs, with the score terms each uses ("geo": the geometric
+#: head's s_g, "rec": the reconstruction's s_r).
+SHIPPED_METHODS: dict[str, dict[str, bool]] = {
     "dae": {"geo": False, "rec": True},
+    "multitask": {"geo": True, "rec": True},
 }
 DISPLAY_NAMES = {
-    "multitask": "Multitask VAE + geometric head (seed)",
-    "geometry_only": "Geometric head only (ablation)",
-    "vae": "VAE (Zimmerer 2019)",
-    "cevae": "ceVAE (Zimmerer 2019)",
-    "vae_pretrained": "VAE + context-restoration pretraining",
-    "hu_threshold": "HU threshold",
     "dae": "Denoising U-Net, coarse noise (Kascenas 2022)",
+    "multitask": "Multitask VAE + geometric head (seed)",
 }
-
-
-def near_bone(hu: torch.Tensor, bone_hu: float, margin_px: int) -> torch.Tensor:
-    """(B,S,S) bool: pixels within ``margin_px`` of a pixel denser than ``bone_hu``."""
-    if margin_px <= 0:
-        return torch.zeros_like(hu, dtype=torch.bool)
-    k = 2 * margin_px + 1
-    bone = (hu > bone_hu).float().unsqueeze(1)
-    return torch.nn.functional.max_pool2d(bone, k, stride=1, padding=margin_px)[:, 0] > 0
 
 
 class CheckpointError(RuntimeError):
@@ -109,7 +96,17 @@ def sha256_bytes(data: bytes) -> str:
 
 
 class Detector:
-    """A loaded detector: ``score(x, brain)`` -> per-slice scores and heat maps."""
+    """A loaded detector: ``score(x, brain)`` -> per-slice scores and heat maps.
+
+    Scores a network's reconstruction residual (``rec``) and/or its geometric head's error
+    (``geo``), as ``TERMS`` says for the checkpoint's method; subclasses in
+    ``triage_model.baselines`` widen ``TERMS`` to the research baselines."""
+
+    #: method -> the score terms it uses; a checkpoint of another method is refused
+    TERMS: ClassVar[dict[str, dict[str, bool]]] = SHIPPED_METHODS
+    #: whether ``score(..., hu=)`` (the slices in HU) is read; the shipped methods read only the
+    #: brain window
+    READS_HU: ClassVar[bool] = False
 
     def __init__(self, ckpt: dict[str, Any], device: str | torch.device = "auto",
                  weights_sha256: str = "") -> None:
@@ -117,46 +114,57 @@ class Detector:
             raise CheckpointError(f"not a detector checkpoint (format {ckpt.get('format')!r})")
         self.ckpt = ckpt
         self.method: str = ckpt["method"]
-        if self.method not in METHODS:
-            raise CheckpointError(f"unknown method {self.method!r} in checkpoint")
-        self.uses = METHODS[self.method]
+        if self.method not in self.TERMS:
+            raise CheckpointError(self._unsupported(self.method))
+        self.uses = self.TERMS[self.method]
         self.name: str = ckpt.get("name") or f"ssl-ood-{self.method}"
         self.version: str = str(ckpt.get("version", MODEL_VERSION))
         self.weights_sha256 = weights_sha256
         self.scoring = ScoringConfig.from_dict(ckpt.get("scoring"))
-        # s_r gets the asymmetric residual's column (ScoringConfig.symmetry): reconstruction
-        # methods only, the HU threshold has no residual map to mirror
-        self.symmetry = (self.scoring.symmetry and self.uses["rec"]
-                         and self.method != "hu_threshold")
         self.norm = NormStats.from_dict(ckpt.get("norm"))
-        # the residual atlas (ScoringConfig.atlas_bins): reconstruction methods with a network
-        self.atlas: ResidualAtlas | None = None
-        if self.scoring.atlas_bins and self.uses["rec"] and self.method != "hu_threshold":
-            if not ckpt.get("atlas"):
-                raise CheckpointError("the checkpoint's scoring uses a residual atlas "
-                                      f"(atlas_bins={self.scoring.atlas_bins}) but holds none; "
-                                      "fit one with `python -m triage_model.atlas`")
-            try:
-                self.atlas = ResidualAtlas.from_dict(ckpt["atlas"])
-            except (KeyError, ValueError, TypeError) as e:
-                raise CheckpointError(f"unreadable residual atlas in checkpoint: {e}") from e
+        self.symmetry, self.atlas = self._residual_options(ckpt)
         self.thresholds: dict[str, float] = {k: float(v) for k, v in
                                              (ckpt.get("thresholds") or {}).items()}
         self.threshold: float = float(self.thresholds.get("max", ckpt.get("threshold", 3.0)))
         self.pixel_threshold: float | None = ckpt.get("pixel_threshold")
         self.input_size: int = int(ckpt.get("input_size", 128))
-        self.hu: dict[str, float] = dict(ckpt.get("hu") or {})
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
-        self.net: torch.nn.Module | None = None
-        if self.method != "hu_threshold":
-            cfg = NetConfig.from_dict(ckpt["net_config"])
-            self.input_size = cfg.input_size
-            net = build_network(cfg)
-            try:
-                net.load_state_dict(ckpt["state_dict"])
-            except (RuntimeError, KeyError) as e:
-                raise CheckpointError(f"checkpoint weights do not fit the network: {e}") from e
-            self.net = net.to(self.device).eval()
+        self.net = self._network(ckpt)
+
+    @staticmethod
+    def _unsupported(method: str) -> str:
+        if method in ALL_METHODS:
+            return (f"method {method!r} is a research baseline, not a detector the node runs; "
+                    "`triage-agent evaluate --model` scores it")
+        return f"unknown method {method!r} in checkpoint"
+
+    def _residual_options(self, ckpt: dict[str, Any]) -> tuple[bool, ResidualAtlas | None]:
+        """(asymmetric residual on?, residual atlas) of the reconstruction term: s_r gets the
+        asymmetric residual's column with ``ScoringConfig.symmetry``, and is taken of the atlas
+        z-map with ``ScoringConfig.atlas_bins``."""
+        if not self.uses["rec"]:
+            return False, None
+        if not self.scoring.atlas_bins:
+            return self.scoring.symmetry, None
+        if not ckpt.get("atlas"):
+            raise CheckpointError("the checkpoint's scoring uses a residual atlas "
+                                  f"(atlas_bins={self.scoring.atlas_bins}) but holds none; "
+                                  "fit one with `python -m triage_model.atlas`")
+        try:
+            return self.scoring.symmetry, ResidualAtlas.from_dict(ckpt["atlas"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"unreadable residual atlas in checkpoint: {e}") from e
+
+    def _network(self, ckpt: dict[str, Any]) -> torch.nn.Module | None:
+        """The checkpoint's network with its weights, on ``self.device`` in eval mode."""
+        cfg = NetConfig.from_dict(ckpt["net_config"])
+        self.input_size = cfg.input_size
+        net = build_network(cfg)
+        try:
+            net.load_state_dict(ckpt["state_dict"])
+        except (RuntimeError, KeyError) as e:
+            raise CheckpointError(f"checkpoint weights do not fit the network: {e}") from e
+        return net.to(self.device).eval()
 
     def __repr__(self) -> str:
         return (f"Detector({self.name} v{self.version}, method={self.method}, "
@@ -171,7 +179,7 @@ class Detector:
     def raw_scores(self, x: np.ndarray, brain: np.ndarray, batch_size: int = 32,
                    hu: np.ndarray | None = None, heights: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Un-normalised (s_g, s_r, heatmap) for (N,S,S) inputs (``hu``: HU-threshold only).
+        """Un-normalised (s_g, s_r, heatmap) for (N,S,S) inputs (``hu``: see ``READS_HU``).
 
         With ``ScoringConfig.symmetry`` s_r is (N,2): the residual's statistic and that of its
         asymmetric part (``NormStats.apply`` takes the larger z). With a residual atlas each
@@ -196,7 +204,7 @@ class Detector:
             xb = torch.from_numpy(x[s:s + batch_size]).to(self.device)
             mb = torch.from_numpy(brain[s:s + batch_size]).to(self.device)
             hb = None
-            if hu is not None and self.method == "hu_threshold":
+            if hu is not None and self.READS_HU:
                 hb = torch.from_numpy(np.asarray(hu[s:s + batch_size], np.float32)).to(self.device)
             hts = None if heights is None else heights[s:s + batch_size]
             g, r, h = self._batch(xb, mb, hb, hts)
@@ -219,23 +227,8 @@ class Detector:
     def _batch(self, xb: torch.Tensor, mb: torch.Tensor, hb: torch.Tensor | None = None,
                heights: np.ndarray | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b = xb.shape[0]
-        zeros = xb.new_zeros(b)
-        if self.method == "hu_threshold":
-            pre = float(self.hu.get("presmooth", 0.0))  # denoise before thresholding
-            if hb is not None and "hu_lo" in self.hu:
-                # hyperdense band in HU: above normal parenchyma, below calcification, away
-                # from bone (partial volume at the inner table is not blood)
-                lo, up = float(self.hu["hu_lo"]), float(self.hu["hu_hi"])
-                v = smooth(hb, pre)
-                m = ((v >= lo) & (v <= up) & mb & ~near_bone(hb, up, int(self.hu.get(
-                    "bone_margin_px", 0)))).float()
-            else:  # window units: saturated pixels (calcification, bone) are not counted
-                hi, top = float(self.hu["hi"]), float(self.hu.get("top", 2.0))
-                v = smooth(xb, pre)
-                m = ((v > hi) & (v < top) & mb).float()
-            heat = smooth(m, self.scoring.smooth_sigma) * mb
-            return zeros, masked_stat(heat, mb, self.scoring), heat
+        """Raw (s_g, s_r, heat map) of one batch; ``hb`` (the batch in HU) as ``READS_HU``."""
+        zeros = xb.new_zeros(xb.shape[0])
         assert self.net is not None
         x1 = xb.unsqueeze(1)
         out = self.net(x1, sample=False, decode=self.uses["rec"])
@@ -278,7 +271,7 @@ class Detector:
         """Score (N,S,S) brain-window slices in [0,1] with their brain masks.
 
         Methods with a single term ignore ``lambda_`` (score = that term). ``hu`` (N,S,S), the
-        slices in Hounsfield units, is used by the HU-threshold baseline only. With
+        slices in Hounsfield units, is read only by detectors with ``READS_HU``. With
         ``ScoringConfig.slice_context`` or a residual atlas the slices must be one series in
         slice order.
         """
@@ -308,15 +301,19 @@ def make_checkpoint(
     hu: dict[str, float] | None = None,
     training: dict[str, Any] | None = None,
     name: str | None = None,
+    display_name: str | None = None,
 ) -> dict[str, Any]:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+    """A checkpoint dict of ``method`` (any method training writes, ``ALL_METHODS``);
+    uncalibrated unless ``norm`` and ``thresholds`` are given. ``display_name`` defaults to the
+    shipped method's; the research baselines' are in ``triage_model.baselines.DISPLAY_NAMES``."""
+    if method not in ALL_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {sorted(ALL_METHODS)}")
     net_cfg: NetConfig | None = net.cfg if net is not None else None  # type: ignore[assignment]
     ck: dict[str, Any] = {
         "format": FORMAT,
         "name": name or f"ssl-ood-{method}",
         "method": method,
-        "display_name": DISPLAY_NAMES[method],
+        "display_name": display_name or DISPLAY_NAMES.get(method),  # None: the method's own
         "version": MODEL_VERSION,
         "input_size": int(net_cfg.input_size if net_cfg is not None else input_size),
         "scoring": (scoring or ScoringConfig()).to_dict(),
@@ -364,7 +361,9 @@ def read_checkpoint(path: Path | str) -> tuple[dict[str, Any], str]:
 
 
 def load_detector(path: Path | str | None = None, device: str = "auto") -> Detector:
-    """Load a detector checkpoint (default: the bundled weights); clear error if missing/corrupt."""
+    """Load a detector checkpoint (default: the bundled weights); clear error if missing, corrupt
+    or of a method the node does not run (``triage_model.baselines.load_any_detector`` loads
+    those for evaluation)."""
     p = Path(path) if path is not None else default_weights_path()
     ck, digest = read_checkpoint(p)
     det = Detector(ck, device=device, weights_sha256=digest)

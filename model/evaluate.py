@@ -34,7 +34,8 @@ from sklearn.metrics import (
     roc_auc_score,
     roc_curve,
 )
-from triage_model.checkpoint import DISPLAY_NAMES, Detector, SliceScores
+from triage_model.baselines import DISPLAY_NAMES
+from triage_model.checkpoint import Detector, SliceScores
 from triage_model.scoring import aggregate, combine
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ def _non_negative(text: str) -> float:
 
 
 def add_override_options(p: argparse.ArgumentParser) -> None:
-    """The options both training commands take to override ``baselines.default_config``; read
+    """The options both training commands take to override ``train.default_config``; read
     them back with ``overrides_from_args``."""
     p.add_argument("--lr", type=float, default=None,
                    help="Adam learning rate (default 5e-4)")

@@ -173,7 +173,7 @@ def test_export_slices_then_train_with_the_pytorch_only_launcher(tmp_path: Path)
                         "--val-fraction", "0.5", "--time-budget", "0", "--device", "cpu"],
                        capture_output=True, text=True, timeout=240, cwd=REPO)
     assert p.returncode == 0, p.stderr[-3000:]
-    t = load_detector(tmp_path / "b.pt", device="cpu").ckpt["training"]
+    t = torch.load(tmp_path / "b.pt", map_location="cpu", weights_only=False)["training"]
     assert t["stopped_by_time_budget"] is True and t["steps"] == 0 and t["planned_steps"] == 50
 
 
@@ -234,9 +234,9 @@ def test_site_training_defaults_are_the_bundled_models_configuration():
     a command-line scoring override changes only that field. The one exception is the residual
     atlas: it needs normal series other than the training and calibration ones, so it is a
     separate step (`python -m triage_model.atlas`), and a freshly trained file has none."""
-    from triage_model.baselines import default_config
     from triage_model.checkpoint import default_weights_path, read_checkpoint
     from triage_model.scoring import ScoringConfig
+    from triage_model.train import default_config
 
     from triage_agent.commands.train import register
 
@@ -259,7 +259,7 @@ def test_site_training_defaults_are_the_bundled_models_configuration():
         assert (cfg.noise_std, cfg.noise_res) == (tc["noise_std"], tc["noise_res"])
     over = default_config("dae", scoring={"rec_q": 0.01}).scoring
     assert over.rec_q == 0.01 and over.flip_tta
-    from triage_model.baselines import overrides_from_args
+    from triage_model.options import overrides_from_args
 
     args = ap.parse_args(["train", "/normals", "--rec-q", "0.01", "--no-flip-tta",
                           "--lr-decay-steps", "5", "--eps", "0.1", "--symmetry",

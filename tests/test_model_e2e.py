@@ -81,7 +81,10 @@ def test_resume_continues(tmp_path: Path):
 
 
 def test_every_method_scores_through_the_same_interface(tmp_path: Path):
-    from triage_model.baselines import ALL_METHODS, default_config
+    from triage_model.baselines import load_any_detector
+    from triage_model.checkpoint import SHIPPED_METHODS
+    from triage_model.options import ALL_METHODS
+    from triage_model.train import default_config
 
     torch.set_num_threads(1)
     data = random_slices(16, 32, seed=2, n_series=4)
@@ -91,9 +94,16 @@ def test_every_method_scores_through_the_same_interface(tmp_path: Path):
     for m in ALL_METHODS:
         cfg = default_config(m, total_steps=3, batch_size=2, net=net, ckpt_every=0)
         train(cfg, tr, va, tmp_path / f"{m}.pt", progress=False, device="cpu")
-        det = load_detector(tmp_path / f"{m}.pt", device="cpu")
+        det = load_any_detector(tmp_path / f"{m}.pt", device="cpu")
         ss = det.score(va.x, va.brain, hu=va.hu)
         assert ss.score.shape == (len(va),) and np.isfinite(ss.score).all(), m
+        if m in SHIPPED_METHODS:  # the node scores it as evaluation does
+            node = load_detector(tmp_path / f"{m}.pt", device="cpu")
+            assert type(node) is type(det)
+            np.testing.assert_array_equal(node.score(va.x, va.brain).score, ss.score)
+        else:  # a research baseline: evaluation only
+            with pytest.raises(CheckpointError, match="research baseline.*evaluate"):
+                load_detector(tmp_path / f"{m}.pt", device="cpu")
 
 
 # ------------------------------------------------------------------------------------- DICOM

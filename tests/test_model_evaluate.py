@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from triage_model import evaluate as ev
+from triage_model.baselines import detector_for
 from triage_model.checkpoint import Detector, make_checkpoint
 from triage_model.scoring import ScoringConfig
 
@@ -44,7 +45,7 @@ def test_harness_on_hu_threshold(tmp_path: Path):
     ck = make_checkpoint("hu_threshold", hu={"hi": 0.6, "top": 0.98, "hu_lo": 50.0, "hu_hi": 100.0},
                          scoring=ScoringConfig(smooth_sigma=0.0), input_size=16,
                          thresholds={"max": 0.5, "topk_mean": 0.2}, pixel_threshold=0.5)
-    det = Detector(ck, device="cpu")
+    det = detector_for(ck, device="cpu")
     cases = [_case(i, i % 2 == 1) for i in range(6)]
     doc = ev.evaluate([det], cases, tmp_path, progress=False)
     r = doc["results"][0]

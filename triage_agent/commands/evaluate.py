@@ -53,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from triage_model.checkpoint import CheckpointError, load_detector
+    from triage_model.baselines import load_any_detector
+    from triage_model.checkpoint import CheckpointError
     from triage_model.evaluate import EvalCase, evaluate
 
     from triage_agent.datasets import folder_cases, synthetic_cases
@@ -64,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     if args.models_dir is not None:
         paths += sorted(p for p in args.models_dir.glob("*.pt") if not p.name.endswith(".state.pt"))
     try:
-        dets = [load_detector(p, device=args.device) for p in paths] if paths else [load_detector()]
+        dets = ([load_any_detector(p, device=args.device) for p in paths] if paths
+                else [load_any_detector()])
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -94,9 +94,9 @@ def cases_to_slices(cases: list):
 
 
 def run(args: argparse.Namespace) -> int:
-    from triage_model.baselines import default_config, overrides_from_args
     from triage_model.network import NetConfig
-    from triage_model.train import train
+    from triage_model.options import overrides_from_args
+    from triage_model.train import default_config, train
 
     cases, summary = load_training_cases(args)
     data = cases_to_slices(cases)
