@@ -145,51 +145,65 @@ def evaluate_detector(det: Detector, cases: list[EvalCase], *, lambda_: float = 
         f"series_top{top_k}": {"auroc": roc_auc(ser_y, ser_top),
                                "ap": average_precision(ser_y, ser_top)},
     }
-    # ---- pixel level (methods with a heat map)
-    has_map = det.uses["rec"]
-    if has_map and any(c.lesion is not None for c in cases):
-        vals, labs = [], []
-        tp = fp = fn = 0
-        pthr = det.pixel_threshold
-        for c, s in zip(cases, scores, strict=True):
-            les = c.lesion if (c.lesion is not None and c.abnormal) else np.zeros_like(c.brain)
-            v = s.heatmap[c.brain]
-            lab = les[c.brain]
-            vals.append(v.astype(np.float32))
-            labs.append(lab)
-            if pthr is not None:
-                pred = v > pthr
-                tp += int((pred & lab).sum())
-                fp += int((pred & ~lab).sum())
-                fn += int((~pred & lab).sum())
-        v_all, l_all = np.concatenate(vals), np.concatenate(labs)
-        n_vox = int(v_all.size)
-        if n_vox > MAX_PIXELS:
-            idx = np.random.default_rng(seed).choice(n_vox, MAX_PIXELS, replace=False)
-            v_all, l_all = v_all[idx], l_all[idx]
-        bd, bthr = best_dice(l_all, v_all)
-        res["pixel"] = {
-            "ap": average_precision(l_all, v_all),
-            "auroc": roc_auc(l_all, v_all),
-            "dice_at_5fpr": (2 * tp / (2 * tp + fp + fn)) if pthr is not None and (tp + fp + fn)
-            else None,
-            "threshold_5fpr": pthr,
-            "best_dice_upper_bound": bd, "best_dice_threshold": bthr,
-            "n_voxels": n_vox, "n_voxels_used_for_ap": int(v_all.size),
-        }
-    else:
-        res["pixel"] = None
-    # ---- operating point
+    res["pixel"] = _pixel_metrics(det, cases, scores, seed) if det.uses["rec"] else None
     if not operating_point:
         res["operating_point"] = {"threshold": None, "aggregate": "max", "sensitivity": None,
                                   "specificity": None, "per_family_sensitivity": {},
                                   "subtle_sensitivity": None}
-        if keep_scores:
-            res["_curves"] = {"slice": (sl_y, sl_s), "series": (ser_y, ser_max)}
-            res["_scores"] = scores
-            res["_series_scores"] = []
-        return res
-    thr = det.threshold_for("max")
+    else:
+        res["operating_point"] = _operating_point(det.threshold_for("max"), cases, ser_max)
+    if keep_scores:
+        res["_curves"] = {"slice": (sl_y, sl_s), "series": (ser_y, ser_max)}
+        res["_scores"] = scores
+        res["_series_scores"] = [] if not operating_point else [
+            {"case_id": c.case_id, "label": c.label, "subtle": c.subtle,
+             "score_max": float(a), f"score_top{top_k}": float(b)}
+            for c, a, b in zip(cases, ser_max, ser_top, strict=True)
+        ]
+    return res
+
+
+def _pixel_metrics(det: Detector, cases: list[EvalCase], scores: list[Any],
+                   seed: int) -> dict[str, Any] | None:
+    """Heat map against lesion masks inside the brain: AP, AUROC, Dice at the checkpoint's 5 %
+    voxel-FPR threshold and the best Dice; None without any lesion mask."""
+    if not any(c.lesion is not None for c in cases):
+        return None
+    vals, labs = [], []
+    tp = fp = fn = 0
+    pthr = det.pixel_threshold
+    for c, s in zip(cases, scores, strict=True):
+        les = c.lesion if (c.lesion is not None and c.abnormal) else np.zeros_like(c.brain)
+        v = s.heatmap[c.brain]
+        lab = les[c.brain]
+        vals.append(v.astype(np.float32))
+        labs.append(lab)
+        if pthr is not None:
+            pred = v > pthr
+            tp += int((pred & lab).sum())
+            fp += int((pred & ~lab).sum())
+            fn += int((~pred & lab).sum())
+    v_all, l_all = np.concatenate(vals), np.concatenate(labs)
+    n_vox = int(v_all.size)
+    if n_vox > MAX_PIXELS:
+        idx = np.random.default_rng(seed).choice(n_vox, MAX_PIXELS, replace=False)
+        v_all, l_all = v_all[idx], l_all[idx]
+    bd, bthr = best_dice(l_all, v_all)
+    return {
+        "ap": average_precision(l_all, v_all),
+        "auroc": roc_auc(l_all, v_all),
+        "dice_at_5fpr": (2 * tp / (2 * tp + fp + fn)) if pthr is not None and (tp + fp + fn)
+        else None,
+        "threshold_5fpr": pthr,
+        "best_dice_upper_bound": bd, "best_dice_threshold": bthr,
+        "n_voxels": n_vox, "n_voxels_used_for_ap": int(v_all.size),
+    }
+
+
+def _operating_point(thr: float, cases: list[EvalCase], ser_max: np.ndarray) -> dict[str, Any]:
+    """Sensitivity (overall, per lesion family, subtle cases) and specificity of the series
+    verdicts at ``thr`` (max aggregation)."""
+    ser_y = np.array([c.abnormal for c in cases])
     pred = ser_max >= thr
     fam: dict[str, list[bool]] = defaultdict(list)
     fam_subtle: dict[str, list[bool]] = defaultdict(list)
@@ -199,7 +213,7 @@ def evaluate_detector(det: Detector, cases: list[EvalCase], *, lambda_: float = 
             if c.subtle:
                 fam_subtle[c.label].append(bool(p))
     normals = ~ser_y
-    res["operating_point"] = {
+    return {
         "threshold": thr, "aggregate": "max",
         "sensitivity": float(pred[ser_y].mean()) if ser_y.any() else None,
         "specificity": float((~pred[normals]).mean()) if normals.any() else None,
@@ -209,15 +223,6 @@ def evaluate_detector(det: Detector, cases: list[EvalCase], *, lambda_: float = 
         "subtle_sensitivity": (float(np.mean([p for v in fam_subtle.values() for p in v]))
                                if fam_subtle else None),
     }
-    if keep_scores:
-        res["_curves"] = {"slice": (sl_y, sl_s), "series": (ser_y, ser_max)}
-        res["_scores"] = scores
-        res["_series_scores"] = [
-            {"case_id": c.case_id, "label": c.label, "subtle": c.subtle,
-             "score_max": float(a), f"score_top{top_k}": float(b)}
-            for c, a, b in zip(cases, ser_max, ser_top, strict=True)
-        ]
-    return res
 
 
 # -------------------------------------------------------------------------------------- reports
