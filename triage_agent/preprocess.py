@@ -66,7 +66,7 @@ class PreprocessOptions:
     """
 
     correct_tilt: bool = True
-    slab_mm: float = 0.0
+    slab_mm: float = 5.0
     align_yaw: bool = False
     max_noise_hu: float = 0.0
 
@@ -264,7 +264,8 @@ def correct_tilt(vol: HUVolume, lesion_mask: np.ndarray | None = None
     """Resample a gantry-tilted (sheared) stack onto an orthogonal patient-axis grid.
 
     The new slices are perpendicular to the patient z axis, ``spacing_mm[0]`` apart, with the
-    in-plane spacing kept; the grid covers every input voxel (air fills the rest). Returns the
+    in-plane spacing kept; only slices that the tilted slices cover across the whole head are
+    kept (a partly covered slice shows the head cut by a straight edge). Returns the
     new volume, the resampled lesion mask and, per new slice, the index of the input slice
     nearest its centre (for mapping scores back to the received images). A volume without
     ``affine_zyx`` comes back unchanged.
@@ -302,9 +303,20 @@ def correct_tilt(vol: HUVolume, lesion_mask: np.ndarray | None = None
 
     hu = resample(vol.hu, -1000.0)
     mask = None if lesion_mask is None else resample(lesion_mask.astype(np.float32), 0.0) >= 0.5
+    # keep only the new slices that the tilted acquisition covered across the whole head: at
+    # the bottom and top, part of a new slice lies outside every tilted slice, and a head cut
+    # off by a straight edge of air is an artefact the detector would score
+    covered = resample(np.ones(vol.hu.shape, np.float32), 0.0) >= 0.999
+    head = (hu > -300.0).any(axis=0)
+    keep = np.array([not (head & ~c).any() for c in covered])
+    if not keep.any():
+        raise PreprocessError("geometry: no slice covers the whole head after tilt correction")
+    hu = hu[keep]
+    if mask is not None:
+        mask = mask[keep]
     # the input slice under the centre of each output slice
     centre = lo + (size - 1) / 2.0 * out_sp
-    zq = lo[0] + np.arange(size[0]) * out_sp[0]
+    zq = lo[0] + np.flatnonzero(keep) * out_sp[0]
     q = np.stack([zq, np.full_like(zq, centre[1]), np.full_like(zq, centre[2])], axis=1)
     src = np.clip(np.rint((q @ np.linalg.inv(a).T)[:, 0]), 0, nz - 1).astype(int)
     out = HUVolume(hu=hu, spacing_mm=(float(out_sp[0]), float(out_sp[1]), float(out_sp[2])),

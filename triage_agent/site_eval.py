@@ -36,7 +36,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 @dataclass
@@ -113,9 +113,19 @@ def score_cases(det: Any, cases: list[SiteCase]) -> list[np.ndarray]:
     return [np.asarray(det.score(c.x, c.brain).score, np.float32) for c in cases]
 
 
-def metrics(cases: list[SiteCase], scores: list[np.ndarray], threshold: float) -> dict[str, Any]:
-    from triage_model.evaluate import roc_auc
+def roc_auc(y: np.ndarray, s: np.ndarray) -> float | None:
+    """Area under the ROC curve (Mann-Whitney, ties count half); None without both classes."""
+    from scipy.stats import rankdata
 
+    y = np.asarray(y, bool)
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if n1 == 0 or n0 == 0:
+        return None
+    r = rankdata(np.asarray(s, float))
+    return float((r[y].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
+
+
+def metrics(cases: list[SiteCase], scores: list[np.ndarray], threshold: float) -> dict[str, Any]:
     y = np.array([c.abnormal for c in cases])
     s = np.array([float(v.max()) if len(v) else -np.inf for v in scores])
     ys = np.concatenate([c.lesion.any((1, 2)) for c in cases])
@@ -177,13 +187,20 @@ def evaluate_site(site: str, args: argparse.Namespace, ckpt: dict[str, Any], opt
     res: dict[str, Any] = {"site": site, "options": asdict(opts), "matrix": args.matrix,
                            "onboard_normals": len(normals)}
     t1 = time.perf_counter()
+    labels = [c.label for c in test]
     if not args.onboarded_only:
-        res["zero_shot"] = metrics(test, score_cases(det0, test), det0.threshold_for("max"))
+        sc = score_cases(det0, test)
+        res["zero_shot"] = metrics(test, sc, det0.threshold_for("max"))
+        res["zero_shot"]["series_scores"] = [[lab, float(v.max())] for lab, v in
+                                             zip(labels, sc, strict=True)]
         print(f"{site}: zero-shot {_row(res['zero_shot'])}", file=sys.stderr)
     if normals and not args.zero_shot_only:
         ck = onboard(ckpt, normals, atlas_fraction=args.atlas_fraction)
         det1 = Detector(ck, device="cpu")
-        res["onboarded"] = metrics(test, score_cases(det1, test), det1.threshold_for("max"))
+        sc = score_cases(det1, test)
+        res["onboarded"] = metrics(test, sc, det1.threshold_for("max"))
+        res["onboarded"]["series_scores"] = [[lab, float(v.max())] for lab, v in
+                                             zip(labels, sc, strict=True)]
         print(f"{site}: onboarded {_row(res['onboarded'])}", file=sys.stderr)
     res["seconds"] = {"prepare": round(t_prep, 1), "score": round(time.perf_counter() - t1, 1)}
     return res
@@ -277,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ckpt, _ = read_checkpoint(a.model or default_weights_path())
     import torch
+    import triage_model.atlas  # noqa: F401 - fail now, not after the scoring
+    import triage_model.train  # noqa: F401
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results = [evaluate_site(s, a, ckpt, opts) for s in a.site]
