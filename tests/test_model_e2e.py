@@ -153,8 +153,9 @@ def test_score_json_cli(tiny_ckpt: Path, tmp_path: Path, capsys):
     pytest.importorskip("triage_agent.preprocess")
     from triage_agent.cli import main
 
-    a = _write_phantom_series(tmp_path / "in" / "a")
-    b = _write_phantom_series(tmp_path / "in" / "nested" / "b", seed=1)
+    # 24 slices: the [series] rules skip series of fewer than 20 (tests/test_score_selection.py)
+    a = _write_phantom_series(tmp_path / "in" / "a", n=24)
+    b = _write_phantom_series(tmp_path / "in" / "nested" / "b", n=24, seed=1)
     (tmp_path / "in" / "README.txt").write_text("not dicom")
     rc = main(["score", str(tmp_path / "in"), "--model", str(tiny_ckpt), "--json",
                "--config", str(tmp_path / "absent.toml")])

@@ -35,8 +35,8 @@ from triage_model.scoring import AtlasFitter, ScoringConfig, apply_slice_context
 from triage_model.train import SliceSet, calibrate_from_raw
 
 from triage_agent.config import SeriesConfig, TriageConfig
-from triage_agent.ingest import classify_orientation, short_id
-from triage_agent.selection import SeriesFacts, skip_reason
+from triage_agent.ingest import short_id
+from triage_agent.selection import Skipped, select_series
 
 log = logging.getLogger(__name__)
 
@@ -57,57 +57,6 @@ def _no_progress(it: Iterable[Any], _desc: str, _total: int) -> Iterable[Any]:
 
 class OnboardingError(Exception):
     """Onboarding cannot go on; the message says what to fix."""
-
-
-@dataclass(frozen=True)
-class Skipped:
-    series: str  # short SeriesInstanceUID (never patient identifiers)
-    reason: str
-
-
-# ------------------------------------------------------------------------------------ selection
-
-
-def series_facts(files: list[Path]) -> SeriesFacts:
-    """What the node's selection rules look at, from the series' first readable header."""
-    import pydicom
-
-    ds = None
-    for f in sorted(files):
-        try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-            break
-        except Exception:  # noqa: BLE001 - unreadable files are the reader's problem later
-            continue
-    if ds is None:
-        return SeriesFacts(None, None, None, len(files), None, None)
-
-    def text(keyword: str) -> str | None:
-        v = ds.get(keyword)
-        return None if v in (None, "") else str(v)
-
-    try:
-        thickness = float(ds.get("SliceThickness")) if ds.get("SliceThickness") not in (
-            None, "") else None
-    except (TypeError, ValueError):
-        thickness = None
-    iop = ds.get("ImageOrientationPatient")
-    return SeriesFacts(text("Modality"), text("BodyPartExamined"), text("SeriesDescription"),
-                       len(files), thickness, classify_orientation(iop) if iop else None)
-
-
-def select_series(groups: dict[str, list[Path]], rules: SeriesConfig
-                  ) -> tuple[dict[str, list[Path]], list[Skipped]]:
-    """The series the node would score, and those it would skip with the reason."""
-    kept: dict[str, list[Path]] = {}
-    skipped: list[Skipped] = []
-    for uid, files in sorted(groups.items()):
-        reason = skip_reason(series_facts(files), rules)
-        if reason is None:
-            kept[uid] = files
-        else:
-            skipped.append(Skipped(short_id(uid), reason))
-    return kept, skipped
 
 
 # ------------------------------------------------------------------------------------ measuring

@@ -39,8 +39,7 @@ from triage_agent import pynetdicom_compat
 from triage_agent.config import AgentConfig, DestinationConfig
 from triage_agent.dicom_uids import IMAGE_SOP_CLASSES, valid_uid
 from triage_agent.ingest import short_id
-from triage_agent.onboarding import select_series
-from triage_agent.selection import SeriesFacts, skip_reason
+from triage_agent.selection import SeriesFacts, select_series, skip_reason
 from triage_agent.sender import build_scu_ssl
 from triage_agent.transfer_syntax import ACCEPTED_TRANSFER_SYNTAXES
 

@@ -1,14 +1,19 @@
-"""Pure rules: is this completed series a head CT the detector can read?
+"""Selection rules: is this completed series a head CT the detector can read?
 
-Returns a human-readable reason for every refusal, shown by ``triage-agent status``.
+``skip_reason`` is the pure rule the node applies to a completed series, with a human-readable
+reason for every refusal (shown by ``triage-agent status``). ``select_series`` applies the same
+rule to folders of DICOM files, for the commands that score or onboard outside the node
+(``score``, ``onboard``, ``onboard --from-pacs``).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from triage_agent.config import SeriesConfig
+from triage_agent.ingest import classify_orientation, short_id
 
 
 @dataclass(frozen=True)
@@ -52,3 +57,51 @@ def skip_reason(facts: SeriesFacts, rules: SeriesConfig) -> str | None:
         n = facts.instance_count
         return f"only {n} slice{'s' if n != 1 else ''} (minimum {rules.min_slices})"
     return None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    series: str  # short SeriesInstanceUID (never patient identifiers)
+    reason: str
+
+
+def series_facts(files: list[Path]) -> SeriesFacts:
+    """What the node's selection rules look at, from the series' first readable header."""
+    import pydicom
+
+    ds = None
+    for f in sorted(files):
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            break
+        except Exception:  # noqa: BLE001 - unreadable files are the reader's problem later
+            continue
+    if ds is None:
+        return SeriesFacts(None, None, None, len(files), None, None)
+
+    def text(keyword: str) -> str | None:
+        v = ds.get(keyword)
+        return None if v in (None, "") else str(v)
+
+    try:
+        thickness = float(ds.get("SliceThickness")) if ds.get("SliceThickness") not in (
+            None, "") else None
+    except (TypeError, ValueError):
+        thickness = None
+    iop = ds.get("ImageOrientationPatient")
+    return SeriesFacts(text("Modality"), text("BodyPartExamined"), text("SeriesDescription"),
+                       len(files), thickness, classify_orientation(iop) if iop else None)
+
+
+def select_series(groups: dict[str, list[Path]], rules: SeriesConfig
+                  ) -> tuple[dict[str, list[Path]], list[Skipped]]:
+    """The series the node would score, and those it would skip with the reason."""
+    kept: dict[str, list[Path]] = {}
+    skipped: list[Skipped] = []
+    for uid, files in sorted(groups.items()):
+        reason = skip_reason(series_facts(files), rules)
+        if reason is None:
+            kept[uid] = files
+        else:
+            skipped.append(Skipped(short_id(uid), reason))
+    return kept, skipped

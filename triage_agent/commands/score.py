@@ -4,7 +4,8 @@ Folders are searched recursively and files grouped by SeriesInstanceUID. With ``
 object per line and series: series_instance_uid, score, verdict, threshold, reason, slices.
 [model] and [triage] of agent.toml apply when the file exists; defaults otherwise. The threshold
 is the model file's calibrated one, unless ``--threshold`` or (without ``--model``) ``[triage]
-threshold`` sets another.
+threshold`` sets another. Series the node's ``[series]`` rules would skip (an MR, a chest CT, a
+reformat) are printed as ``skipped`` with the reason and not scored, unless ``--no-selection``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="slices averaged by topk_mean (default: [triage] top_k)")
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
                    help="where the model runs (default: [model] device)")
+    p.add_argument("--no-selection", action="store_true",
+                   help="score every series, also those the node's [series] rules would skip "
+                        "(another modality, body part, orientation, too few slices)")
     add_config_argument(p)
     p.set_defaults(func=run)
 
@@ -44,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from triage_agent.config import AgentConfig, ConfigError, load_config
     from triage_agent.inference import find_series, score_series
     from triage_agent.operating_point import OperatingPoint, thresholds_differ
+    from triage_agent.selection import series_facts, skip_reason
 
     cfg = AgentConfig()
     if args.config and Path(args.config).exists():
@@ -82,6 +87,16 @@ def run(args: argparse.Namespace) -> int:
         print("error: no DICOM series found", file=sys.stderr)
         return 1
     for uid, files in sorted(groups.items()):
+        reason = None if args.no_selection else skip_reason(series_facts(files), cfg.series)
+        if reason is not None:
+            if args.json:
+                print(json.dumps({"series_instance_uid": uid, "score": None,
+                                  "verdict": "skipped", "threshold": thr, "reason": reason,
+                                  "slices": []}), flush=True)
+            else:
+                print(f"{uid}  {'skipped':<15} {reason} (the node would not score it; "
+                      "--no-selection scores it anyway)", flush=True)
+            continue
         res = score_series(files, det, lambda_=lam, threshold=thr, aggregate=agg, top_k=top_k,
                            batch_size=cfg.model.batch_size)
         if res.series_instance_uid is None:
