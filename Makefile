@@ -23,6 +23,7 @@ test: $(STAMP)
 # checks the packages through a folder of links named as they install.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	mkdir -p build/mypy
 	ln -sfn ../../triage_agent build/mypy/triage_agent
 	ln -sfn ../../model build/mypy/triage_model
