@@ -8,6 +8,7 @@ Set ``TRIAGE_WRITE_DOCS=1`` to refresh ``docs/sc_example.png`` from the realisti
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import os
 import subprocess
@@ -181,6 +182,26 @@ def test_sr_references_top_slices_in_order_with_their_scores(
     assert [g.tracking_identifier for g in slice_groups] == [
         f"Suspicious slice {i} of 3" for i in (1, 2, 3)
     ]
+
+
+@pytest.mark.parametrize("verdict, threshold, expected", [
+    # a normal series lists its highest-scoring slices, none of them suspicious
+    ("normal", 5.0, ["Highest-scoring slice 1 of 3", "Highest-scoring slice 2 of 3",
+                     "Highest-scoring slice 3 of 3"]),
+    # an abnormal series calls suspicious only the slices at or above the threshold
+    ("abnormal", 1.87, ["Suspicious slice 1 of 3", "Suspicious slice 2 of 3",
+                        "Highest-scoring slice 3 of 3"]),
+])
+def test_sr_calls_suspicious_only_slices_at_or_above_the_threshold(
+    source: list[pydicom.Dataset], tmp_path: Path, verdict: str, threshold: float,
+    expected: list[str],
+) -> None:
+    finding = dataclasses.replace(_finding(source, verdict), threshold=threshold)
+    sr = build_sr(source, finding, ALGO, uid_key="series/1/w", content_datetime=WHEN)
+    _roundtrip(sr, tmp_path / "sr.dcm")
+    groups = hd.sr.srread(tmp_path / "sr.dcm").content.get_image_measurement_groups()[1:]
+    assert [g.tracking_identifier for g in groups] == expected
+    assert _dciodvfy(tmp_path / "sr.dcm") == []
 
 
 def test_sr_names_the_algorithm_and_weights(source: list[pydicom.Dataset], tmp_path: Path) -> None:

@@ -324,6 +324,18 @@ def _equipment(algorithm: AlgorithmInfo) -> hd.ContributingEquipment:
     )
 
 
+def _slice_label(ref: pydicom.Dataset) -> str:
+    """Where the slice lies, as the radiologist finds it in the CT: image number and table
+    position (z of ImagePositionPatient, mm)."""
+    parts = []
+    if ref.get("InstanceNumber") not in (None, ""):
+        parts.append(f"image {ref.InstanceNumber}")
+    pos = ref.get("ImagePositionPatient")
+    if pos is not None and len(pos) == 3:
+        parts.append(f"z {float(pos[2]):.1f} mm")
+    return ", ".join(parts) or "slice"
+
+
 def _sc_image(
     series: _SeriesInfo,
     ref: pydicom.Dataset,
@@ -337,8 +349,9 @@ def _sc_image(
     finding, algorithm, style = series.finding, series.algorithm, series.style
     lines = (
         BANNER_TEXT,
-        f"{verdict_label(finding.verdict)}  score {format_score(finding.score)} / threshold "
-        f"{finding.threshold:.2f}  slice {slice_score:.2f} (#{rank} of {count})",
+        f"{verdict_label(finding.verdict)}  series score {format_score(finding.score)} / "
+        f"threshold {finding.threshold:.2f}  |  {_slice_label(ref)}: slice score "
+        f"{slice_score:.2f}, rank {rank} of {count}",
     )
     pixels = render_overlay(
         image,
