@@ -593,39 +593,75 @@ def train(
         "train_config": cfg.to_dict(), "data": data_summary or {},
     }
     if cfg.method == "hu_threshold":
-        ck = make_checkpoint("hu_threshold", hu=fit_hu_threshold(train_set, cfg.hu_quantile),
-                             scoring=cfg.scoring, input_size=cfg.net.input_size, training=summary,
-                             display_name=DISPLAY_NAMES["hu_threshold"])
-        ck = calibrate(ck, val_set, target_specificity=cfg.target_specificity, top_k=cfg.top_k)
-        summary["wall_s"] = time.time() - t0
-        ck["training"] = _plain(summary)
-        if dd.main:
-            save_checkpoint(ck, out)
-        return ck
-
+        return _fit_hu_threshold_checkpoint(cfg, train_set, val_set, out, dd, summary, t0)
     if init_member is not None and init_from is None:
         raise ValueError("--init-member chooses a member of the --init file: give --init too")
     tr = Trainer(cfg, train_set, dd)
     if init_from is not None and not (resume and state_path(Path(out)).exists()):
-        init_ck, init_sha = read_checkpoint(init_from)
-        if init_ck.get("method") != cfg.method:
-            raise ValueError(f"{init_from}: a {init_ck.get('method')!r} checkpoint cannot start "
-                             f"a {cfg.method!r} network")
-        if "state_dict" not in init_ck:
-            raise ValueError(f"{init_from}: holds no network weights to start from")
-        try:
-            tr.model.load_state_dict(init_state_dict(init_ck, init_from, init_member))
-        except RuntimeError as e:
-            raise ValueError(f"{init_from}: its network does not match this configuration "
-                             f"(--base-channels, input size): {str(e).splitlines()[0]}") from None
-        summary["init_from"] = {"file": Path(init_from).name, "sha256": init_sha,
-                                **({"member": init_member} if init_member else {})}
-        log.info("network starts from %s (%s)", init_from, init_sha[:12])
+        summary["init_from"] = _start_from(tr, init_from, init_member)
     sp = state_path(out)
     if resume and sp.exists():
         st = torch.load(sp, map_location="cpu", weights_only=False)
         tr.load_state(st)
         log.info("resumed %s at step %d from %s", cfg.method, tr.step_no, sp)
+    summary.update(_run_steps(tr, out, t0, progress=progress, time_budget_s=time_budget_s))
+    if dd.world > 1:
+        dist.barrier()
+    if not dd.main:
+        return None
+    _save_state(tr, out)
+    net = tr.model.cpu()
+    ck = make_checkpoint(cfg.method, net=net, scoring=cfg.scoring, training=summary,
+                         display_name=DISPLAY_NAMES[cfg.method])
+    ck = calibrate(ck, val_set, target_specificity=cfg.target_specificity, top_k=cfg.top_k,
+                   device="cuda" if dd.device.type == "cuda" else "cpu")
+    summary["wall_s"] = time.time() - t0
+    ck["training"] = _plain(summary)
+    save_checkpoint(ck, out)
+    log.info("wrote %s (%s, %d steps, %.0f s)", out, cfg.method, tr.step_no, summary["wall_s"])
+    return ck
+
+
+def _fit_hu_threshold_checkpoint(cfg: TrainConfig, train_set: SliceSet, val_set: SliceSet,
+                                 out: Path, dd: Dist, summary: dict[str, Any],
+                                 t0: float) -> dict[str, Any]:
+    """The HU-threshold baseline: fitted, not trained; calibrated and written like the others."""
+    ck = make_checkpoint("hu_threshold", hu=fit_hu_threshold(train_set, cfg.hu_quantile),
+                         scoring=cfg.scoring, input_size=cfg.net.input_size, training=summary,
+                         display_name=DISPLAY_NAMES["hu_threshold"])
+    ck = calibrate(ck, val_set, target_specificity=cfg.target_specificity, top_k=cfg.top_k)
+    summary["wall_s"] = time.time() - t0
+    ck["training"] = _plain(summary)
+    if dd.main:
+        save_checkpoint(ck, out)
+    return ck
+
+
+def _start_from(tr: Trainer, init_from: Path | str, init_member: int | None) -> dict[str, Any]:
+    """Load ``init_from``'s weights (member ``init_member`` of an ensemble) into the trainer's
+    network; returns the record of it for the checkpoint's training summary."""
+    cfg = tr.cfg
+    init_ck, init_sha = read_checkpoint(init_from)
+    if init_ck.get("method") != cfg.method:
+        raise ValueError(f"{init_from}: a {init_ck.get('method')!r} checkpoint cannot start "
+                         f"a {cfg.method!r} network")
+    if "state_dict" not in init_ck:
+        raise ValueError(f"{init_from}: holds no network weights to start from")
+    try:
+        tr.model.load_state_dict(init_state_dict(init_ck, init_from, init_member))
+    except RuntimeError as e:
+        raise ValueError(f"{init_from}: its network does not match this configuration "
+                         f"(--base-channels, input size): {str(e).splitlines()[0]}") from None
+    log.info("network starts from %s (%s)", init_from, init_sha[:12])
+    return {"file": Path(init_from).name, "sha256": init_sha,
+            **({"member": init_member} if init_member else {})}
+
+
+def _run_steps(tr: Trainer, out: Path, t0: float, *, progress: bool,
+               time_budget_s: float | None) -> dict[str, Any]:
+    """The optimisation loop to ``cfg.total_steps()`` (or the time budget), with the progress
+    bar and periodic training states; returns the loop's part of the training summary."""
+    cfg, dd = tr.cfg, tr.dd
     total = cfg.total_steps()
     bar = None
     if progress and dd.main:
@@ -635,8 +671,6 @@ def train(
                    mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
     t_loop = time.time()
     start_step = tr.step_no
-    if start_step:
-        summary["resumed_at_step"] = start_step
     stopped_early = False
     pre_share = (cfg.pretrain_steps / total) if total and cfg.method in PRETRAINED_METHODS else 0.0
     while tr.step_no < total:
@@ -673,28 +707,16 @@ def train(
     if bar is not None:
         bar.close()
     loop_s = time.time() - t_loop
-    summary["steps"] = tr.step_no
-    summary["planned_steps"] = total
-    summary["train_config"] = cfg.to_dict()  # pretrain_steps as run (a time budget moves it)
-    summary["stopped_by_time_budget"] = stopped_early
-    summary["loop_s"] = loop_s
-    summary["slices_per_s"] = (tr.step_no - start_step) * cfg.batch_size * dd.world / max(loop_s, 1e-9)
-    summary["final_losses"] = tr.history[-1] if tr.history else {}
-    if dd.world > 1:
-        dist.barrier()
-    if not dd.main:
-        return None
-    _save_state(tr, out)
-    net = tr.model.cpu()
-    ck = make_checkpoint(cfg.method, net=net, scoring=cfg.scoring, training=summary,
-                         display_name=DISPLAY_NAMES[cfg.method])
-    ck = calibrate(ck, val_set, target_specificity=cfg.target_specificity, top_k=cfg.top_k,
-                   device="cuda" if dd.device.type == "cuda" else "cpu")
-    summary["wall_s"] = time.time() - t0
-    ck["training"] = _plain(summary)
-    save_checkpoint(ck, out)
-    log.info("wrote %s (%s, %d steps, %.0f s)", out, cfg.method, tr.step_no, summary["wall_s"])
-    return ck
+    return {
+        **({"resumed_at_step": start_step} if start_step else {}),
+        "steps": tr.step_no,
+        "planned_steps": total,
+        "train_config": cfg.to_dict(),  # pretrain_steps as run (a time budget moves it)
+        "stopped_by_time_budget": stopped_early,
+        "loop_s": loop_s,
+        "slices_per_s": (tr.step_no - start_step) * cfg.batch_size * dd.world / max(loop_s, 1e-9),
+        "final_losses": tr.history[-1] if tr.history else {},
+    }
 
 
 def random_slices(n: int, size: int, seed: int, n_series: int = 4) -> SliceSet:
