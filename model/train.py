@@ -735,15 +735,8 @@ def random_slices(n: int, size: int, seed: int, n_series: int = 4) -> SliceSet:
     return SliceSet(np.clip(x, 0, 1), brain, np.arange(n) % n_series)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Launcher without the DICOM stack (PyTorch + NumPy only), also under ``torchrun``.
-
-    * smoke test: ``torchrun --nproc_per_node 2 -m triage_model.train --random 64 --steps 3 OUT``
-      (a tiny network on random phantoms);
-    * real training from a slice archive written by ``triage-agent train --export-slices``:
-      ``python -m triage_model.train OUT --slices train.npz --method dae --steps 6000 --seed 1000``
-      (same split, configuration and calibration as ``triage-agent train``; full-size network).
-    """
+def _parser() -> argparse.ArgumentParser:
+    """The options of ``python -m triage_model.train`` (see ``main``)."""
     ap = argparse.ArgumentParser(prog="python -m triage_model.train")
     ap.add_argument("out", type=Path)
     ap.add_argument("--random", type=int, default=64, help="number of random phantom slices")
@@ -786,6 +779,19 @@ def main(argv: list[str] | None = None) -> int:
     add_override_options(ap)  # with --slices: --lr, --lr-decay-*, --spot-weight, --rec-q, ...
     ap.add_argument("--resume", action="store_true",
                     help="with --slices: continue from OUT's .state.pt (to --steps in total)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Launcher without the DICOM stack (PyTorch + NumPy only), also under ``torchrun``.
+
+    * smoke test: ``torchrun --nproc_per_node 2 -m triage_model.train --random 64 --steps 3 OUT``
+      (a tiny network on random phantoms);
+    * real training from a slice archive written by ``triage-agent train --export-slices``:
+      ``python -m triage_model.train OUT --slices train.npz --method dae --steps 6000 --seed 1000``
+      (same split, configuration and calibration as ``triage-agent train``; full-size network).
+    """
+    ap = _parser()
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     if a.slices is not None:
