@@ -154,10 +154,10 @@ def drift_banner(app: Any) -> str:
             f"{html.escape(st.advice())}.<br><small>{html.escape(st.summary())}</small></div>")
 
 
-def open_node_warning(cfg: Any) -> str:
+def open_node_warning(cfg: Any, port: int | None = None) -> str:
     return (f"This node stores from any caller that reaches {cfg.node.bind_address} port "
-            f"{cfg.node.port}: no [security] allowed_calling_ae_titles, allowed_networks or "
-            "client certificates are set.")
+            f"{port or cfg.node.port}: no [security] allowed_calling_ae_titles, allowed_networks "
+            "or client certificates are set.")
 
 
 def threshold_text(app: Any) -> str:
@@ -173,7 +173,7 @@ def admin_banners(app: Any) -> str:
     e = html.escape
     out = []
     if app.run_receiver and app.cfg.security.open_to_anyone:
-        warning = open_node_warning(app.cfg)
+        warning = open_node_warning(app.cfg, app.receiver.port if app.receiver else None)
         out.append(f"<div class='banner' id='open-node'>{e(warning)}</div>")
     midnight = dt.datetime.combine(dt.datetime.now(dt.UTC).date(), dt.time())
     refused = refusals_since(app.sessions, midnight)
