@@ -300,7 +300,8 @@ def test_model_inputs_on_a_tilted_head(tmp_path: Path) -> None:
 
     c = make_case(12, "intraparenchymal_haemorrhage", subtle=False, matrix=128, site="B")
     vol = read_series(write_case_dicom(c, tmp_path / "t", write_mask=False))
-    on = model_inputs(vol, lesion_mask=c.lesion_mask)
+    on = model_inputs(vol, lesion_mask=c.lesion_mask,
+                      options=PreprocessOptions(correct_tilt=True))
     off = model_inputs(vol, lesion_mask=c.lesion_mask,
                        options=PreprocessOptions(correct_tilt=False))
     for mi in (on, off):
@@ -317,7 +318,7 @@ def test_untilted_series_unchanged_by_the_options(case: SynthCase) -> None:
 
     vol = volume_from_case(case)
     a = model_inputs(vol)
-    b = model_inputs(vol, options=PreprocessOptions(correct_tilt=False, slab_mm=0.0,
+    b = model_inputs(vol, options=PreprocessOptions(correct_tilt=True, slab_mm=0.0,
                                                     align_yaw=False))
     assert np.array_equal(a.x, b.x) and np.array_equal(a.slice_index, b.slice_index)
 

@@ -173,7 +173,7 @@ def test_site_eval_plans_and_metrics(tmp_path: Path) -> None:
     assert [lab for _, lab in on] == ["normal"] * 4
     assert sum(lab != "normal" for _, lab in test) == 2
 
-    # a case is made once (DICOM round trip, tilt corrected) and then read from the cache
+    # a case is made once (DICOM round trip, preprocessing) and then read from the cache
     seed, label = test[0]
     opts = PreprocessOptions()
     a = load_case(tmp_path, "B", seed, label, matrix=64, size=32, opts=opts)
