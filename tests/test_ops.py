@@ -100,6 +100,16 @@ def test_observability_status_page_and_phi_canary(
     thumb = html.split("/thumb/")[1].split("'")[0]
     code, png, ctype = http(node, f"/thumb/{thumb}")
     assert code == 200 and png[:8] == b"\x89PNG\r\n\x1a\n"
+    # A click on the row opens the series page: heat maps at full size, the delivery history.
+    link = html.split("href='/series/")[1].split("'")[0]
+    code, series_page, _ = http(node, f"/series/{link}")
+    spage = series_page.decode()
+    assert code == 200 and "Deliveries" in spage and "pacs" in spage and "down" in spage
+    full = spage.split("src='/sc/")[1].split("'")[0]
+    code, big, ctype = http(node, f"/sc/{full}")
+    assert code == 200 and ctype == "image/png" and len(big) > len(png)
+    assert http(node, "/series/999999")[0] == 404 and http(node, "/sc/999999.png")[0] == 404
+    html += spage  # swept for canaries below
 
     # The PHI sweep: log, metrics, page and every error/detail column.
     swept = [node.log_path.read_text(), text, html]

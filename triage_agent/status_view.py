@@ -88,23 +88,27 @@ def _iso(t: dt.datetime) -> str:
     return t.isoformat() + "Z"  # stored naive UTC
 
 
-def recent_series(sessions: Any, limit: int, *,
-                  with_patient: bool = False) -> list[SeriesStatus]:
-    """The ``limit`` most recently received series, newest first, each with its latest result."""
+def recent_series(sessions: Any, limit: int, *, with_patient: bool = False,
+                  series_id: int | None = None) -> list[SeriesStatus]:
+    """The ``limit`` most recently received series (or the one ``series_id``), newest first,
+    each with its latest result."""
     with sessions() as s:
         latest_result = (
             select(Result.series_id, func.max(Result.id).label("rid"))
             .group_by(Result.series_id)
             .subquery()
         )
-        rows = s.execute(
+        query = (
             select(Series, Study, Result)
             .join(Study, Study.id == Series.study_id)
             .outerjoin(latest_result, latest_result.c.series_id == Series.id)
             .outerjoin(Result, Result.id == latest_result.c.rid)
             .order_by(Series.last_received_at.desc(), Series.id.desc())
             .limit(limit)
-        ).all()
+        )
+        if series_id is not None:
+            query = query.where(Series.id == series_id)
+        rows = s.execute(query).all()
         series_ids = [series.id for series, _, _ in rows]
         job_counts: dict[int, int] = dict(
             s.execute(  # type: ignore[arg-type]

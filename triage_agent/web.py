@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from triage_agent import db
 from triage_agent.models import Output, Result
-from triage_agent.status_view import queue_depth, recent_series, refusals_since
+from triage_agent.status_view import SeriesStatus, queue_depth, recent_series, refusals_since
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,18 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, generate_latest(), CONTENT_TYPE_LATEST)
             elif path in ("/", "/index.html"):
                 self._send(200, render_page(self.app).encode(), "text/html; charset=utf-8")
+            elif path.startswith("/series/") and path[len("/series/"):].isdigit():
+                page = render_series_page(self.app, int(path[len("/series/"):]))
+                if page is None:
+                    self._send(404, b"not found\n", "text/plain")
+                else:
+                    self._send(200, page.encode(), "text/html; charset=utf-8")
+            elif path.startswith("/sc/") and path.endswith(".png"):
+                png = heat_map_image(self.app, path[len("/sc/"):-len(".png")])
+                if png is None:
+                    self._send(404, b"not found\n", "text/plain")
+                else:
+                    self._send(200, png, "image/png")
             elif path.startswith("/thumb/") and path.endswith(".png"):
                 png = thumbnail(self.app, path[len("/thumb/"):-len(".png")])
                 if png is None:
@@ -107,6 +119,28 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(500, b"internal error\n", "text/plain")
 
 
+def _png(app: Any, rel: str, max_size: int | None = None) -> bytes:
+    """A stored secondary capture as PNG, shrunk to ``max_size`` pixels when given."""
+    import pydicom
+    from PIL import Image
+
+    img = Image.fromarray(pydicom.dcmread(app.storage.abspath(rel)).pixel_array)
+    if max_size is not None:
+        img.thumbnail((max_size, max_size))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def heat_map_image(app: Any, key: str) -> bytes | None:
+    """One heat-map secondary capture at full size, by output id."""
+    if not key.isdigit():
+        return None
+    with app.sessions() as s:
+        rel = s.scalar(select(Output.path).where(Output.id == int(key), Output.kind == "sc"))
+    return None if rel is None else _png(app, rel)
+
+
 def thumbnail(app: Any, key: str) -> bytes | None:
     """A small PNG of the first heat-map image of a series' latest result."""
     if not key.isdigit():
@@ -117,17 +151,7 @@ def thumbnail(app: Any, key: str) -> bytes | None:
             .where(Result.series_id == int(key), Output.kind == "sc")
             .order_by(Result.id.desc(), Output.id).limit(1)
         )
-    if rel is None:
-        return None
-    import pydicom
-    from PIL import Image
-
-    ds = pydicom.dcmread(app.storage.abspath(rel))
-    img = Image.fromarray(ds.pixel_array)
-    img.thumbnail((160, 160))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    return None if rel is None else _png(app, rel, 160)
 
 
 STYLE = """
@@ -140,6 +164,8 @@ th{background:#f0f0f0;font-weight:600} td.num{text-align:right;font-variant-nume
 .pill{display:inline-block;padding:.05em .5em;border-radius:1em;background:#eee;font-size:.85em}
 .urgent{background:#b00020;color:#fff} .high{background:#e65100;color:#fff}
 img{height:64px;border-radius:3px} .uid{font-family:monospace;color:#555}
+img.full{height:auto;max-width:100%;display:block;margin:0 0 1em}
+h2{font-size:1.1em;margin:1.2em 0 .4em}
 .banner{background:#fff3cd;border:1px solid #e0c36a;padding:.4em .8em;margin-bottom:1em}
 .drift{background:#fde2e1;border-color:#b00020}
 """
@@ -184,10 +210,73 @@ def admin_banners(app: Any) -> str:
     return "".join(out)
 
 
+def by_priority(rows: list[SeriesStatus], app: Any) -> list[SeriesStatus]:
+    """The reading room's order: the most urgent priority band first, then routine, then series
+    not scored yet; newest first within each."""
+    threshold = app.model.operating_point(app.cfg).threshold if app.model else 0.0
+    bands = sorted(app.cfg.triage.priority_bands, key=lambda b: -b.bound(threshold))
+    rank = {b.name: i for i, b in enumerate(bands)}
+    rank.setdefault("routine", len(bands))
+
+    def key(r: SeriesStatus) -> tuple[int, float]:
+        prio = rank.get(r.priority or "", len(bands) + 1) if r.has_result else len(bands) + 2
+        return prio, -r.last_received_at.timestamp()
+
+    return sorted(rows, key=key)
+
+
+def render_series_page(app: Any, series_id: int) -> str | None:
+    """One series: its result, every heat map at full size, and its delivery history."""
+    show_phi = app.cfg.http.show_patient_identifiers
+    rows = recent_series(app.sessions, 1, with_patient=show_phi, series_id=series_id)
+    if not rows:
+        return None
+    (r,) = rows
+    e = html.escape
+    with app.sessions() as s:
+        latest = s.scalar(select(Result.id).where(Result.series_id == series_id)
+                          .order_by(Result.id.desc()).limit(1))
+        images = list(s.scalars(select(Output.id).where(Output.result_id == latest,
+                                                        Output.kind == "sc")
+                                .order_by(Output.id))) if latest is not None else []
+    score = "" if r.score is None else f"{r.score:.3f}"
+    out = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>triage-agent series</title><style>{STYLE}</style></head><body>",
+        "<p><a href='/'>&larr; all series</a></p>",
+        f"<h1>{e(r.series_description or 'series')}</h1>",
+        f"<div class='sub'><span class='uid'>{e(r.series_instance_uid)}</span>; "
+        f"{r.instances} slices; {e(r.state)}"
+        + (f" ({e(r.reason)})" if r.reason else "") + "</div>",
+        "<div class='banner'>AI triage &mdash; not for diagnosis.</div>",
+    ]
+    if show_phi:
+        out.append(f"<p>patient {e(r.patient_name or '')} "
+                   f"<span class='uid'>{e(r.patient_id or '')}</span></p>")
+    if r.has_result:
+        out.append(f"<p class='{e(r.verdict or '')}'>{e((r.verdict or '').replace('_', ' '))} "
+                   f"&mdash; score {score}, threshold {r.threshold:.3f}, priority "
+                   f"{e(r.priority or '')}</p>")
+    out += [f"<img class='full' alt='heat map' src='/sc/{i}.png'>" for i in images]
+    out.append("<h2>Deliveries</h2><table><thead><tr><th>object</th><th>destination</th>"
+               "<th>state</th><th>attempts</th><th>last status</th><th>last error</th></tr>"
+               "</thead><tbody>")
+    for d in r.deliveries:
+        status = "" if d.last_status is None else f"0x{d.last_status:04X}"
+        out.append(f"<tr><td>{e(d.object)}</td><td>{e(d.destination)}</td><td>{e(d.state)}</td>"
+                   f"<td class='num'>{d.attempts}</td><td>{status}</td>"
+                   f"<td>{e(d.error or '')}</td></tr>")
+    if not r.deliveries:
+        out.append("<tr><td colspan='6'>nothing sent</td></tr>")
+    out.append("</tbody></table></body></html>")
+    return "".join(out)
+
+
 def render_page(app: Any) -> str:
     cfg = app.cfg
     show_phi = cfg.http.show_patient_identifiers
-    rows = recent_series(app.sessions, cfg.http.page_size, with_patient=show_phi)
+    rows = by_priority(recent_series(app.sessions, cfg.http.page_size, with_patient=show_phi),
+                       app)
     e = html.escape
     out = [
         "<!doctype html><html><head><meta charset='utf-8'>",
@@ -214,13 +303,14 @@ def render_page(app: Any) -> str:
         prio = r.priority or ""
         delivery = e(r.delivery_summary()) or "&ndash;"
         thumb = ""
-        if verdict == "abnormal":
-            thumb = f"<img alt='heat map' src='/thumb/{r.series_id}.png'>"
+        if verdict in ("abnormal", "normal"):
+            thumb = (f"<a href='/series/{r.series_id}'><img alt='heat map' "
+                     f"src='/thumb/{r.series_id}.png'></a>")
         pill = f"<span class='pill {e(prio)}'>{e(prio)}</span>" if prio else ""
         reason = f"<br><small>{e(r.reason)}</small>" if r.reason else ""
         out.append(
             f"<tr><td>{e(r.last_received_at.isoformat(timespec='seconds'))}</td><td>{patient}</td>"
-            f"<td>{e(r.series_description or '')}<br>"
+            f"<td><a href='/series/{r.series_id}'>{e(r.series_description or 'series')}</a><br>"
             f"<span class='uid'>&hellip;{e(r.series_instance_uid[-12:])}</span></td>"
             f"<td class='num'>{r.instances}</td><td>{e(r.state)}{reason}</td>"
             f"<td class='{e(verdict)}'>{e(verdict.replace('_', ' '))}</td>"
