@@ -73,10 +73,14 @@ class OperatingPoint:
         if self.verdict(score) != "abnormal":
             return ROUTINE
         assert score is not None
-        for band in sorted(self.bands, key=lambda b: -b.bound(self.threshold)):
+        for band in self.ranked_bands():
             if score >= band.bound(self.threshold):
                 return band.name
         return ROUTINE
+
+    def ranked_bands(self) -> list[PriorityBand]:
+        """The priority bands from the most urgent (highest bound at this threshold) down."""
+        return sorted(self.bands, key=lambda b: -b.bound(self.threshold))
 
 
 def mismatch_message(config_threshold: float, model_threshold: float) -> str:

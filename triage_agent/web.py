@@ -20,6 +20,7 @@ from sqlalchemy import select
 
 from triage_agent import db
 from triage_agent.models import Output, Result
+from triage_agent.operating_point import OperatingPoint
 from triage_agent.status_view import SeriesStatus, queue_depth, recent_series, refusals_since
 
 log = logging.getLogger(__name__)
@@ -213,8 +214,9 @@ def admin_banners(app: Any) -> str:
 def by_priority(rows: list[SeriesStatus], app: Any) -> list[SeriesStatus]:
     """The reading room's order: the most urgent priority band first, then routine, then series
     not scored yet; newest first within each."""
-    threshold = app.model.operating_point(app.cfg).threshold if app.model else 0.0
-    bands = sorted(app.cfg.triage.priority_bands, key=lambda b: -b.bound(threshold))
+    op = (app.model.operating_point(app.cfg) if app.model else
+          OperatingPoint(app.cfg.triage.threshold or 0.0, tuple(app.cfg.triage.priority_bands)))
+    bands = op.ranked_bands()
     rank = {b.name: i for i, b in enumerate(bands)}
     rank.setdefault("routine", len(bands))
 
