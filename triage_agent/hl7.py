@@ -297,7 +297,8 @@ def _observations(notice: ResultNotice) -> list[_Observation]:
     if notice.score is None:
         score_value, score_flag, score_status = "", "", "X"  # X: result cannot be obtained
     else:
-        high = notice.score >= notice.threshold
+        # the verdict was decided once, by the operating point: the flag follows it
+        high = notice.verdict == "abnormal"
         score_value, score_flag, score_status = _nm(notice.score), ("H" if high else "N"), "F"
 
     return [
