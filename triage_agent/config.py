@@ -131,6 +131,12 @@ class DatabaseConfig(_Section):
         return value
 
 
+#: ConvolutionKernel patterns of bone/sharp reconstructions (GE BONE/BONEPLUS/LUNG/DETAIL/EDGE,
+#: Siemens H/J/Hr/Br/Qr 50 and above, Canon/Toshiba FC30 and above, Philips D/E/L/Y*).
+SHARP_KERNELS = ("(?i)bone", "(?i)sharp", "(?i)lung", "(?i)detail", "(?i)edge",
+                 "(?i)^(H|J|Hr|Br|Qr|I|B)[5-9][0-9]", "(?i)^FC[3-9][0-9]", "(?i)^(D|E|L|Y[A-D])$")
+
+
 class SeriesConfig(_Section):
     quiet_period_s: float = Field(10.0, gt=0)
     sweep_interval_s: float = Field(2.0, gt=0)
@@ -144,8 +150,18 @@ class SeriesConfig(_Section):
     slice_thickness_mm: tuple[float, float] = (0.5, 6.0)
     axial_only: bool = True
     axial_tolerance_deg: float = Field(20.0, ge=0, le=90)
+    # The study rule: which of a study's eligible series is scored (selection.rank_key).
+    report: Literal["one_per_study", "every_eligible_series"] = "one_per_study"
+    late_series: Literal["skip", "score_if_preferred"] = "skip"
+    avoid_kernel: list[str] = Field(default_factory=lambda: list(SHARP_KERNELS))
+    avoid_description: list[str] = Field(
+        default_factory=lambda: ["(?i)bone", "(?i)sharp", "(?i)lung", "(?i)\\bMIP\\b"]
+    )
+    prefer_description: list[str] = Field(default_factory=list)
+    preferred_thickness_mm: float = Field(5.0, gt=0)
 
-    @field_validator("description_include", "description_exclude")
+    @field_validator("description_include", "description_exclude", "avoid_kernel",
+                     "avoid_description", "prefer_description")
     @classmethod
     def _regexes(cls, values: list[str]) -> list[str]:
         for v in values:

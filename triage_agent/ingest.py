@@ -20,7 +20,7 @@ from sqlalchemy import CursorResult, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from triage_agent.dicom_uids import IMAGE_SOP_CLASSES, valid_uid
+from triage_agent.dicom_uids import IMAGE_SOP_CLASSES, image_facts, valid_uid
 from triage_agent.models import (
     Event,
     Instance,
@@ -66,6 +66,8 @@ class InstanceInfo:
     instance_number: int | None = None
     slice_thickness_mm: float | None = None
     orientation: str | None = None
+    convolution_kernel: str | None = None
+    frames: int = 1
     patient_id: str | None = None
     patient_name: str | None = None
     accession_number: str | None = None
@@ -155,18 +157,8 @@ def inspect_dataset(ds: Dataset, sop_class: str, sop_uid: str, ts: str) -> Insta
     # Touch every element once so a truncated or corrupt dataset fails here, not in a worker.
     for elem in ds.iterall():
         _ = elem.value
-    thickness = None
-    try:
-        st = ds.get("SliceThickness")
-        thickness = float(st) if st not in (None, "") else None
-    except (TypeError, ValueError):
-        thickness = None
-    iop = ds.get("ImageOrientationPatient")
-    if iop is None and "SharedFunctionalGroupsSequence" in ds:  # Enhanced CT
-        try:
-            iop = ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
-        except (AttributeError, IndexError):
-            iop = None
+    facts = image_facts(ds)  # classic or enhanced (functional groups) CT
+    thickness, iop = facts.slice_thickness_mm, facts.orientation
     return InstanceInfo(
         sop_class_uid=sop_class,
         sop_instance_uid=sop_uid,
@@ -180,6 +172,8 @@ def inspect_dataset(ds: Dataset, sop_class: str, sop_uid: str, ts: str) -> Insta
         instance_number=_int(ds, "InstanceNumber"),
         slice_thickness_mm=thickness,
         orientation=classify_orientation(iop) if iop is not None else None,
+        convolution_kernel=facts.kernel,
+        frames=facts.frames,
         patient_id=_str(ds, "PatientID", 64),
         patient_name=_str(ds, "PatientName", 324),
         accession_number=_str(ds, "AccessionNumber", 16),
@@ -232,6 +226,7 @@ def _upsert_series(session: Session, info: InstanceInfo, ignored: bool) -> Serie
             series_number=info.series_number,
             slice_thickness_mm=info.slice_thickness_mm,
             orientation=info.orientation,
+            convolution_kernel=info.convolution_kernel,
             state=SeriesState.RECEIVING,
             reason=None,
             instance_count=0,
@@ -299,6 +294,7 @@ def persist(
         if inserted:
             values: dict[str, Any] = {
                 "instance_count": Series.instance_count + 1,
+                "frame_count": Series.frame_count + info.frames,
                 "last_received_at": utcnow(),
             }
             if series.state != SeriesState.RECEIVING:

@@ -98,10 +98,14 @@ class Series(Base):
     series_number: Mapped[int | None] = mapped_column(Integer)
     slice_thickness_mm: Mapped[float | None] = mapped_column(Float)
     orientation: Mapped[str | None] = mapped_column(String(32))  # e.g. "axial:2.0" (plane:tilt)
+    convolution_kernel: Mapped[str | None] = mapped_column(String(64))  # the study rule's kernel
     state: Mapped[SeriesState] = mapped_column(state_type(SeriesState),
                                                default=SeriesState.RECEIVING, index=True)
     reason: Mapped[str | None] = mapped_column(Text)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Image frames received: instance_count for classic images, the sum of NumberOfFrames for
+    # enhanced (multi-frame) ones; what the selection's min_slices counts.
+    frame_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     first_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
     completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime)

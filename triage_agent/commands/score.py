@@ -5,7 +5,9 @@ object per line and series: series_instance_uid, score, verdict, threshold, reas
 [model] and [triage] of agent.toml apply when the file exists; defaults otherwise. The threshold
 is the model file's calibrated one, unless ``--threshold`` or (without ``--model``) ``[triage]
 threshold`` sets another. Series the node's ``[series]`` rules would skip (an MR, a chest CT, a
-reformat) are printed as ``skipped`` with the reason and not scored, unless ``--no-selection``.
+reformat, and with ``report = "one_per_study"`` every series of a study but the one the study
+rule chooses) are printed as ``skipped`` with the reason and not scored, unless
+``--no-selection``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where the model runs (default: [model] device)")
     p.add_argument("--no-selection", action="store_true",
                    help="score every series, also those the node's [series] rules would skip "
-                        "(another modality, body part, orientation, too few slices)")
+                        "(another modality, body part, orientation, too few slices, or not "
+                        "the series chosen for its study)")
     add_config_argument(p)
     p.set_defaults(func=run)
 
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from triage_agent.config import AgentConfig, ConfigError, load_config
     from triage_agent.inference import find_series, score_series
     from triage_agent.operating_point import OperatingPoint, thresholds_differ
-    from triage_agent.selection import series_facts, skip_reason
+    from triage_agent.selection import skip_reasons
 
     cfg = AgentConfig()
     if args.config and Path(args.config).exists():
@@ -86,8 +89,9 @@ def run(args: argparse.Namespace) -> int:
     if not groups:
         print("error: no DICOM series found", file=sys.stderr)
         return 1
+    reasons = {} if args.no_selection else skip_reasons(groups, cfg.series)
     for uid, files in sorted(groups.items()):
-        reason = None if args.no_selection else skip_reason(series_facts(files), cfg.series)
+        reason = reasons.get(uid)
         if reason is not None:
             if args.json:
                 print(json.dumps({"series_instance_uid": uid, "score": None,
