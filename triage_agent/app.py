@@ -18,6 +18,7 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage_agent import completion, db, metrics
+from triage_agent.audit import SPOOL_NAME, AuditLog
 from triage_agent.config import AgentConfig
 from triage_agent.drift import DriftMonitor
 from triage_agent.models import Event, Job, JobState
@@ -125,6 +126,7 @@ class App:
     engine: Engine = field(init=False)
     sessions: sessionmaker[Session] = field(init=False)
     storage: Storage = field(init=False)
+    audit: AuditLog = field(init=False)
     receiver: Receiver | None = None
     scheduler: BackgroundScheduler | None = None
     workers: list[Worker] = field(default_factory=list)
@@ -140,6 +142,7 @@ class App:
         db.check_connection(self.engine)
         self.sessions = db.session_factory(self.engine)
         self.storage = Storage(self.cfg.storage.root, self.cfg.storage.high_water_percent)
+        self.audit = AuditLog(self.sessions, self.storage.root / SPOOL_NAME)
         with contextlib.suppress(ValueError):  # already registered (several Apps in one process)
             REGISTRY.register(metrics.DatabaseCollector(self.sessions))
 
@@ -147,6 +150,7 @@ class App:
         if self.run_receiver and self.cfg.security.open_to_anyone:
             log.warning("%s Restrict callers in agent.toml ([security]).",
                         open_node_warning(self.cfg))
+        self.audit.start()  # replays what an earlier run left in the audit spool
         removed = self.storage.clean_tmp()
         if removed:
             log.info("removed %d temp file(s) left by an earlier crash", removed)
@@ -182,7 +186,7 @@ class App:
             )
         self.scheduler.start()
         if self.run_receiver:
-            self.receiver = Receiver(self.cfg, self.storage, self.sessions)
+            self.receiver = Receiver(self.cfg, self.storage, self.sessions, self.audit)
             self.receiver.start()
         if self.cfg.http.enabled:
             self.web = WebServer(self)
@@ -304,5 +308,6 @@ class App:
             w.stop()
         for t in self.threads:
             t.join(timeout=grace_s)
+        self.audit.stop()  # written, or kept in the spool for the next start
         self.engine.dispose()
         log.info("stopped")

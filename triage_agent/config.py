@@ -116,6 +116,9 @@ class SecurityConfig(_Section):
 class StorageConfig(_Section):
     root: Path = Path("var/storage")
     high_water_percent: float = Field(90.0, gt=0, le=100)
+    # A C-STORE that cannot commit its row within this many seconds (database locked or busy)
+    # is answered 0xA700, well before a modality's DIMSE timeout (often 30 s).
+    store_commit_timeout_s: float = Field(10.0, gt=0, le=600)
     # Storage SOP classes (UIDs) accepted besides CT/Enhanced CT; recorded as ignored, no pixels kept.
     extra_sop_classes: list[str] = Field(default_factory=list)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -27,14 +29,75 @@ class DatabaseError(Exception):
     """The database cannot be reached or migrated; the message says what to check."""
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+# How long a transaction may wait for a lock when no deadline is set (SQLite busy timeout).
+DEFAULT_LOCK_WAIT_S = 30.0
+_deadline = threading.local()
+
+
+class LockTimeout(OperationalError):
+    """The deadline of ``lock_wait_deadline`` passed before a transaction could begin."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no database lock within {seconds:g} s", None, Exception("deadline"))
+
+
+@contextmanager
+def lock_wait_deadline(seconds: float) -> Iterator[None]:
+    """Transactions this thread begins inside the block wait for database locks only until
+    ``seconds`` from now, all of them together (SQLite busy timeout; PostgreSQL lock_timeout
+    and statement_timeout). Past the deadline they fail with an OperationalError
+    (``is_lock_timeout`` says which) instead of waiting for whoever holds the lock."""
+    outer = getattr(_deadline, "at", None)
+    at = time.monotonic() + seconds
+    _deadline.at = at if outer is None else min(outer, at)
+    _deadline.seconds = seconds
+    try:
+        yield
+    finally:
+        _deadline.at = outer
+
+
+def _remaining_ms() -> int | None:
+    """Milliseconds left of this thread's deadline (at least 1), None without one; raises
+    LockTimeout once it has passed."""
+    at = getattr(_deadline, "at", None)
+    if at is None:
+        return None
+    left = at - time.monotonic()
+    if left <= 0:
+        raise LockTimeout(getattr(_deadline, "seconds", 0.0))
+    return max(1, int(left * 1000))
+
+
+def is_lock_timeout(e: BaseException) -> bool:
+    """Whether a database error means "waited too long for a lock" (retry later) rather than a
+    broken database: SQLite's "database is locked"/"busy", PostgreSQL's lock_timeout (55P03)
+    and statement_timeout (57014)."""
+    orig = getattr(e, "orig", None)
+    if isinstance(e, LockTimeout) or isinstance(orig, LockTimeout):
+        return True
+    if getattr(orig, "pgcode", None) in ("55P03", "57014"):
+        return True
+    text_ = str(orig if orig is not None else e).lower()
+    return "database is locked" in text_ or "database is busy" in text_
+
+
+def _busy_timeout_ms() -> int:
+    left = _remaining_ms()
+    return int(DEFAULT_LOCK_WAIT_S * 1000) if left is None else left
+
+
+def _sqlite_pragmas(dbapi_conn: Any, record: Any) -> None:
     cur = dbapi_conn.cursor()
+    # First, so that switching a database to WAL waits no longer than this thread may.
+    ms = _busy_timeout_ms()
+    cur.execute(f"PRAGMA busy_timeout={ms}")
+    record.info["busy_timeout_ms"] = ms
     # WAL lets readers (status, scheduler) run beside the writer; FULL makes a commit durable
     # across power loss, which the C-STORE Success status promises (docs/reliability.md, promise 1).
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
 
 
@@ -50,7 +113,7 @@ def make_engine(url: str) -> Engine:
     if u.get_backend_name() == "sqlite":
         engine = create_engine(
             url,
-            connect_args={"timeout": 30, "check_same_thread": False},
+            connect_args={"timeout": DEFAULT_LOCK_WAIT_S, "check_same_thread": False},
             pool_size=20,
             max_overflow=20,
         )
@@ -64,10 +127,24 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _begin_immediate(conn: Any) -> None:
+            # The busy timeout is the lock wait: this thread's deadline if it has one.
+            ms = _busy_timeout_ms()
+            if conn.info.get("busy_timeout_ms") != ms:
+                conn.exec_driver_sql(f"PRAGMA busy_timeout={ms}")
+                conn.info["busy_timeout_ms"] = ms
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+    engine = create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+
+    @event.listens_for(engine, "begin")
+    def _pg_deadline(conn: Any) -> None:
+        left = _remaining_ms()
+        if left is not None:  # SET LOCAL: ends with this transaction
+            conn.exec_driver_sql(f"SET LOCAL lock_timeout = {left}")
+            conn.exec_driver_sql(f"SET LOCAL statement_timeout = {left}")
+
+    return engine
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

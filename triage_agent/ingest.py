@@ -6,9 +6,11 @@ a socket.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -251,12 +253,15 @@ def persist(
     dataset_bytes: bytes,
     *,
     ignored: bool = False,
+    audit_event: Callable[..., None] | None = None,
 ) -> str:
     """Write and record one instance. Returns "stored", "duplicate" or "quarantined".
 
     Success may be sent only after this returns: the file and its directory entry are fsynced
-    and the row is committed.
+    and the row is committed. ``audit_event(kind, **fields)`` records a conflict (the receiver
+    passes its AuditLog's, which never waits for the database); default: ``audit``.
     """
+    record = audit_event or functools.partial(audit, sessions)
     chunks = [_file_preamble(info), dataset_bytes]
     digest = content_digest(chunks)
     with sessions() as s:
@@ -264,7 +269,7 @@ def persist(
             select(Instance.sha256).where(Instance.sop_instance_uid == info.sop_instance_uid)
         )
     if existing is not None:
-        return _duplicate(storage, sessions, info, chunks, digest, existing)
+        return _duplicate(storage, record, info, chunks, digest, existing)
 
     relpath = None
     if not ignored:
@@ -320,12 +325,12 @@ def persist(
         return "duplicate"
     if relpath is not None:
         storage.remove(relpath)
-    return _duplicate(storage, sessions, info, chunks, digest, existing or "")
+    return _duplicate(storage, record, info, chunks, digest, existing or "")
 
 
 def _duplicate(
     storage: Storage,
-    sessions: sessionmaker[Session],
+    record: Callable[..., None],
     info: InstanceInfo,
     chunks: list[bytes],
     digest: str,
@@ -337,8 +342,7 @@ def _duplicate(
     relpath = storage.quarantine_relpath(digest)
     storage.write_atomic(relpath, chunks)
     log.warning("instance %s: same UID with different content quarantined", info.log_id)
-    audit(
-        sessions,
+    record(
         "instance_conflict",
         calling_ae=info.calling_ae,
         source_address=info.source_address,

@@ -51,6 +51,20 @@ DELIVERIES = Counter(
 MODEL_INFO = Gauge(
     "triage_model_info", "The loaded detector (value 1)", ["name", "version", "weights_sha256"],
 )
+# The audit writer (triage_agent/audit.py): events wait in memory, then in the spool file.
+AUDIT_QUEUE_DEPTH = Gauge(
+    "triage_audit_queue_depth", "Audit events waiting in memory for the database writer",
+)
+AUDIT_SPOOLED = Gauge(
+    "triage_audit_spooled_events",
+    "Audit events kept in the storage root's audit-spool.jsonl until the database takes them",
+)
+AUDIT_EVENTS = Counter(
+    "triage_audit_events_total",
+    "Audit events by path (written, spooled, replayed from the spool, dropped as refused by "
+    "the database, lost when the spool could not be written)",
+    ["outcome"],
+)
 
 
 # The drift alarm (triage_agent/drift.py); NaN where there is nothing to report yet.

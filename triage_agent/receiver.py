@@ -20,8 +20,9 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from triage_agent import ingest, metrics, pynetdicom_compat
+from triage_agent import db, ingest, metrics, pynetdicom_compat
 from triage_agent.admission import HardenedServer
+from triage_agent.audit import SPOOL_NAME, AuditLog
 from triage_agent.config import AgentConfig
 from triage_agent.dicom_uids import IMAGE_SOP_CLASSES, valid_uid
 from triage_agent.storage import Storage, StorageFullError
@@ -63,6 +64,8 @@ class Receiver:
     cfg: AgentConfig
     storage: Storage
     sessions: sessionmaker[Session]
+    # Association audit events go through it, never straight to the database (audit.py).
+    audit: AuditLog = None  # type: ignore[assignment]  # None: __post_init__ makes one
     ae: AE = field(init=False)
     _server: Any = None
     _server_class: type[HardenedServer] = HardenedServer
@@ -72,6 +75,8 @@ class Receiver:
 
     def __post_init__(self) -> None:
         self.ae = build_ae(self.cfg)
+        if self.audit is None:  # App passes the node's; a bare receiver keeps its own
+            self.audit = AuditLog(self.sessions, self.storage.root / SPOOL_NAME)
 
     @property
     def accepted_sop_classes(self) -> set[str]:
@@ -113,14 +118,14 @@ class Receiver:
     def _tls_failed(self, ip: str, err: Exception) -> None:
         log.warning("TLS handshake with %s failed: %s", ip, err)
         metrics.ASSOCIATIONS.labels("refused", "tls").inc()
-        ingest.audit(self.sessions, "tls_refused", source_address=ip,
-                     detail=f"TLS handshake failed: {err}"[:2000], flagged=True)
+        self.audit.record("tls_refused", source_address=ip,
+                          detail=f"TLS handshake failed: {err}"[:2000], flagged=True)
 
     def _refused_connection(self, ip: str) -> None:
         metrics.ASSOCIATIONS.labels("refused", "per_address_limit").inc()
-        ingest.audit(self.sessions, "connection_refused", source_address=ip,
-                     detail=f"per-address limit {self.cfg.node.max_connections_per_address}",
-                     flagged=True)
+        self.audit.record("connection_refused", source_address=ip,
+                          detail=f"per-address limit {self.cfg.node.max_connections_per_address}",
+                          flagged=True)
 
     def _watchdog(self) -> None:
         """Abort associations past their wall-clock limit or idle (no complete PDU); kill those
@@ -156,8 +161,8 @@ class Receiver:
                     address = str(getattr(assoc.requestor, "address", ""))
                     log.warning("aborting association from %s: %s", address, why)
                     metrics.ASSOCIATIONS.labels("aborted", "limit").inc()
-                    ingest.audit(self.sessions, "association_aborted", source_address=address,
-                                 detail=why, flagged=True)
+                    self.audit.record("association_aborted", source_address=address,
+                                      detail=why, flagged=True)
                     _abort(assoc)
 
     def reload_tls(self, old: AgentConfig, new: AgentConfig) -> None:
@@ -285,8 +290,8 @@ def _trace_refusals(assoc: Any, rx: Receiver) -> None:
     calling, address = _peer_of(assoc)
     detail = summarise(refused)
     log.warning("association from %s could not carry: %s", calling, detail)
-    ingest.audit(rx.sessions, "contexts_refused", calling_ae=calling, source_address=address,
-                 detail=detail, flagged=True)
+    rx.audit.record("contexts_refused", calling_ae=calling, source_address=address,
+                    detail=detail, flagged=True)
 
 
 def handle_pdu_recv(event: Any, rx: Receiver) -> None:
@@ -308,9 +313,10 @@ def handle_pdu_recv(event: Any, rx: Receiver) -> None:
         assoc.triage_aborting_since = time.monotonic()
         log.warning("aborting association: dataset larger than %g MB", rx.cfg.node.max_dataset_mb)
         metrics.ASSOCIATIONS.labels("aborted", "dataset_size").inc()
-        ingest.audit(rx.sessions, "association_aborted",
-                     source_address=str(assoc.requestor.address),
-                     detail=f"dataset larger than {rx.cfg.node.max_dataset_mb:g} MB", flagged=True)
+        rx.audit.record("association_aborted",
+                        source_address=str(assoc.requestor.address),
+                        detail=f"dataset larger than {rx.cfg.node.max_dataset_mb:g} MB",
+                        flagged=True)
         _abort(assoc)
 
 
@@ -335,8 +341,8 @@ def handle_requested(event: Any, rx: Receiver) -> None:
     pynetdicom_compat.send_reject(event.assoc, *reject)
     pynetdicom_compat.wait_reject_sent(event.assoc)
     log.warning("association rejected: %s", why)
-    ingest.audit(rx.sessions, "association_rejected", calling_ae=calling, source_address=address,
-                 detail=why, flagged=True)
+    rx.audit.record("association_rejected", calling_ae=calling, source_address=address,
+                    detail=why, flagged=True)
 
 
 def handle_accepted(event: Any, rx: Receiver) -> None:
@@ -344,7 +350,7 @@ def handle_accepted(event: Any, rx: Receiver) -> None:
     event.assoc.triage_accepted = True
     metrics.ASSOCIATIONS.labels("accepted", "").inc()
     log.info("association accepted from %s at %s", calling, address)
-    ingest.audit(rx.sessions, "association_accepted", calling_ae=calling, source_address=address)
+    rx.audit.record("association_accepted", calling_ae=calling, source_address=address)
 
 
 def handle_echo(event: Any) -> int:
@@ -370,9 +376,9 @@ def handle_store(event: Any, rx: Receiver) -> Dataset | int:
     def refuse(status: int, comment: str, kind: str = "store_failed") -> Dataset:
         metrics.INSTANCES.labels(f"0x{status:04X}").inc()
         log.warning("C-STORE refused (0x%04X): %s", status, comment)
-        ingest.audit(rx.sessions, kind, calling_ae=calling, source_address=address,
-                     sop_instance_uid=sop_uid if valid_uid(sop_uid) else None, status=status,
-                     detail=comment, flagged=True)
+        rx.audit.record(kind, calling_ae=calling, source_address=address,
+                        sop_instance_uid=sop_uid if valid_uid(sop_uid) else None, status=status,
+                        detail=comment, flagged=True)
         return _failure(status, comment)
 
     if not valid_uid(sop_uid) or not valid_uid(sop_class):
@@ -394,15 +400,23 @@ def handle_store(event: Any, rx: Receiver) -> Dataset | int:
 
     info.calling_ae = calling
     info.source_address = address
+    commit_timeout_s = rx.cfg.storage.store_commit_timeout_s
     try:
         rx.storage.check_space()
-        outcome = ingest.persist(rx.storage, rx.sessions, info, event.encoded_dataset(False),
-                                 ignored=sop_class not in IMAGE_SOP_CLASSES)
+        # Every wait for a database lock ends by the deadline: a modality hears 0xA700 and
+        # retries instead of timing out while someone else holds the database.
+        with db.lock_wait_deadline(commit_timeout_s):
+            outcome = ingest.persist(rx.storage, rx.sessions, info, event.encoded_dataset(False),
+                                     ignored=sop_class not in IMAGE_SOP_CLASSES,
+                                     audit_event=rx.audit.record)
     except StorageFullError as e:
         return refuse(Status.OUT_OF_RESOURCES, str(e), kind="storage_full")
     except OSError as e:
         return refuse(Status.OUT_OF_RESOURCES, f"storage error: {e.strerror or e}")
     except SQLAlchemyError as e:
+        if db.is_lock_timeout(e):
+            return refuse(Status.OUT_OF_RESOURCES,
+                          f"database busy: not stored within {commit_timeout_s:g} s, retry")
         return refuse(Status.OUT_OF_RESOURCES, f"database error: {e.__class__.__name__}")
     metrics.INSTANCES.labels(outcome).inc()
     log.debug("instance %s: %s", info.log_id, outcome)
