@@ -73,24 +73,30 @@ class StoreSCP:
         return DestinationConfig(name="pacs", ae_title="PACS", host="127.0.0.1", port=self.port)
 
 
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
 class Orthanc:
     """Orthanc with a temporary config: loopback HTTP, no auth, fsync'd storage, any AE may store.
 
     ``stop()`` and ``start()`` keep the ports and the data, so a test can take the PACS down
-    during delivery and bring it back.
+    during delivery and bring it back. ``dicomweb=True`` loads the DICOMweb plugin (STOW-RS at
+    ``dicomweb_url``); ``settings`` override configuration keys (authentication, Lua scripts).
     """
 
     aet = "ORTHANC"
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, *, dicomweb: bool = False, **settings: Any) -> None:
         if shutil.which("Orthanc") is None:
             raise RuntimeError("Orthanc not found: apt-get install orthanc")
+        if dicomweb and not DICOMWEB_PLUGIN.exists():
+            raise RuntimeError(f"{DICOMWEB_PLUGIN} not found: apt-get install orthanc-dicomweb")
         self.work = work
         work.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-        cfg = {
+        cfg: dict[str, Any] = {
             "Name": "test-pacs", "StorageDirectory": str(work / "db"),
             "IndexDirectory": str(work / "db"), "DicomAet": self.aet, "DicomPort": self.port,
             "HttpPort": self.http_port, "RemoteAccessAllowed": False,
@@ -98,6 +104,11 @@ class Orthanc:
             "SyncStorageArea": True, "StorageCompression": False, "Plugins": [],
             "DicomAlwaysAllowStore": True, "DicomCheckModalityHost": False,
         }
+        if dicomweb:
+            cfg["Plugins"] = [str(DICOMWEB_PLUGIN)]
+            cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        cfg.update(settings)
+        self.dicomweb_url = f"http://127.0.0.1:{self.http_port}/dicom-web"
         self.config = work / "orthanc.json"
         self.config.write_text(json.dumps(cfg))
 

@@ -220,8 +220,8 @@ class App:
 
     # Sections a SIGHUP applies; the others (ports, database, storage) need a restart. The model
     # file is loaded again when [model] or the file itself changed.
-    RELOADABLE = ("triage", "destinations", "hl7_destinations", "delivery", "outputs", "security", "series", "logging",
-                  "drift", "model")
+    RELOADABLE = ("triage", "destinations", "hl7_destinations", "dicomweb_destinations", "delivery",
+                  "outputs", "security", "series", "logging", "drift", "model")
 
     def reload(self, new: AgentConfig) -> list[str]:
         """Apply reloadable settings from ``new`` without dropping associations.

@@ -12,6 +12,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -208,6 +209,44 @@ class HL7DestinationConfig(_Section):
     timeout_s: float = Field(10.0, gt=0)
 
 
+class DicomWebDestinationConfig(_Section):
+    """A PACS or archive that takes results over DICOMweb STOW-RS (HTTP POST of the SR and heat
+    maps to ``<url>/studies``). Secrets live in files readable by the node only, read at each send
+    (so a rotated token needs no restart) and never logged."""
+
+    name: str = Field(min_length=1, max_length=32)
+    # Base URL of the DICOMweb service, e.g. "https://pacs.example.org/dicom-web".
+    url: str
+    # HTTP basic authentication: the user name here, the password in password_file.
+    username: str = ""
+    password_file: Path | None = None
+    # Or an OAuth/bearer token in token_file (sent as "Authorization: Bearer ...").
+    token_file: Path | None = None
+    # CA bundle (PEM) that signs the server's certificate; unset = the system's trusted CAs.
+    ca_certificate: Path | None = None
+    timeout_s: float = Field(30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("give an http:// or https:// URL with a host, e.g. "
+                             "https://pacs.example.org/dicom-web")
+        if parts.username or parts.password:
+            raise ValueError("credentials do not belong in the URL: use username and "
+                             "password_file, or token_file")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_auth(self) -> DicomWebDestinationConfig:
+        if bool(self.username) != (self.password_file is not None):
+            raise ValueError("basic authentication needs both username and password_file")
+        if self.token_file is not None and self.username:
+            raise ValueError("give either username/password_file or token_file, not both")
+        return self
+
+
 class PriorityBand(_Section):
     """A worklist priority for abnormal series. ``above_threshold`` is relative to the operating
     threshold in force (``score >= threshold + above_threshold``), so bands keep their meaning
@@ -349,6 +388,7 @@ class AgentConfig(_Section):
     series: SeriesConfig = SeriesConfig()
     destinations: list[DestinationConfig] = Field(default_factory=list)
     hl7_destinations: list[HL7DestinationConfig] = Field(default_factory=list)
+    dicomweb_destinations: list[DicomWebDestinationConfig] = Field(default_factory=list)
     triage: TriageConfig = TriageConfig()
     model: ModelConfig = ModelConfig()
     worker: WorkerConfig = WorkerConfig()
@@ -364,6 +404,7 @@ class AgentConfig(_Section):
         for field_name, names in (
             ("destinations", [d.name or f"{d.ae_title}@{d.host}:{d.port}" for d in self.destinations]),
             ("hl7_destinations", [d.name for d in self.hl7_destinations]),
+            ("dicomweb_destinations", [d.name for d in self.dicomweb_destinations]),
         ):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
@@ -386,11 +427,16 @@ class AgentConfig(_Section):
         model = self.model
         if model.weights is not None:
             model = model.model_copy(update={"weights": fix(model.weights)})
+        web = [d.model_copy(update={k: fix(v) for k in ("password_file", "token_file",
+                                                         "ca_certificate")
+                                    if (v := getattr(d, k)) is not None})
+               for d in self.dicomweb_destinations]
         return self.model_copy(
             update={
                 "storage": storage,
                 "database": self.database.model_copy(update={"url": db_url}),
                 "model": model,
+                "dicomweb_destinations": web,
             }
         )
 
