@@ -169,3 +169,39 @@ def test_lock_wait_deadline_bounds_a_transaction_on_a_locked_database(database: 
         s.add(Event(kind="y"))
     with sessions() as s:
         assert s.scalar(select(func.count()).select_from(Event)) == 1
+
+
+@pytest.mark.postgres
+def test_postgres_lock_wait_deadline_and_audit_spool(pg_server: Any, tmp_path: Path) -> None:
+    """The same bounds on PostgreSQL: lock_timeout ends the wait, the audit events wait in the
+    spool while the events table is locked and are written once when it is free."""
+    import sqlalchemy as sa
+
+    url = pg_server.new_database()
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    sessions = db.session_factory(engine)
+    holder = sa.create_engine(url).connect()
+    try:
+        holder.execute(sa.text("LOCK TABLE events IN ACCESS EXCLUSIVE MODE"))
+        t0 = time.perf_counter()
+        with (pytest.raises(sa.exc.OperationalError) as err, db.lock_wait_deadline(0.5),
+              sessions() as s, s.begin()):
+            s.add(Event(kind="x"))
+        assert db.is_lock_timeout(err.value) and time.perf_counter() - t0 < 3.0
+        log = AuditLog(sessions, tmp_path / SPOOL_NAME, lock_wait_s=0.3, retry_s=0.1)
+        log.start()
+        for i in range(5):
+            log.record("association_accepted", source_address=f"10.3.0.{i}")
+        deadline = time.monotonic() + 10
+        while log.spooled < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert log.spooled == 5
+    finally:
+        holder.rollback()
+        holder.close()
+    assert log.flush(15)
+    log.stop()
+    with sessions() as s:
+        assert sorted(s.scalars(select(Event.source_address))) == [f"10.3.0.{i}" for i in range(5)]
+    engine.dispose()

@@ -260,6 +260,10 @@ def persist(
     Success may be sent only after this returns: the file and its directory entry are fsynced
     and the row is committed. ``audit_event(kind, **fields)`` records a conflict (the receiver
     passes its AuditLog's, which never waits for the database); default: ``audit``.
+
+    When the row cannot commit (an error, or the caller's ``db.lock_wait_deadline`` passed) this
+    raises and nothing half-done is visible: no row, and at most a complete file under its
+    content name that no row points to, which the sender's retry of the instance takes over.
     """
     record = audit_event or functools.partial(audit, sessions)
     chunks = [_file_preamble(info), dataset_bytes]
