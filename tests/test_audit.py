@@ -91,6 +91,37 @@ def test_locked_database_never_delays_record_and_loses_nothing(database: Any,
     assert not spool.exists()
 
 
+def test_two_processes_sharing_the_spool_lose_and_double_nothing(database: Any,
+                                                                 tmp_path: Path) -> None:
+    """A receiver and a receive-less worker on one storage root append to and replay the
+    same spool (each AuditLog stands for a process: its own locks, its own file handles)."""
+    path, sessions = database
+    spool = tmp_path / SPOOL_NAME
+    logs = [AuditLog(sessions, spool, lock_wait_s=0.2, retry_s=0.05, max_queued=3)
+            for _ in range(2)]
+    for log in logs:
+        log.start()
+    lock = Lock(path)
+    try:
+        threads = [threading.Thread(target=lambda n=n, log=log: [
+            log.record("association_accepted", detail=f"{n}-{i}") for i in range(25)])
+            for n, log in enumerate(logs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        time.sleep(0.5)
+    finally:
+        lock.release()
+    for log in logs:
+        assert log.flush(20)
+        log.stop()
+    with sessions() as s:
+        details = sorted(s.scalars(select(Event.detail)))
+    assert details == sorted(f"{n}-{i}" for n in range(2) for i in range(25))
+    assert not spool.exists()
+
+
 def test_replay_after_a_crash_between_insert_and_spool_cut_writes_each_once(
         database: Any, tmp_path: Path) -> None:
     _, sessions = database

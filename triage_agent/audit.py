@@ -9,18 +9,23 @@ under the storage root, fsynced, and the writer replays it once the database is 
 
 Replay is idempotent: each event carries its own timestamp, unique per process to the
 microsecond, and an event already in the table (written, then the process stopped before the
-spool was cut) is not inserted twice.
+spool was cut) is not inserted twice. Processes sharing a storage root (a receiver and
+receive-less workers) share the spool: appends and cuts hold a file lock, and one process at a
+time replays.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import json
 import logging
 import os
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,7 +235,7 @@ class AuditLog:
             return
         lines = b"".join(_encode(e.fields) for e in events)
         try:
-            with self._spool_lock:
+            with self._locked():
                 new = not self.spool_path.exists()
                 with open(self.spool_path, "ab") as f:
                     f.write(lines)
@@ -247,18 +252,33 @@ class AuditLog:
         metrics.AUDIT_EVENTS.labels("spooled").inc(len(events))
         metrics.AUDIT_SPOOLED.set(self._spooled)
 
+    @contextlib.contextmanager
+    def _locked(self, suffix: str = ".lock", wait: bool = True) -> Iterator[bool]:
+        """This process's threads and other processes on the same spool, one at a time. With
+        ``wait=False`` yields False at once when another holds it."""
+        threads = self._spool_lock if suffix == ".lock" else contextlib.nullcontext()
+        lock_path = self.spool_path.with_name(self.spool_path.name + suffix)
+        with threads, open(lock_path, "ab") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True  # closing the file releases the lock
+
     def _recover_spool(self) -> None:
         """Count what an earlier run left; end a line a crash cut short so appends stay whole."""
-        try:
-            data = self.spool_path.read_bytes()
-        except FileNotFoundError:
-            data = b""
-        if data and not data.endswith(b"\n"):
-            with open(self.spool_path, "ab") as f:
-                f.write(b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-            data += b"\n"
+        with self._locked():
+            try:
+                data = self.spool_path.read_bytes()
+            except FileNotFoundError:
+                data = b""
+            if data and not data.endswith(b"\n"):
+                with open(self.spool_path, "ab") as f:
+                    f.write(b"\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                data += b"\n"
         self._spooled = data.count(b"\n")
         metrics.AUDIT_SPOOLED.set(self._spooled)
         if self._spooled:
@@ -267,9 +287,14 @@ class AuditLog:
 
     def _replay(self) -> bool:
         """Move the spool into the database, BATCH events per transaction; False if the
-        database is still not writable (the rest stays spooled)."""
+        database is still not writable (the rest stays spooled) or another process is
+        replaying it."""
+        with self._locked(".replay.lock", wait=False) as mine:
+            return mine and self._replay_locked()
+
+    def _replay_locked(self) -> bool:
         while True:
-            with self._spool_lock:
+            with self._locked():
                 try:
                     data = self.spool_path.read_bytes()
                 except FileNotFoundError:
@@ -303,7 +328,7 @@ class AuditLog:
 
     def _cut(self, n_bytes: int) -> None:
         """Drop the first ``n_bytes`` (replayed) of the spool; appends since then are kept."""
-        with self._spool_lock:
+        with self._locked():
             rest = self.spool_path.read_bytes()[n_bytes:]
             if rest:
                 tmp = self.spool_path.with_name(self.spool_path.name + ".tmp")
