@@ -209,25 +209,3 @@ def test_late_instances_reopen_and_requeue(node: Node, tmp_path: Path) -> None:
         assert [(j.generation, j.state) for j in jobs] == [(1, "cancelled"), (2, "queued")]
         assert s.scalar(select(Series.generation)) == 2
 
-
-def test_receivers_in_one_process_count_connections_separately():
-    """Per-address connection counts and callbacks belong to one receiver's server class: a
-    second receiver in the same process (tests, an embedded node) neither inherits its counts
-    nor its limit."""
-    from triage_agent.receiver import HardenedServer
-
-    refused: list[str] = []
-    a = HardenedServer.configured(max_per_address=1, on_refused=refused.append,
-                                  on_tls_failed=None, tls_handshake_timeout_s=1.0)
-    b = HardenedServer.configured(max_per_address=2, on_refused=refused.append,
-                                  on_tls_failed=None, tls_handshake_timeout_s=1.0)
-    sa, sb = object.__new__(a), object.__new__(b)  # the counting needs no socket
-    assert sa.verify_request(None, ("10.0.0.1", 1000))
-    assert not sa.verify_request(None, ("10.0.0.1", 1001))  # a's limit is 1
-    assert sb.verify_request(None, ("10.0.0.1", 1002))  # b counts on its own
-    assert sb.verify_request(None, ("10.0.0.1", 1003))
-    assert refused == ["10.0.0.1"]
-    a.connection_closed("10.0.0.1")
-    assert sa.verify_request(None, ("10.0.0.1", 1004))  # the slot came back to a only
-    assert not sb.verify_request(None, ("10.0.0.1", 1005))
-    assert HardenedServer.open_by_ip == {}

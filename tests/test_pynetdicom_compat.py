@@ -115,3 +115,18 @@ def test_hardened_server_overrides_socketserver_methods_pynetdicom_still_calls()
     assert isinstance(ThreadedAssociationServer.ssl_context, property)
     assert "server_class" in inspect.signature(AE.make_server).parameters
     assert issubclass(receiver.HardenedServer, ThreadedAssociationServer)
+
+
+def test_admission_relies_on_the_server_and_acse_behaving_as_it_assumes() -> None:
+    """triage_agent/admission.py: a False verify_request ends in shutdown_request (the explicit
+    close of a saturated listener); pynetdicom's own association limit counts every acceptor
+    thread and answers (2, 3, 2), the rejection admission sends too, so admission raises that
+    limit above its own (association_ceiling) and decides itself."""
+    noblock = inspect.getsource(socketserver.BaseServer._handle_request_noblock)
+    assert "self.verify_request(request, client_address)" in noblock
+    assert "self.shutdown_request(request)" in noblock
+    negotiate = inspect.getsource(ACSE._negotiate_as_acceptor)
+    assert "self.assoc.ae.maximum_associations" in negotiate
+    assert "(0x02, 0x03, 0x02)" in negotiate
+    from triage_agent.admission import LOCAL_LIMIT_EXCEEDED
+    assert LOCAL_LIMIT_EXCEEDED == (2, 3, 2)

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -57,6 +58,10 @@ class NodeConfig(_Section):
     max_association_s: float = Field(3600.0, gt=0)
     idle_timeout_s: float = Field(60.0, gt=0)
     max_connections_per_address: int = Field(5, ge=1)
+    # Association slots kept for listed callers ([security] priority_ae_titles/priority_networks):
+    # unlisted callers may hold at most max_associations - reserved_slots. Nothing is held back
+    # while nobody is listed.
+    reserved_slots: int = Field(4, ge=0)
     max_dataset_mb: float = Field(1024.0, gt=0)
 
     _ae = field_validator("ae_title")(_check_ae_title)
@@ -78,14 +83,19 @@ class TLSConfig(_Section):
 class SecurityConfig(_Section):
     allowed_calling_ae_titles: list[AETitle] = Field(default_factory=list)
     allowed_networks: list[str] = Field(default_factory=list)
+    # Listed modalities: callers that may use the [node] reserved_slots and are exempt from the
+    # per-address connection cap. A caller is listed when its calling AE title is in
+    # priority_ae_titles (if given) and its address in priority_networks (if given).
+    priority_ae_titles: list[AETitle] = Field(default_factory=list)
+    priority_networks: list[str] = Field(default_factory=list)
     tls: TLSConfig | None = None
 
-    @field_validator("allowed_calling_ae_titles")
+    @field_validator("allowed_calling_ae_titles", "priority_ae_titles")
     @classmethod
     def _aes(cls, values: list[str]) -> list[str]:
         return [_check_ae_title(v) for v in values]
 
-    @field_validator("allowed_networks")
+    @field_validator("allowed_networks", "priority_networks")
     @classmethod
     def _nets(cls, values: list[str]) -> list[str]:
         for v in values:
@@ -107,6 +117,25 @@ class SecurityConfig(_Section):
         the port may store here."""
         return (not self.allowed_calling_ae_titles and not self.allowed_networks
                 and not (self.tls is not None and self.tls.require_client_certificate))
+
+    @property
+    def lists_priority_callers(self) -> bool:
+        return bool(self.priority_ae_titles or self.priority_networks)
+
+    def priority_listed(self, ae_title: str, address: str) -> bool:
+        """A listed modality: AE title in priority_ae_titles (if any) and address in
+        priority_networks (if any); nobody is listed while both are empty."""
+        if not self.lists_priority_callers:
+            return False
+        if self.priority_ae_titles and ae_title.strip() not in self.priority_ae_titles:
+            return False
+        if not self.priority_networks:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in ipaddress.ip_network(n, strict=False) for n in self.priority_networks)
 
     def calling_ae_allowed(self, ae_title: str) -> bool:
         return not self.allowed_calling_ae_titles or ae_title.strip() in {
@@ -192,6 +221,8 @@ class DestinationConfig(_Section):
     host: str
     port: int = Field(ge=1, le=65535)
     tls: DestinationTLS | None = None
+    # Associations open at once to this destination (its delivery lane's threads).
+    concurrency: int = Field(1, ge=1, le=32)
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -337,8 +368,14 @@ class OutputsConfig(_Section):
     sc_for_normal: bool = False
     # How many of the most suspicious slices the SR references and the heat-map series shows.
     top_k_slices: int = Field(5, ge=1, le=50)
-    # Opacity of the heat map over the brain window, 0..1.
-    heatmap_opacity: float = Field(0.45, ge=0, le=1)
+    # How the heat map is drawn over the brain window (W80/L40): "outline" (a line around the
+    # region, filled with a tint that keeps the density's grey level) or "blend" (the region
+    # coloured, hiding part of the density).
+    overlay: Literal["outline", "blend"] = "outline"
+    # Strength of the outline's tint or the blend's colour, 0..1 (0: outline only).
+    overlay_opacity: float = Field(
+        0.3, ge=0, le=1, validation_alias=AliasChoices("overlay_opacity", "heatmap_opacity")
+    )
     # Perceptually uniform matplotlib colormap for the heat map.
     colormap: str = "inferno"
     # Manufacturer written into the SR device observer and algorithm identification.
@@ -355,6 +392,13 @@ class DeliveryConfig(_Section):
     interval_s: float = Field(2.0, gt=0)
     # Association/DIMSE timeouts towards destinations (seconds).
     timeout_s: float = Field(30.0, gt=0)
+    # Circuit breaker per destination: after breaker_failures attempts in a row that get no
+    # answer (refused, timed out, aborted) its lane stops trying for breaker_cooldown_s, doubling
+    # after each unanswered probe up to breaker_cooldown_cap_s, then tries one delivery and
+    # resumes when it is answered. Waiting deliveries spend no attempts.
+    breaker_failures: int = Field(3, ge=1)
+    breaker_cooldown_s: float = Field(60.0, gt=0)
+    breaker_cooldown_cap_s: float = Field(600.0, gt=0)
 
 
 class HttpConfig(_Section):
@@ -398,6 +442,15 @@ class AgentConfig(_Section):
     logging: LoggingConfig = LoggingConfig()
     drift: DriftConfig = DriftConfig()
     onboarding: OnboardingConfig = OnboardingConfig()
+
+    @model_validator(mode="after")
+    def _unlisted_callers_keep_a_slot(self) -> AgentConfig:
+        if (self.security.lists_priority_callers
+                and self.node.reserved_slots >= self.node.max_associations):
+            raise ValueError(f"node.reserved_slots ({self.node.reserved_slots}) must be below "
+                             f"node.max_associations ({self.node.max_associations}): unlisted "
+                             "callers need at least one association slot")
+        return self
 
     @model_validator(mode="after")
     def _unique_destination_names(self) -> AgentConfig:

@@ -19,6 +19,13 @@ ASSOCIATIONS = Counter(
     "triage_associations_total", "Associations by outcome and rejection reason",
     ["outcome", "reason"],
 )
+ADMISSION_REFUSED = Counter(
+    "triage_admission_refused_total",
+    "Connections and associations the receiver turned away, by calling host (IP address, "
+    "\"other\" past 256 hosts) and reason (listener_saturated, per_address_limit, unlisted_limit, "
+    "association_limit)",
+    ["address", "reason"],
+)
 REFUSED_PROPOSALS = Counter(
     "triage_refused_proposals_total",
     "SOP classes a peer proposed that an association could not carry, by reason (sop_class: not "
@@ -50,6 +57,17 @@ DELIVERIES = Counter(
 )
 MODEL_INFO = Gauge(
     "triage_model_info", "The loaded detector (value 1)", ["name", "version", "weights_sha256"],
+)
+# Delivery lanes (triage_agent/sender.py): one circuit breaker per destination.
+DESTINATION_CIRCUIT = Gauge(
+    "triage_destination_circuit_state",
+    "Delivery circuit breaker per destination: 0 closed (sending), 1 half-open (one delivery "
+    "tried), 2 open (not trying until the cool-down ends)", ["destination"],
+)
+DESTINATION_FAILURES = Gauge(
+    "triage_destination_consecutive_failures",
+    "Delivery attempts in a row a destination did not answer (refused, timed out, aborted)",
+    ["destination"],
 )
 # The audit writer (triage_agent/audit.py): events wait in memory, then in the spool file.
 AUDIT_QUEUE_DEPTH = Gauge(

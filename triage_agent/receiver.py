@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage_agent import db, ingest, metrics, pynetdicom_compat
-from triage_agent.admission import HardenedServer
+from triage_agent.admission import Admission, HardenedServer, association_ceiling
 from triage_agent.audit import SPOOL_NAME, AuditLog
 from triage_agent.config import AgentConfig
 from triage_agent.dicom_uids import IMAGE_SOP_CLASSES, valid_uid
@@ -101,9 +101,8 @@ class Receiver:
     def start(self) -> None:
         node = self.cfg.node
         self._server_class = HardenedServer.configured(
-            max_per_address=node.max_connections_per_address,
-            on_refused=self._refused_connection, on_tls_failed=self._tls_failed,
-            tls_handshake_timeout_s=node.acse_timeout_s)
+            admission=Admission.from_config(node), on_refused=self._refused_connection,
+            on_tls_failed=self._tls_failed, tls_handshake_timeout_s=node.acse_timeout_s)
         threading.Thread(target=self._watchdog, name="association-watchdog", daemon=True).start()
         self._server = self.ae.make_server(
             (node.bind_address, node.port),
@@ -121,11 +120,13 @@ class Receiver:
         self.audit.record("tls_refused", source_address=ip,
                           detail=f"TLS handshake failed: {err}"[:2000], flagged=True)
 
-    def _refused_connection(self, ip: str) -> None:
-        metrics.ASSOCIATIONS.labels("refused", "per_address_limit").inc()
-        self.audit.record("connection_refused", source_address=ip,
-                          detail=f"per-address limit {self.cfg.node.max_connections_per_address}",
-                          flagged=True)
+    @property
+    def admission(self) -> Admission:
+        return self._server_class.admission
+
+    def _refused_connection(self, ip: str, reason: str, why: str) -> None:
+        metrics.ASSOCIATIONS.labels("refused", reason).inc()
+        self.audit.record("connection_refused", source_address=ip, detail=why, flagged=True)
 
     def _watchdog(self) -> None:
         """Abort associations past their wall-clock limit or idle (no complete PDU); kill those
@@ -187,7 +188,7 @@ class Receiver:
 def build_ae(cfg: AgentConfig) -> AE:
     node = cfg.node
     ae = AE(ae_title=node.ae_title)
-    ae.maximum_associations = node.max_associations
+    ae.maximum_associations = association_ceiling(node)  # admission enforces max_associations
     ae.acse_timeout = node.acse_timeout_s
     ae.dimse_timeout = node.dimse_timeout_s
     ae.network_timeout = node.network_timeout_s
@@ -248,15 +249,10 @@ def handle_conn_open(event: Any, rx: Receiver) -> None:
 
 
 def _release_slot(assoc: Any) -> None:
-    """Give back the per-address slot once (on close, or when the watchdog finds it dead)."""
+    """Give back the association's slot once (on close, or when the watchdog finds it dead)."""
     server_class = getattr(assoc, "triage_server_class", None)
-    if server_class is None:  # never opened through a receiver: no slot was counted
-        return
-    with server_class.open_lock:
-        if getattr(assoc, "triage_closed", True):
-            return
-        assoc.triage_closed = True
-    server_class.connection_closed(str(assoc.requestor.address))
+    if server_class is not None:  # else never opened through a receiver: nothing was counted
+        server_class.admission.release(assoc)
 
 
 def _hard_kill(assoc: Any) -> None:
@@ -335,6 +331,9 @@ def handle_requested(event: Any, rx: Receiver) -> None:
         reject, label, why = (1, 1, 3), "calling_ae", f"calling AE title {calling!r} not allowed"
     elif not sec.address_allowed(address):
         reject, label, why = (1, 1, 1), "source_address", f"source address {address} not allowed"
+    elif refusal := rx.admission.admit(event.assoc, address, reserve=sec.lists_priority_callers,
+                                       listed=sec.priority_listed(calling, address)):
+        reject, label, why = refusal.reject, refusal.reason, refusal.why
     if reject is None:
         return
     metrics.ASSOCIATIONS.labels("rejected", label).inc()
