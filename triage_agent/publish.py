@@ -92,7 +92,7 @@ def build_outputs(
     retried job writes byte-identical objects, not just the same UIDs.
     """
     from triage_agent.outputs.common import AlgorithmInfo, TriageFinding
-    from triage_agent.outputs.sc import build_sc_series
+    from triage_agent.outputs.sc import build_sc_series, grid_orientation
     from triage_agent.outputs.sr import build_sr
 
     out_cfg = cfg.outputs
@@ -120,12 +120,21 @@ def build_outputs(
     if want_sc and idx and result.model_input is not None and result.heatmaps is not None:
         images = np.asarray(result.model_input.x)[idx]
         heat = np.asarray(result.heatmaps)[idx]
-        for sc in build_sc_series(headers, finding, algorithm, images, heat, uid_key=uid_key,
-                                  series_description=out_cfg.sc_series_description,
-                                  opacity=out_cfg.heatmap_opacity, colormap=out_cfg.colormap,
-                                  pixel_spacing_mm=getattr(result.model_input, "pixel_mm", None)
-                                  or None, content_datetime=content_datetime):
-            built.append(("sc", sc))
+        scs = build_sc_series(headers, finding, algorithm, images, heat, uid_key=uid_key,
+                              series_description=out_cfg.sc_series_description,
+                              overlay=out_cfg.overlay, opacity=out_cfg.overlay_opacity,
+                              colormap=out_cfg.colormap,
+                              pixel_spacing_mm=getattr(result.model_input, "pixel_mm", None)
+                              or None,
+                              orientation=grid_orientation(
+                                  float(getattr(result.model_input, "yaw_rad", 0.0) or 0.0)),
+                              content_datetime=content_datetime)
+        # anatomical order (as numbered), but the most suspicious stored first: the status
+        # page's thumbnail of a series is its first heat map
+        top_uid = finding.top_slices[0][0]
+        scs.sort(key=lambda sc: str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID)
+                 != top_uid)
+        built += [("sc", sc) for sc in scs]
     outputs = []
     for dest in cfg.hl7_destinations:
         outputs.append(_build_hl7(dest, storage, headers[0], result, model, priority,

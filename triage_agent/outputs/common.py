@@ -87,6 +87,12 @@ def clip_lo(text: str) -> str:
     return text[:LO_MAX]
 
 
+def is_suspicious(finding: TriageFinding, slice_score: float) -> bool:
+    """A slice is called suspicious only in an abnormal series and at or above the threshold
+    (the SR's "Suspicious slice", the heat map's "MOST SUSPICIOUS")."""
+    return finding.verdict == "abnormal" and slice_score >= finding.threshold
+
+
 def validate_finding(finding: TriageFinding) -> None:
     """Reject findings that would produce a self-contradictory report.
 
@@ -163,6 +169,45 @@ def top_slice_headers(
             )
         out.append((ds, float(slice_score)))
     return out
+
+
+def slice_z(ds: pydicom.Dataset) -> float | None:
+    """Table position of a slice: z (mm) of its ImagePositionPatient, None when absent."""
+    pos = ds.get("ImagePositionPatient")
+    if pos is None or len(pos) != 3:
+        return None
+    try:
+        z = float(pos[2])
+    except (TypeError, ValueError):
+        return None
+    return z if math.isfinite(z) else None
+
+
+def slice_label(ds: pydicom.Dataset) -> str:
+    """Where a slice lies, as the radiologist finds it in the CT: image number and table
+    position ("image 13, z 45.0 mm")."""
+    parts = []
+    if ds.get("InstanceNumber") not in (None, ""):
+        parts.append(f"image {ds.InstanceNumber}")
+    z = slice_z(ds)
+    if z is not None:
+        parts.append(f"z {z:.1f} mm")
+    return ", ".join(parts) or "slice"
+
+
+def anatomical_order(headers: Sequence[pydicom.Dataset]) -> list[int]:
+    """Indices of ``headers`` from inferior to superior: by table position (z), then by
+    InstanceNumber where positions are missing or equal, then as given."""
+
+    def key(i: int) -> tuple[float, float, int]:
+        z = slice_z(headers[i])
+        try:
+            number = float(headers[i].get("InstanceNumber"))
+        except (TypeError, ValueError):
+            number = math.inf
+        return (math.inf if z is None else z, number, i)
+
+    return sorted(range(len(headers)), key=key)
 
 
 def split_datetime(when: datetime | None) -> tuple[str, str]:

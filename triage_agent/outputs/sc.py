@@ -1,17 +1,31 @@
 """Most suspicious slices -> RGB secondary-capture series with the heat map burned in.
 
 Why a secondary capture: every PACS viewer shows an SC image, so the radiologist sees *where*
-the detector looked without a special viewer or plug-in. The overlay, the verdict and the
-"not for diagnosis" banner are burned into the pixels (BurnedInAnnotation YES) because
-overlays and presentation states are dropped by too many archives and routers.
+the detector looked without a special viewer or plug-in. The overlay, the verdict, the
+orientation markers and the "not for diagnosis" banner are burned into the pixels
+(BurnedInAnnotation YES) because overlays and presentation states are dropped by too many
+archives and routers.
 
-Rendering: the brain-window slice is upscaled to ``out_size``; the heat map, normalised by a
-fixed display maximum (``heat_max``) or by the maximum over the series, is coloured with a
-perceptually uniform matplotlib colormap and blended at ``opacity`` only where it exceeds
-``heat_floor`` of that maximum, so normal brain stays grey. A dark banner above the image
-(not over it: no anatomy is hidden) carries "AI TRIAGE - NOT FOR DIAGNOSIS" and the verdict,
-score, threshold and slice score. Text is drawn with Pillow (a dependency of matplotlib) in
-the DejaVu Sans font that matplotlib bundles, so the look does not depend on system fonts.
+What a radiologist reads at a glance:
+
+* the CT in the brain window the detector saw (W80/L40: 0-80 HU), upscaled to ``out_size``, in
+  radiological convention: the patient's right on the viewer's left, anterior at the top;
+* the heat map, normalised by a fixed display maximum (``heat_max``) or by the maximum over the
+  series, where it exceeds ``heat_floor`` of that maximum: by default (``overlay="outline"``) an
+  outline around that region with a light fill (``opacity``, 0 for none), so the density
+  inside stays readable; ``overlay="blend"`` colours the region instead (soft edges, the
+  colour fading in between ``heat_floor`` and twice that);
+* orientation markers ("R", "L", "A", "P") at the image edges, derived from the direction
+  cosines of the rendered pixels (the model grid: preprocessing undoes the scanner's flips,
+  so a series stored flipped gets the same, correct markers);
+* a dark banner above the image (not over it: no anatomy is hidden) with "AI TRIAGE - NOT FOR
+  DIAGNOSIS", the verdict, the series score and threshold, and the slice's image number, table
+  position (z, mm), score and rank; the images follow the anatomy (inferior to superior, as
+  InstanceNumber) and the highest-scoring one carries a "MOST SUSPICIOUS" tag (a "HIGHEST
+  SCORE" tag when the series is not abnormal) and a frame.
+
+Text is drawn with Pillow (a dependency of matplotlib) in the DejaVu Sans font that matplotlib
+bundles, so the look does not depend on system fonts.
 """
 
 from __future__ import annotations
@@ -35,11 +49,14 @@ from triage_agent.outputs.common import (
     AlgorithmInfo,
     OutputError,
     TriageFinding,
+    anatomical_order,
     clip_lo,
     derive_uid,
     format_score,
     index_source,
+    is_suspicious,
     pin_times,
+    slice_label,
     split_datetime,
     top_slice_headers,
     validate_algorithm,
@@ -57,16 +74,88 @@ BANNER_TEXT = "AI TRIAGE - NOT FOR DIAGNOSIS"
 BANNER_BG = (16, 16, 16)
 BANNER_WARN = (255, 196, 0)
 BANNER_INFO = (235, 235, 235)
+#: Tag and frame of the highest-scoring image: red where suspicious, blue otherwise.
+TAG_SUSPICIOUS = (200, 32, 32)
+TAG_HIGHEST = (40, 110, 190)
+#: Orientation markers: near-white letters with a black edge, legible over bone and air.
+MARKER_FILL = (245, 245, 245)
+MARKER_EDGE = (0, 0, 0)
+#: How the heat map is drawn: an outline around the region (with a fill of ``opacity``) or
+#: the region coloured at ``opacity``.
+OVERLAYS: tuple[str, ...] = ("outline", "blend")
+#: Rec. 709 luminance weights of R, G, B: the outline's fill keeps this (the grey level).
+LUMA = np.array([0.2126, 0.7152, 0.0722], dtype=np.float32)
+#: Direction cosines (row, then column; LPS) of the model grid: columns towards the patient's
+#: left, rows towards posterior. Preprocessing turns every accepted axial series into this.
+AXIAL_LPS: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 #: DCM 121322 "Source image for image processing operation" (CID 7202).
 PURPOSE_SOURCE = CodedConcept("121322", "DCM", "Source image for image processing operation")
 #: DCM 109102 "Processing Equipment" (CID 7005): the detector, as contributing equipment.
 PURPOSE_PROCESSING = CodedConcept("109102", "DCM", "Processing Equipment")
 
 
+@dataclass(frozen=True)
+class Tag:
+    """The label of the highest-scoring image: its text and box colour."""
+
+    text: str
+    colour: tuple[int, int, int]
+
+
+# ------------------------------------------------------------------------------ orientation
+
+
+def _letter(vector: np.ndarray) -> str:
+    """Patient direction (DICOM PatientOrientation letter) a unit vector mostly points to."""
+    axis = int(np.argmax(np.abs(vector)))
+    positive = bool(vector[axis] > 0)
+    return (("L", "R"), ("P", "A"), ("H", "F"))[axis][0 if positive else 1]
+
+
+def _cosines(orientation: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column direction cosines of an ImageOrientationPatient-like 6-vector."""
+    try:
+        v = np.asarray([float(c) for c in orientation], dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise OutputError(f"orientation must be 6 direction cosines, got {orientation!r}") from e
+    if v.shape != (6,) or not np.all(np.isfinite(v)):
+        raise OutputError(f"orientation must be 6 finite direction cosines, got {orientation!r}")
+    row, col = v[:3], v[3:]
+    if np.linalg.norm(row) < 1e-6 or np.linalg.norm(col) < 1e-6:
+        raise OutputError(f"orientation has a zero direction vector: {orientation!r}")
+    return row, col
+
+
+def patient_orientation(orientation: Sequence[float]) -> tuple[str, str]:
+    """DICOM PatientOrientation of an image whose rows and columns run along ``orientation``
+    (row cosines, then column cosines): where the row and the column point to ("L", "P")."""
+    row, col = _cosines(orientation)
+    return _letter(row), _letter(col)
+
+
+def edge_letters(orientation: Sequence[float]) -> dict[str, str]:
+    """Which patient side lies at each edge of the image: {"left", "right", "top", "bottom"}
+    -> letter. For the model grid (``AXIAL_LPS``): R left, L right, A top, P bottom."""
+    row, col = _cosines(orientation)
+    return {
+        "left": _letter(-row),
+        "right": _letter(row),
+        "top": _letter(-col),
+        "bottom": _letter(col),
+    }
+
+
+def grid_orientation(yaw_rad: float = 0.0) -> tuple[float, ...]:
+    """Direction cosines of the model grid when preprocessing turned it by ``yaw_rad`` in
+    plane (``ModelInput.yaw_rad``, head-midline alignment); ``AXIAL_LPS`` when not turned."""
+    c, s = float(np.cos(yaw_rad)), float(np.sin(yaw_rad))
+    return (c, -s, 0.0, s, c, 0.0)
+
+
 # ------------------------------------------------------------------------------ rendering
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=16)
 def _font(size_px: int, bold: bool) -> ImageFont.FreeTypeFont:
     """DejaVu Sans from matplotlib's own font directory (always present with matplotlib)."""
     from matplotlib import font_manager
@@ -80,31 +169,103 @@ def _font(size_px: int, bold: bool) -> ImageFont.FreeTypeFont:
 
 
 def banner_height(out_size: int) -> int:
-    """Rows of the banner for an image ``out_size`` wide (two lines of text)."""
-    return max(28, int(round(out_size * 0.11)))
+    """Rows of the banner for an image ``out_size`` wide (three lines of text)."""
+    return max(42, int(round(out_size * 0.16)))
 
 
-def _draw_banner(width: int, lines: Sequence[str]) -> np.ndarray:
-    """(banner_height, width, 3) uint8 banner with the warning line and a detail line."""
+def _draw_banner(width: int, lines: Sequence[str], tag: Tag | None = None) -> np.ndarray:
+    """(banner_height, width, 3) uint8 banner: the warning line, up to two detail lines, and
+    ``tag`` in a coloured box at the end of the last line."""
     from PIL import Image, ImageDraw
 
     h = banner_height(width)
     img = Image.new("RGB", (width, h), BANNER_BG)
     draw = ImageDraw.Draw(img)
-    pad = max(2, h // 10)
-    sizes = (max(9, int(h * 0.38)), max(8, int(h * 0.30)))
-    colours = (BANNER_WARN, BANNER_INFO)
-    y = pad
-    for i, text in enumerate(lines[:2]):
-        size = sizes[i]
-        font = _font(size, bold=i == 0)
+    pad = max(2, h // 14)
+    step = (h - 2 * pad) / 3.0
+    shown = list(lines[:3])
+    for i, text in enumerate(shown):
+        bold = i == 0
+        with_tag = tag if (i == len(shown) - 1 and i > 0) else None
+        size = max(7, int(step * (0.80 if bold else 0.72)))
+
+        def line_width(
+            sz: int, text: str = text, bold: bool = bold, with_tag: Tag | None = with_tag
+        ) -> float:
+            w = draw.textlength(text, font=_font(sz, bold))
+            if with_tag is not None:
+                w += draw.textlength(with_tag.text, font=_font(sz, True)) + 1.2 * sz
+            return w
+
         # shrink until the line fits the width (long site-specific texts)
-        while size > 6 and draw.textlength(text, font=font) > width - 2 * pad:
+        while size > 6 and line_width(size) > width - 2 * pad:
             size -= 1
-            font = _font(size, bold=i == 0)
-        draw.text((pad, y), text, fill=colours[i], font=font)
-        y += int(sizes[0] * 1.25)
+        font = _font(size, bold)
+        y = pad + int(round(i * step + (step - size * 1.15) / 2))
+        draw.text((pad, y), text, fill=BANNER_WARN if bold else BANNER_INFO, font=font)
+        if with_tag is not None:
+            tag_font = _font(size, True)
+            tw = draw.textlength(with_tag.text, font=tag_font)
+            # after the text; over its end when even the smallest letters do not fit
+            x0 = min(
+                pad + draw.textlength(text, font=font) + size * 0.6, width - pad - tw - size * 0.6
+            )
+            draw.rectangle(
+                (x0, y - 1, x0 + tw + size * 0.6, y + int(size * 1.2)), fill=with_tag.colour
+            )
+            draw.text((x0 + size * 0.3, y), with_tag.text, fill=(255, 255, 255), font=tag_font)
     return np.asarray(img, dtype=np.uint8)
+
+
+def _marker_geometry(out_size: int) -> tuple[int, int, int]:
+    """Frame width, letter height (px) and letter inset from the edge for an image size."""
+    border = max(2, out_size // 128)
+    return border, max(12, int(round(out_size * 0.07))), border + max(2, out_size // 64)
+
+
+def _draw_markers(
+    body: np.ndarray, letters: dict[str, str], frame: tuple[int, int, int] | None
+) -> np.ndarray:
+    """Orientation letters at the middle of each image edge, and a ``frame`` colour border."""
+    from PIL import Image, ImageDraw
+
+    size = body.shape[0]
+    border, letter_px, inset = _marker_geometry(size)
+    img = Image.fromarray(body)
+    draw = ImageDraw.Draw(img)
+    if frame is not None:
+        draw.rectangle((0, 0, size - 1, size - 1), outline=frame, width=border)
+    font = _font(letter_px, True)
+    stroke = max(1, size // 200)
+    for edge, letter in letters.items():
+        left, top, right, bottom = draw.textbbox((0, 0), letter, font=font, stroke_width=stroke)
+        w, h = right - left, bottom - top
+        x = {"left": inset, "right": size - inset - w}.get(edge, (size - w) // 2)
+        y = {"top": inset, "bottom": size - inset - h}.get(edge, (size - h) // 2)
+        draw.text(
+            (x - left, y - top),
+            letter,
+            font=font,
+            fill=MARKER_FILL,
+            stroke_width=stroke,
+            stroke_fill=MARKER_EDGE,
+        )
+    return np.asarray(img, dtype=np.uint8)
+
+
+def marker_box(out_size: int, edge: str) -> tuple[slice, slice]:
+    """(rows, columns) of the image body holding the marker of ``edge`` ("left", "right",
+    "top", "bottom"): a square a little larger than the letter, at the middle of that edge."""
+    border, letter_px, inset = _marker_geometry(out_size)
+    span = int(letter_px * 1.3) + 2
+    lo = out_size // 2 - span // 2
+    mid = slice(lo, lo + span)
+    near = slice(border, inset + span)
+    far = slice(out_size - inset - span, out_size - border)
+    boxes = {"left": (mid, near), "right": (mid, far), "top": (near, mid), "bottom": (far, mid)}
+    if edge not in boxes:
+        raise OutputError(f"edge must be one of {sorted(boxes)}, got {edge!r}")
+    return boxes[edge]
 
 
 def _upscale(a: np.ndarray, out_size: int) -> np.ndarray:
@@ -121,16 +282,25 @@ def render_overlay(
     *,
     heat_max: float,
     lines: Sequence[str] = (BANNER_TEXT,),
-    opacity: float = 0.45,
+    overlay: str = "outline",
+    opacity: float = 0.3,
     colormap: str = "inferno",
     out_size: int = 512,
     heat_floor: float = 0.2,
+    orientation: Sequence[float] | None = AXIAL_LPS,
+    tag: Tag | None = None,
 ) -> np.ndarray:
     """One slice -> (banner + out_size, out_size, 3) uint8 RGB picture.
 
-    ``heat_floor`` is a fraction of ``heat_max``: below it the pixel stays grey, and the colour
-    fades in between ``heat_floor`` and twice that, so the overlay has soft edges instead of a
-    hard contour that could be mistaken for a segmentation.
+    ``image`` is the windowed CT in 0..1; ``heat_floor`` is a fraction of ``heat_max``: below it
+    the pixel keeps its grey level. ``overlay="outline"`` draws a line just outside the region
+    above the floor (never over it) and tints the region by ``opacity`` without changing its
+    brightness (the line colour less its own luminance: the density stays readable; at 0 the
+    CT inside is untouched); ``"blend"`` colours the region at ``opacity``, fading in between ``heat_floor``
+    and twice that, so it has soft edges instead of a contour that could be mistaken for a
+    segmentation. ``orientation`` (direction cosines of the image rows and columns) places the
+    "R"/"L"/"A"/"P" markers; None draws none. ``tag`` marks the highest-scoring image (a box at
+    the end of the banner's last line and a frame of its colour around the image).
     """
     import matplotlib
 
@@ -139,22 +309,37 @@ def render_overlay(
             f"image and heat map must be the same square (S, S) shape, got {image.shape} "
             f"and {heatmap.shape}"
         )
+    if overlay not in OVERLAYS:
+        raise OutputError(f"overlay must be one of {OVERLAYS}, got {overlay!r}")
     if not (0.0 <= opacity <= 1.0):
         raise OutputError(f"opacity must be within 0..1, got {opacity}")
     try:
         cmap = matplotlib.colormaps[colormap]
     except KeyError as e:
         raise OutputError(f"unknown matplotlib colormap {colormap!r}") from e
+    letters = edge_letters(orientation) if orientation is not None else {}
 
     grey = np.clip(_upscale(np.nan_to_num(image), out_size), 0.0, 1.0)  # (O, O)
     heat = np.maximum(_upscale(np.nan_to_num(heatmap), out_size), 0.0)
     hn = np.clip(heat / heat_max, 0.0, 1.0) if heat_max > 0 else np.zeros_like(heat)
-    ramp = max(heat_floor, 1e-3)
-    alpha = opacity * np.clip((hn - heat_floor) / ramp, 0.0, 1.0)  # 0 below the floor
-    colour = cmap(hn)[..., :3].astype(np.float32)  # (O, O, 3)
-    rgb = grey[..., None] * (1.0 - alpha[..., None]) + colour * alpha[..., None]
+    region = hn > heat_floor
+    if overlay == "outline":
+        # tint without changing brightness: the colour's own luminance (Rec. 709) is taken
+        # out, so the grey level (the density) inside the region is kept
+        line = np.asarray(cmap(0.85)[:3], dtype=np.float32)
+        tint = opacity * (line - float(LUMA @ line))
+        rgb = np.repeat(grey[..., None], 3, axis=-1)
+        rgb[region] += tint
+        width = max(1, int(round(out_size / 200)))
+        rgb[ndi.binary_dilation(region, iterations=width) & ~region] = line
+    else:
+        alpha = opacity * np.clip((hn - heat_floor) / max(heat_floor, 1e-3), 0.0, 1.0)
+        colour = cmap(hn)[..., :3].astype(np.float32)  # (O, O, 3)
+        rgb = grey[..., None] * (1.0 - alpha[..., None]) + colour * alpha[..., None]
     body = np.round(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return np.concatenate([_draw_banner(out_size, lines), body], axis=0)
+    if letters or tag is not None:
+        body = _draw_markers(body, letters, tag.colour if tag is not None else None)
+    return np.concatenate([_draw_banner(out_size, lines, tag), body], axis=0)
 
 
 # ------------------------------------------------------------------------------ DICOM
@@ -195,21 +380,28 @@ def build_sc_series(
     *,
     uid_key: str,
     series_description: str = "AI TRIAGE {verdict} {score}",
-    opacity: float = 0.45,
+    overlay: str = "outline",
+    opacity: float = 0.3,
     colormap: str = "inferno",
     out_size: int = 512,
     series_number: int = 9902,
     heat_max: float | None = None,
     heat_floor: float = 0.2,
     pixel_spacing_mm: float | None = None,
+    orientation: Sequence[float] = AXIAL_LPS,
     content_datetime: datetime | None = None,
 ) -> list[hd.sc.SCImage]:
-    """One RGB secondary capture per top slice, same order as ``finding.top_slices``.
+    """One RGB secondary capture per top slice, in anatomical order (inferior to superior by
+    table position; InstanceNumber 1, 2, ... follows it), the highest-scoring one tagged.
 
-    ``images``/``heatmaps`` are (K, S, S) model-space slices (LPS: columns towards the
-    patient's left, rows towards posterior). ``heat_max`` fixes the display scale (e.g. the
-    operating threshold's typical heat) so colours mean the same across studies; without it the
-    maximum over the series is used. ``pixel_spacing_mm`` is the model-grid spacing; when given,
+    ``images``/``heatmaps`` are (K, S, S) model-space slices, one per ``finding.top_slices``
+    entry in that order; ``orientation`` gives the direction cosines of their rows and columns
+    (``AXIAL_LPS``: columns towards the patient's left, rows towards posterior;
+    ``grid_orientation(yaw)`` when preprocessing turned the grid), from which the orientation
+    markers and PatientOrientation follow. ``overlay``/``opacity`` choose how the heat map is
+    drawn (``render_overlay``). ``heat_max`` fixes the display scale (e.g. the operating
+    threshold's typical heat) so colours mean the same across studies; without it the maximum
+    over the series is used. ``pixel_spacing_mm`` is the model-grid spacing; when given,
     PixelSpacing of the upscaled image is written. UIDs derive from ``uid_key`` and the source
     image, so a retried job re-creates the same instances.
     """
@@ -223,6 +415,9 @@ def build_sc_series(
         log.info("no top slices: no secondary capture built")
         return []
     heat_max = _display_max(heat_max, heatmaps)
+    if overlay not in OVERLAYS:
+        raise OutputError(f"overlay must be one of {OVERLAYS}, got {overlay!r}")
+    patient_orientation(orientation)  # checked before any image is drawn
 
     spacing = None
     if pixel_spacing_mm is not None:
@@ -232,7 +427,15 @@ def build_sc_series(
         finding=finding,
         algorithm=algorithm,
         uid_key=uid_key,
-        style=_Style(opacity, colormap, out_size, heat_max, heat_floor),
+        style=_Style(
+            overlay,
+            opacity,
+            colormap,
+            out_size,
+            heat_max,
+            heat_floor,
+            tuple(float(c) for c in orientation),
+        ),
         series_uid=derive_uid(uid_key, "sc-series"),
         series_number=series_number,
         description=_fill_template(series_description, finding),
@@ -240,11 +443,12 @@ def build_sc_series(
         content_datetime=content_datetime,
         equipment=_equipment(algorithm),
     )
+    order = anatomical_order([ref for ref, _ in top])
     out = [
-        _sc_image(series, ref, slice_score, rank, len(top), image, heat)
-        for rank, ((ref, slice_score), image, heat) in enumerate(
-            zip(top, images, heatmaps, strict=True), start=1
+        _sc_image(
+            series, top[i][0], top[i][1], _Place(i + 1, len(top), number), images[i], heatmaps[i]
         )
+        for number, i in enumerate(order, start=1)
     ]
     log.info(
         "built SC series %s: %d image(s), verdict %s, score %s",
@@ -260,11 +464,23 @@ def build_sc_series(
 class _Style:
     """How the heat map is drawn (the ``build_sc_series`` options of the same names)."""
 
+    overlay: str
     opacity: float
     colormap: str
     out_size: int
     heat_max: float
     heat_floor: float
+    orientation: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class _Place:
+    """Where an image stands: its score rank (1 = highest) of ``count``, and its number in
+    anatomical order (InstanceNumber)."""
+
+    rank: int
+    count: int
+    number: int
 
 
 @dataclass(frozen=True)
@@ -324,44 +540,42 @@ def _equipment(algorithm: AlgorithmInfo) -> hd.ContributingEquipment:
     )
 
 
-def _slice_label(ref: pydicom.Dataset) -> str:
-    """Where the slice lies, as the radiologist finds it in the CT: image number and table
-    position (z of ImagePositionPatient, mm)."""
-    parts = []
-    if ref.get("InstanceNumber") not in (None, ""):
-        parts.append(f"image {ref.InstanceNumber}")
-    pos = ref.get("ImagePositionPatient")
-    if pos is not None and len(pos) == 3:
-        parts.append(f"z {float(pos[2]):.1f} mm")
-    return ", ".join(parts) or "slice"
+def _tag(finding: TriageFinding, slice_score: float) -> Tag:
+    """The "MOST SUSPICIOUS" tag where the SR calls the slice suspicious, else "HIGHEST SCORE"."""
+    if is_suspicious(finding, slice_score):
+        return Tag("MOST SUSPICIOUS", TAG_SUSPICIOUS)
+    return Tag("HIGHEST SCORE", TAG_HIGHEST)
 
 
 def _sc_image(
     series: _SeriesInfo,
     ref: pydicom.Dataset,
     slice_score: float,
-    rank: int,
-    count: int,
+    place: _Place,
     image: np.ndarray,
     heat: np.ndarray,
 ) -> hd.sc.SCImage:
-    """The secondary capture of the ``rank``-th of ``count`` top slices (source header ``ref``)."""
+    """The secondary capture of one top slice (source header ``ref``) at ``place``."""
     finding, algorithm, style = series.finding, series.algorithm, series.style
+    tag = _tag(finding, slice_score) if place.rank == 1 else None
     lines = (
         BANNER_TEXT,
         f"{verdict_label(finding.verdict)}  series score {format_score(finding.score)} / "
-        f"threshold {finding.threshold:.2f}  |  {_slice_label(ref)}: slice score "
-        f"{slice_score:.2f}, rank {rank} of {count}",
+        f"threshold {finding.threshold:.2f}",
+        f"{slice_label(ref)}  slice score {slice_score:.2f}, rank {place.rank} of {place.count}",
     )
     pixels = render_overlay(
         image,
         heat,
         heat_max=style.heat_max,
         lines=lines,
+        overlay=style.overlay,
         opacity=style.opacity,
         colormap=style.colormap,
         out_size=style.out_size,
         heat_floor=style.heat_floor,
+        orientation=style.orientation,
+        tag=tag,
     )
     day, time = split_datetime(series.content_datetime)
     try:
@@ -374,9 +588,9 @@ def _sc_image(
             series_instance_uid=series.series_uid,
             series_number=series.series_number,
             sop_instance_uid=derive_uid(series.uid_key, "sc-instance", str(ref.SOPInstanceUID)),
-            instance_number=rank,
+            instance_number=place.number,
             manufacturer=algorithm.manufacturer[:64],
-            patient_orientation=("L", "P"),
+            patient_orientation=patient_orientation(style.orientation),
             pixel_spacing=series.pixel_spacing,  # type: ignore[arg-type]  # mm, not int
             transfer_syntax_uid=ExplicitVRLittleEndian,
             contributing_equipment=[series.equipment],
@@ -389,8 +603,9 @@ def _sc_image(
             series_time=time,
         )
     except (ValueError, TypeError, AttributeError) as e:
-        raise OutputError(f"secondary capture {rank}: {e}") from e
-    _describe(sc, ref, lines[1], series)
+        raise OutputError(f"secondary capture {place.number}: {e}") from e
+    details = f"{lines[1]}. {lines[2]}" + (f". {tag.text}" if tag is not None else "")
+    _describe(sc, ref, details, series)
     return sc
 
 
@@ -405,10 +620,13 @@ def _describe(sc: hd.sc.SCImage, ref: pydicom.Dataset, details: str, series: _Se
     sc.RecognizableVisualFeatures = "NO"
     sc.LossyImageCompression = "00"
     sc.ImageComments = f"{BANNER_TEXT}. {details}"[:10240]
+    drawn = ("outlined" if style.overlay == "outline" else "blended") + (
+        f", {style.colormap}, fill opacity {style.opacity:.2f}"
+    )
     sc.DerivationDescription = (
-        f"Brain window (0-80 HU) with anomaly heat map ({style.colormap}, opacity "
-        f"{style.opacity:.2f}); {algorithm.name} {algorithm.version}, weights sha256 "
-        f"{algorithm.weights_sha256}"
+        f"Brain window W80/L40 (0-80 HU) with anomaly heat map ({drawn}) where it exceeds "
+        f"{style.heat_floor:.0%} of {style.heat_max:.3g}; orientation markers; "
+        f"{algorithm.name} {algorithm.version}, weights sha256 {algorithm.weights_sha256}"
     )[:1024]
     sc.ReferencedImageSequence = [_ref_item(ref)]
     sc.SourceImageSequence = [_ref_item(ref, PURPOSE_SOURCE)]

@@ -18,8 +18,10 @@ Coded concepts (all standard except for priority band names outside the known se
   counterpart use the private scheme ``99TRIAGE`` declared in CodingSchemeIdentificationSequence;
 * series anomaly score: SCT 246262008 "Score"; threshold: DCM 122411 "Threshold Value"; both
   unitless (UCUM ``{score}``); per-slice scores: SCT 246262008 "Score", one measurement group
-  per highest-scoring slice ("Suspicious slice" only at or above the threshold of an abnormal
-  series), each referencing its source image (TID 300 "Source of measurement");
+  per highest-scoring slice, ranked by score ("Suspicious slice" only at or above the threshold
+  of an abnormal series), each naming where the slice lies in its tracking identifier
+  ("Suspicious slice 1 of 5: image 13, z 45.0 mm") and referencing its source image (TID 300
+  "Source of measurement");
 * algorithm: TID 4019 Algorithm Identification (name, version, parameters holding the weights
   SHA-256) in every measurement group; the device observer names the algorithm too.
 """
@@ -43,7 +45,9 @@ from triage_agent.outputs.common import (
     derive_uid,
     format_score,
     index_source,
+    is_suspicious,
     pin_times,
+    slice_label,
     sorted_source,
     split_datetime,
     top_slice_headers,
@@ -157,8 +161,15 @@ def build_sr(
     algo_id = _algorithm_id(algorithm)
     groups = [_series_group(finding, algo_id, uid_key, supersedes)]
     groups += [
-        _slice_group(ds, slice_score, rank, len(top), algo_id, uid_key,
-                     suspicious=finding.verdict == "abnormal" and slice_score >= finding.threshold)
+        _slice_group(
+            ds,
+            slice_score,
+            rank,
+            len(top),
+            algo_id,
+            uid_key,
+            suspicious=is_suspicious(finding, slice_score),
+        )
         for rank, (ds, slice_score) in enumerate(top, start=1)
     ]
     report = hd.sr.MeasurementReport(
@@ -278,8 +289,9 @@ def _slice_group(
     *,
     suspicious: bool,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """Group of the ``rank``-th highest-scoring slice: its score, referencing its image. Only a
-    slice of an abnormal series scoring at or above the threshold is called suspicious."""
+    """Group of the ``rank``-th highest-scoring slice: its score and position, referencing its
+    image. Only a slice of an abnormal series scoring at or above the threshold is called
+    suspicious."""
     ref = hd.sr.SourceImageForMeasurement(
         referenced_sop_class_uid=str(ds.SOPClassUID),
         referenced_sop_instance_uid=str(ds.SOPInstanceUID),
@@ -287,8 +299,11 @@ def _slice_group(
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derive_uid(uid_key, "sr-track", "slice", str(rank)),
-            identifier=(f"Suspicious slice {rank} of {count}" if suspicious
-                        else f"Highest-scoring slice {rank} of {count}"),
+            identifier=(
+                f"Suspicious slice {rank} of {count}: {slice_label(ds)}"
+                if suspicious
+                else f"Highest-scoring slice {rank} of {count}: {slice_label(ds)}"
+            ),
         ),
         algorithm_id=algo_id,
         finding_sites=[hd.sr.FindingSite(anatomic_location=BRAIN)],
