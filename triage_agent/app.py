@@ -24,7 +24,7 @@ from triage_agent.drift import DriftMonitor
 from triage_agent.models import Event, Job, JobState
 from triage_agent.operating_point import OperatingPoint
 from triage_agent.receiver import Receiver
-from triage_agent.sender import Sender
+from triage_agent.sender import DeliveryLanes, Sender
 from triage_agent.storage import Storage
 from triage_agent.web import WebServer, open_node_warning
 from triage_agent.worker import Worker, make_worker_id
@@ -133,6 +133,7 @@ class App:
     threads: list[threading.Thread] = field(default_factory=list)
     model: Model | None = None
     sender: Sender | None = None
+    lanes: DeliveryLanes | None = None
     web: Any = None
     drift: DriftMonitor | None = None
 
@@ -174,6 +175,8 @@ class App:
             id="completion-sweep", max_instances=1, coalesce=True,
         )
         self.sender = Sender(self.cfg, self.sessions, self.storage)
+        self.lanes = DeliveryLanes(self.sender, self._audit_delivery)
+        self._deliver()  # a lane per destination, sending at once
         self.scheduler.add_job(
             self._deliver, "interval", seconds=self.cfg.delivery.interval_s,
             id="delivery", max_instances=1, coalesce=True,
@@ -193,12 +196,18 @@ class App:
             self.web.start()
 
     def _deliver(self) -> None:
-        assert self.sender is not None
+        """Keep a delivery lane per configured destination (each sends on its own threads) and
+        dead-letter deliveries to destinations no longer configured."""
+        assert self.lanes is not None
         try:
-            while self.sender.run_once():
-                pass
+            self.lanes.sync()
         except Exception:
-            log.exception("delivery run failed; will retry on the next tick")
+            log.exception("delivery lanes could not be updated; will retry on the next tick")
+
+    def _audit_delivery(self, kind: str, detail: str) -> None:
+        from triage_agent.ingest import audit
+
+        audit(self.sessions, kind, detail=detail)
 
     def _check_drift(self) -> None:
         """The drift test on the latest results (triage_agent/drift.py)."""
@@ -248,6 +257,7 @@ class App:
                 self.receiver.reload_tls(old, cfg)
         if self.sender is not None:
             self.sender.cfg = cfg
+            self._deliver()  # lanes follow added, removed and changed destinations now
         scorer = self.model.scorer(cfg) if self.model is not None else None
         for w in self.workers:
             w.cfg = cfg
@@ -304,6 +314,8 @@ class App:
                 assoc.abort()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
+        if self.lanes is not None:
+            self.lanes.stop(min(grace_s, 5.0))
         for w in self.workers:
             w.stop()
         for t in self.threads:

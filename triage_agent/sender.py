@@ -1,29 +1,46 @@
 """Delivery of result objects: C-STORE SCU with every status checked, retries, dead letters.
 
-One row per object and destination (``deliveries``) is the unit of retry. The scheduler calls
-``Sender.run_once`` every ``[delivery] interval_s``; a claim takes a lease so that two processes
-never send the same row at once, and a crash mid-send only means the row is sent again (the
-object's UID is fixed, so the PACS sees the same instance, not a new one).
+One row per object and destination (``deliveries``) is the unit of retry. Each destination has
+its own delivery lane (``DeliveryLanes``): threads of its own (``concurrency`` per destination),
+its own backoff and its own circuit breaker (triage_agent/delivery.py), so a hung, slow or
+refusing destination never delays another. A claim takes a lease so that two processes never
+send the same row at once, and a crash mid-send only means the row is sent again (the object's
+UID is fixed, so the PACS sees the same instance, not a new one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import random
 import ssl
+import threading
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage_agent import metrics
 from triage_agent.config import AgentConfig, DestinationConfig, HL7DestinationConfig
-from triage_agent.delivery import DELIVERED, PERMANENT, TRANSIENT, Outcome, SendOutcome
+from triage_agent.delivery import (
+    DELIVERED,
+    PERMANENT,
+    TRANSIENT,
+    CircuitBreaker,
+    CircuitSnapshot,
+    Outcome,
+    Permit,
+    SendOutcome,
+    Transition,
+    went_unanswered,
+)
 from triage_agent.models import (
     Delivery,
     DeliveryState,
@@ -117,7 +134,7 @@ def send_files(
         result = getattr(rej, "result", None)
         why = f"association rejected (result {result}, reason {getattr(rej, 'diagnostic', '?')})"
         kind = PERMANENT if result == 1 else TRANSIENT
-        return [SendOutcome(kind, None, why)] * len(files)
+        return [SendOutcome(kind, None, why, answered=True)] * len(files)
     if not assoc.is_established:
         why = (f"TLS handshake failed: {trap.error}" if trap.error else
                "association aborted or refused" + (" (TLS: check certificates and the peer's log)"
@@ -129,7 +146,8 @@ def send_files(
         for ds in datasets:
             if str(ds.SOPClassUID) not in accepted:
                 outcomes.append(SendOutcome(PERMANENT, None,
-                                            f"destination does not accept SOP class {ds.SOPClassUID}"))
+                                            f"destination does not accept SOP class {ds.SOPClassUID}",
+                                            answered=True))
                 continue
             if not assoc.is_established:
                 outcomes.append(SendOutcome(TRANSIENT, None, "association lost"))
@@ -142,6 +160,8 @@ def send_files(
             status = getattr(rsp, "Status", None)
             if status is None:  # timeout, abort or invalid response: unknown, so retry
                 outcomes.append(SendOutcome(TRANSIENT, None, "no response (timeout or abort)"))
+                if assoc.is_established:  # the rest would each wait a full timeout too
+                    assoc.abort()
                 continue
             kind = classify_status(int(status))
             comment = getattr(rsp, "ErrorComment", None)
@@ -154,7 +174,12 @@ def send_files(
     return outcomes
 
 
+Destination = DestinationConfig | HL7DestinationConfig
+
+
 class Sender:
+    """Claims due deliveries, sends them and records the outcomes in the ledger."""
+
     def __init__(self, cfg: AgentConfig, sessions: sessionmaker[Session], storage: Storage) -> None:
         self.cfg = cfg
         self.sessions = sessions
@@ -165,12 +190,46 @@ class Sender:
         delay = min(d.backoff_cap_s, d.backoff_base_s * 2 ** max(0, attempts - 1))
         return delay * random.uniform(0.5, 1.0)
 
-    def run_once(self, limit: int = 50) -> int:
-        """Claim due deliveries, send them grouped by destination; returns how many were tried."""
-        now = utcnow()
-        dests: dict[str, DestinationConfig | HL7DestinationConfig] = {
-            destination_key(d): d for d in self.cfg.destinations}
+    def destinations(self) -> dict[str, Destination]:
+        """Every configured destination by the key its delivery rows carry."""
+        dests: dict[str, Destination] = {destination_key(d): d for d in self.cfg.destinations}
         dests.update({hl7_destination_key(d): d for d in self.cfg.hl7_destinations})
+        return dests
+
+    def run_once(self, limit: int = 50, destination: str | None = None) -> int:
+        """Claim due deliveries (of every destination, or of one), send them grouped by
+        destination; returns how many were tried."""
+        where = None if destination is None else Delivery.destination == destination
+        batch = self._claim(limit, where)
+        for key, items in batch.items():
+            self._send_and_record(key, items)
+        return sum(len(v) for v in batch.values())
+
+    def deliver(self, destination: str, limit: int = 50) -> tuple[int, bool | None, str | None]:
+        """One lane's step: claim up to ``limit`` due deliveries of ``destination`` and send them
+        on one association. Returns (rows tried, whether the destination answered none of them
+        (None: nothing was sent), the first error)."""
+        items = self._claim(limit, Delivery.destination == destination).get(destination, [])
+        if not items:
+            return 0, None, None
+        sent = self._send_and_record(destination, items)
+        return len(items), went_unanswered(sent), next((o.error for o in sent if o.error), None)
+
+    def dead_letter_unconfigured(self, limit: int = 50) -> int:
+        """Dead-letter due deliveries to destinations no longer configured (no lane takes them)."""
+        keys = list(self.destinations())
+        where = Delivery.destination.not_in(keys) if keys else None
+        batch = self._claim(limit, where)
+        for key, items in batch.items():
+            self._send_and_record(key, items)
+        return sum(len(v) for v in batch.values())
+
+    def _claim(self, limit: int,
+               where: ColumnElement[bool] | None) -> dict[str, list[tuple[int, Path]]]:
+        """Take due rows (pending and due, or sending with an expired lease): each gets a lease
+        and spends an attempt. On PostgreSQL locked rows are skipped, so several processes share
+        the ledger."""
+        now = utcnow()
         lease = dt.timedelta(seconds=self.cfg.delivery.timeout_s * 4 + 60)
         with self.sessions() as s, s.begin():
             stmt = (
@@ -183,6 +242,8 @@ class Sender:
                 .order_by(Delivery.id)
                 .limit(limit)
             )
+            if where is not None:
+                stmt = stmt.where(where)
             if s.get_bind().dialect.name == "postgresql":
                 stmt = stmt.with_for_update(skip_locked=True, of=Delivery)
             rows = s.execute(stmt).all()
@@ -192,23 +253,32 @@ class Sender:
                 d.lease_until = now + lease
                 d.attempts += 1
                 batch[d.destination].append((d.id, self.storage.abspath(path)))
-        for key, items in batch.items():
-            dest = dests.get(key)
-            if dest is None:
-                outcomes = [SendOutcome(PERMANENT, None, "destination no longer configured")] * len(items)
-            else:
-                existing = [(i, p) for i, p in items if p.exists()]
-                gone = [(i, p) for i, p in items if not p.exists()]
-                outcomes_by_id = {i: SendOutcome(PERMANENT, None, "output file missing") for i, _ in gone}
-                if existing:
-                    paths = [p for _, p in existing]
-                    sent = (_send_hl7(dest, paths) if isinstance(dest, HL7DestinationConfig) else
-                            send_files(dest, paths, calling_ae=self.cfg.node.ae_title,
-                                       timeout_s=self.cfg.delivery.timeout_s))
-                    outcomes_by_id.update({i: o for (i, _), o in zip(existing, sent, strict=True)})
-                outcomes = [outcomes_by_id[i] for i, _ in items]
-            self._record(key, [i for i, _ in items], outcomes)
-        return sum(len(v) for v in batch.values())
+        return batch
+
+    def _send_and_record(self, key: str, items: list[tuple[int, Path]]) -> list[SendOutcome]:
+        """Send claimed rows to one destination and record every outcome; returns the outcomes
+        of what went over the network (not missing files or unknown destinations)."""
+        dest = self.destinations().get(key)
+        sent: list[SendOutcome] = []
+        if dest is None:
+            outcomes = [SendOutcome(PERMANENT, None, "destination no longer configured")] * len(items)
+        else:
+            existing = [(i, p) for i, p in items if p.exists()]
+            outcomes_by_id = {i: SendOutcome(PERMANENT, None, "output file missing")
+                              for i, p in items if not p.exists()}
+            if existing:
+                sent = self.send(dest, [p for _, p in existing])
+                outcomes_by_id.update({i: o for (i, _), o in zip(existing, sent, strict=True)})
+            outcomes = [outcomes_by_id[i] for i, _ in items]
+        self._record(key, [i for i, _ in items], outcomes)
+        return sent
+
+    def send(self, dest: Destination, paths: list[Path]) -> list[SendOutcome]:
+        """The one place a destination's kind picks its protocol; one outcome per file."""
+        if isinstance(dest, HL7DestinationConfig):
+            return _send_hl7(dest, paths)
+        return send_files(dest, paths, calling_ae=self.cfg.node.ae_title,
+                          timeout_s=self.cfg.delivery.timeout_s)
 
     def _record(self, dest_key: str, ids: list[int], outcomes: list[SendOutcome]) -> None:
         max_attempts = self.cfg.delivery.max_attempts
@@ -245,6 +315,137 @@ class Sender:
                     touched_results.add(result_id)
             for rid in touched_results:
                 update_series_delivery_state(s, rid)
+
+
+class Lane:
+    """One destination's delivery lane: ``concurrency`` threads sharing one circuit breaker.
+
+    Each thread claims that destination's due rows and sends them on one association; with
+    nothing due it sleeps ``[delivery] interval_s``. While the breaker is open nothing is
+    claimed, so waiting rows spend no attempts and are never dead-lettered by it.
+    """
+
+    def __init__(self, key: str, sender: Sender, on_transition: Callable[..., None]) -> None:
+        self.key = key
+        self.sender = sender
+        self.on_transition = on_transition
+        d = sender.cfg.delivery
+        self.breaker = CircuitBreaker(key, d.breaker_failures, d.breaker_cooldown_s,
+                                      d.breaker_cooldown_cap_s)
+        self.dest: Destination | None = None
+        self.concurrency = 0
+        self.stopping = threading.Event()
+        self.threads: list[threading.Thread] = []
+        metrics.DESTINATION_CIRCUIT.labels(key).set(0)
+        metrics.DESTINATION_FAILURES.labels(key).set(0)
+
+    def apply(self, dest: Destination) -> None:
+        """Take the destination's current settings; more threads when concurrency grew (extra
+        ones end after their current send when it shrank); a changed address closes an open
+        circuit so the new one is tried at once."""
+        d = self.sender.cfg.delivery
+        self.breaker.configure(d.breaker_failures, d.breaker_cooldown_s, d.breaker_cooldown_cap_s)
+        if self.dest is not None and dest != self.dest:
+            self._report(self.breaker.reset(), "settings changed")
+        self.dest = dest
+        self.concurrency = dest.concurrency if isinstance(dest, DestinationConfig) else 1
+        self.threads = [t for t in self.threads if t.is_alive()]
+        for i in range(len(self.threads), self.concurrency):
+            t = threading.Thread(target=self._run, args=(i,), name=f"deliver-{self.key}-{i}",
+                                 daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _run(self, index: int) -> None:
+        while not self.stopping.is_set() and index < self.concurrency:
+            interval = self.sender.cfg.delivery.interval_s
+            permit = self.breaker.permit()
+            if permit is Permit.NONE:
+                self.stopping.wait(min(interval, max(0.05, self.breaker.seconds_to_next_try())))
+                continue
+            try:
+                tried, unanswered, error = self.sender.deliver(
+                    self.key, limit=1 if permit is Permit.PROBE else 50)
+            except Exception:
+                log.exception("delivery to %s failed; will retry", self.key)
+                self.breaker.record(None)
+                self.stopping.wait(interval)
+                continue
+            self._report(self.breaker.record(unanswered, error), error)
+            if not tried:
+                self.stopping.wait(interval)
+
+    def _report(self, transition: Transition | None, why: str | None) -> None:
+        snap = self.breaker.snapshot()
+        metrics.DESTINATION_CIRCUIT.labels(self.key).set(snap.state.gauge)
+        metrics.DESTINATION_FAILURES.labels(self.key).set(snap.failures)
+        if transition is not None:
+            self.on_transition(self.key, transition, snap, why)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+
+class DeliveryLanes:
+    """A lane per configured destination. ``sync()`` (every ``[delivery] interval_s`` and after
+    a reload) follows the configuration and dead-letters deliveries to destinations that are no
+    longer configured."""
+
+    def __init__(self, sender: Sender, audit: Callable[[str, str], None] | None = None) -> None:
+        self.sender = sender
+        self.audit = audit
+        self.lanes: dict[str, Lane] = {}
+        self.lock = threading.Lock()
+
+    def sync(self) -> None:
+        with self.lock:
+            wanted = self.sender.destinations()
+            for key in [k for k in self.lanes if k not in wanted]:
+                self.lanes.pop(key).stop()
+                for gauge in (metrics.DESTINATION_CIRCUIT, metrics.DESTINATION_FAILURES):
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(key)
+            for key, dest in wanted.items():
+                if key not in self.lanes:
+                    self.lanes[key] = Lane(key, self.sender, self._transition)
+                self.lanes[key].apply(dest)
+        while self.sender.dead_letter_unconfigured():
+            pass
+
+    def _transition(self, key: str, transition: Transition, snap: CircuitSnapshot,
+                    why: str | None) -> None:
+        if transition is Transition.REOPENED:
+            log.info("%s: probe unanswered, circuit open again; next try in %.0f s", key,
+                     self.lanes[key].breaker.cooldown_s if key in self.lanes else 0)
+            return
+        if transition is Transition.OPENED:
+            detail = (f"{key}: {snap.failures} delivery attempts in a row unanswered "
+                      f"(last: {why}); not trying for "
+                      f"{self.lanes[key].breaker.cooldown_s if key in self.lanes else 0:.0f} s")
+            log.warning("circuit opened: %s", detail)
+            kind = "circuit_opened"
+        else:
+            detail = f"{key}: answered again ({why})" if why else f"{key}: answered again"
+            log.info("circuit closed: %s", detail)
+            kind = "circuit_closed"
+        if self.audit is not None:
+            self.audit(kind, detail[:2000])
+
+    def circuits(self) -> list[CircuitSnapshot]:
+        with self.lock:
+            return [lane.breaker.snapshot() for lane in self.lanes.values()]
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stop every lane; waits up to ``grace_s`` for sends under way (a row still being sent
+        keeps its lease and is sent again after it expires)."""
+        with self.lock:
+            lanes = list(self.lanes.values())
+        for lane in lanes:
+            lane.stop()
+        deadline = time.monotonic() + grace_s
+        for lane in lanes:
+            for t in lane.threads:
+                t.join(max(0.0, deadline - time.monotonic()))
 
 
 def update_series_delivery_state(s: Session, result_id: int) -> None:

@@ -181,6 +181,17 @@ def drift_banner(app: Any) -> str:
             f"{html.escape(st.advice())}.<br><small>{html.escape(st.summary())}</small></div>")
 
 
+def delivery_banner(app: Any) -> str:
+    """Destinations whose delivery circuit is open or half-open (triage_agent/delivery.py)."""
+    lanes = getattr(app, "lanes", None)
+    paused = [c for c in (lanes.circuits() if lanes is not None else []) if c.state != "closed"]
+    if not paused:
+        return ""
+    items = "".join(f"<li>{html.escape(c.describe())}</li>" for c in paused)
+    return (f"<div class='banner drift' id='delivery-paused'><strong>Delivery paused:</strong>"
+            f"<ul>{items}</ul></div>")
+
+
 def open_node_warning(cfg: Any, port: int | None = None) -> str:
     return (f"This node stores from any caller that reaches {cfg.node.bind_address} port "
             f"{port or cfg.node.port}: no [security] allowed_calling_ae_titles, allowed_networks "
@@ -292,6 +303,7 @@ def render_page(app: Any) -> str:
         "<div class='banner'>AI triage &mdash; not for diagnosis. "
         "Scores rank studies for reading order only.</div>",
         drift_banner(app),
+        delivery_banner(app),
         admin_banners(app),
         "<table><thead><tr><th>last received (UTC)</th><th>patient</th><th>series</th>"
         "<th>slices</th><th>state</th><th>verdict</th><th>score</th><th>priority</th>"
