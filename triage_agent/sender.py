@@ -28,7 +28,12 @@ from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage_agent import metrics
-from triage_agent.config import AgentConfig, DestinationConfig, HL7DestinationConfig
+from triage_agent.config import (
+    AgentConfig,
+    DestinationConfig,
+    DicomWebDestinationConfig,
+    HL7DestinationConfig,
+)
 from triage_agent.delivery import (
     DELIVERED,
     PERMANENT,
@@ -41,6 +46,7 @@ from triage_agent.delivery import (
     Transition,
     went_unanswered,
 )
+from triage_agent.dicomweb import send_stow, stow_destination_key
 from triage_agent.models import (
     Delivery,
     DeliveryState,
@@ -174,7 +180,7 @@ def send_files(
     return outcomes
 
 
-Destination = DestinationConfig | HL7DestinationConfig
+Destination = DestinationConfig | HL7DestinationConfig | DicomWebDestinationConfig
 
 
 class Sender:
@@ -194,6 +200,7 @@ class Sender:
         """Every configured destination by the key its delivery rows carry."""
         dests: dict[str, Destination] = {destination_key(d): d for d in self.cfg.destinations}
         dests.update({hl7_destination_key(d): d for d in self.cfg.hl7_destinations})
+        dests.update({stow_destination_key(d): d for d in self.cfg.dicomweb_destinations})
         return dests
 
     def run_once(self, limit: int = 50, destination: str | None = None) -> int:
@@ -277,6 +284,8 @@ class Sender:
         """The one place a destination's kind picks its protocol; one outcome per file."""
         if isinstance(dest, HL7DestinationConfig):
             return _send_hl7(dest, paths)
+        if isinstance(dest, DicomWebDestinationConfig):
+            return send_stow(dest, paths)
         return send_files(dest, paths, calling_ae=self.cfg.node.ae_title,
                           timeout_s=self.cfg.delivery.timeout_s)
 
