@@ -18,6 +18,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from triage_model.synth import SynthCase
 
 from tests.conftest import require_tool
 from tests.factories import CANARY_ID, CANARY_NAME, make_series
@@ -445,7 +446,7 @@ def _union_of_boxes(size: int) -> np.ndarray:
     return out
 
 
-def _case_series(tmp_path: Path, flip_columns: bool) -> tuple[list[Path], object]:
+def _case_series(tmp_path: Path, flip_columns: bool) -> tuple[list[Path], SynthCase]:
     """A synthetic head with a haemorrhage written as an axial series; with ``flip_columns``
     stored with ImageOrientationPatient [-1, 0, 0, 0, 1, 0] (columns towards the right)."""
     from triage_model.synth import make_case
@@ -653,3 +654,44 @@ def test_sc_realistic_example(source: list[pydicom.Dataset], tmp_path: Path) -> 
     far = ~ndi.binary_dilation(lesion_up, iterations=40)
     far[:8] = far[-8:] = far[:, :8] = far[:, -8:] = False  # the frame of the top image
     assert coloured[far].mean() < 0.001
+
+
+@pytest.mark.parametrize(("overlay", "opacity"), [("outline", 0.3), ("blend", 0.6)])
+def test_published_heat_maps_follow_the_settings_most_suspicious_stored_first(
+    tmp_path: Path, overlay: str, opacity: float
+) -> None:
+    """``[outputs] overlay``/``overlay_opacity`` reach the pictures; the heat maps are numbered
+    from inferior to superior, and the most suspicious is stored first (the status page shows
+    the first one as the series' thumbnail)."""
+    from types import SimpleNamespace
+
+    from triage_agent.config import AgentConfig, OutputsConfig
+    from triage_agent.publish import build_outputs
+    from triage_agent.storage import Storage
+
+    paths = make_series(tmp_path / "src", n=12, seed=3, size=64)
+    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
+    scores = [0.1 * i for i in range(12)]
+    scores[4] = 9.0  # the most suspicious lies low in the head
+    images, heat = _sc_inputs(12)
+    result = SimpleNamespace(
+        verdict="abnormal", score=9.0, threshold=1.0, reason=None,
+        slices=list(zip(uids, scores, strict=True)), heatmaps=heat,
+        model_input=SimpleNamespace(x=images, pixel_mm=200 / S, yaw_rad=0.0),
+    )  # fmt: skip
+    model = SimpleNamespace(name=ALGO.name, version=ALGO.version,
+                            weights_sha256=ALGO.weights_sha256)  # fmt: skip
+    cfg = AgentConfig(outputs=OutputsConfig(overlay=overlay, overlay_opacity=opacity))
+    outs = build_outputs(
+        cfg=cfg, storage=Storage(tmp_path / "st"), source_paths=paths, result=result,
+        model=model, uid_key="s/1/w", supersedes_path=None, priority="urgent",
+        content_datetime=WHEN,
+    )  # fmt: skip
+    scs = [pydicom.dcmread(tmp_path / "st" / o.relpath) for o in outs if o.kind == "sc"]
+    refs = [uids.index(str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID)) for sc in scs]
+    assert refs == [4, 8, 9, 10, 11]  # the top one, then the others foot to head
+    assert [sc.InstanceNumber for sc in scs] == [1, 2, 3, 4, 5]
+    assert "MOST SUSPICIOUS" in scs[0].ImageComments
+    drawn = "outlined" if overlay == "outline" else "blended"
+    assert all(f"({drawn}, inferno, fill opacity {opacity:.2f})" in sc.DerivationDescription
+               for sc in scs)  # fmt: skip
