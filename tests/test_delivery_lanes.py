@@ -191,3 +191,25 @@ def test_lanes_keep_a_hung_destination_from_delaying_a_healthy_one(tmp_path: Pat
         hung.stop()
         pacs.stop()
         engine.dispose()
+
+
+def test_deliveries_to_a_destination_no_longer_configured_are_dead_lettered(
+        tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'triage.db'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    sessions = db.session_factory(engine)
+    storage = Storage(tmp_path / "storage")
+    did = _one_delivery(sessions, storage, make_series(tmp_path / "ct", n=1, seed=4, size=32)[0],
+                        "old-pacs")
+    lanes = DeliveryLanes(Sender(AgentConfig(), sessions, storage))
+    try:
+        lanes.sync()  # no lane takes "old-pacs": the ledger says why it was not sent
+        assert lanes.circuits() == []
+        with sessions() as s:
+            d = s.get(Delivery, did)
+            assert d is not None and d.state == DeliveryState.DEAD
+            assert d.last_error == "destination no longer configured"
+    finally:
+        lanes.stop(0.1)
+        engine.dispose()

@@ -355,7 +355,7 @@ class Lane:
         d = self.sender.cfg.delivery
         self.breaker.configure(d.breaker_failures, d.breaker_cooldown_s, d.breaker_cooldown_cap_s)
         if self.dest is not None and dest != self.dest:
-            self._report(self.breaker.reset(), "settings changed")
+            self._report(self.breaker.reset(), "settings changed, trying again")
         self.dest = dest
         self.concurrency = dest.concurrency if isinstance(dest, DestinationConfig) else 1
         self.threads = [t for t in self.threads if t.is_alive()]
@@ -380,7 +380,10 @@ class Lane:
                 self.breaker.record(None)
                 self.stopping.wait(interval)
                 continue
-            self._report(self.breaker.record(unanswered, error), error)
+            transition = self.breaker.record(unanswered, error)
+            if transition is Transition.CLOSED:
+                error = "answered again" + (f" ({error})" if error else "")
+            self._report(transition, error)
             if not tried:
                 self.stopping.wait(interval)
 
@@ -434,7 +437,7 @@ class DeliveryLanes:
             log.warning("circuit opened: %s", detail)
             kind = "circuit_opened"
         else:
-            detail = f"{key}: answered again ({why})" if why else f"{key}: answered again"
+            detail = f"{key}: {why}"
             log.info("circuit closed: %s", detail)
             kind = "circuit_closed"
         if self.audit is not None:
