@@ -9,7 +9,10 @@ import json
 import logging
 import socket
 import ssl
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,13 +20,19 @@ from typing import Any
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
+from sqlalchemy import select
 
 from tests.conftest import require_tool
 from tests.factories import make_series
 from tests.peers import Orthanc, free_port
+from tests.test_model_e2e import tiny_ckpt  # noqa: F401  (module-scoped fixture)
+from triage_agent import db
 from triage_agent.config import AgentConfig, DicomWebDestinationConfig
 from triage_agent.delivery import DELIVERED, PERMANENT, TRANSIENT
 from triage_agent.dicomweb import outcomes_from_response, send_stow
+from triage_agent.models import Delivery, Event, Job, Output, Result, Series, SeriesState, Study
+from triage_agent.sender import Sender
+from triage_agent.storage import Storage
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
@@ -66,6 +75,7 @@ def test_stow_answers_map_to_ledger_outcomes(code: int, body: bytes, kinds: list
                503: "Service Unavailable"}
     outs = outcomes_from_response(code, reasons[code], body, ["1", "2"])
     assert [o.kind for o in outs] == kinds
+    assert all(o.unanswered == (code == 503) for o in outs)  # what the circuit breaker counts
     errors = " | ".join(o.error or "" for o in outs)
     assert (text in errors) if text else errors == " | "
 
@@ -140,6 +150,7 @@ def test_unreachable_and_silent_destinations_are_retryable(tmp_path: Path) -> No
         port = silent.getsockname()[1]
         out = send_stow(web(f"http://127.0.0.1:{port}/dicom-web", timeout_s=0.5), files)[0]
     assert out.kind == TRANSIENT and out.error == "no answer within 0.5 s (timeout_s)"
+    assert refused.unanswered and out.unanswered  # counted by the destination's circuit breaker
 
 
 def test_basic_auth_and_bearer_token_from_files_never_logged(
@@ -256,3 +267,155 @@ def test_config_rejects_credentials_in_the_url_and_half_given_auth() -> None:
     resolved = cfg.resolved(Path("/etc/triage-agent")).dicomweb_destinations[0]
     assert resolved.url == "https://pacs/dicom-web"
     assert resolved.token_file == Path("/etc/triage-agent/vna.token")
+
+
+# ----------------------------------------------------------------------------- through the ledger
+
+
+def scored_result(s: Any) -> int:
+    """Rows of a scored series (study, series, job, result); returns the result's id."""
+    st = Study(study_instance_uid=generate_uid())
+    s.add(st)
+    s.flush()
+    se = Series(series_instance_uid=generate_uid(), study_id=st.id, generation=1,
+                state=SeriesState.SCORED)
+    s.add(se)
+    s.flush()
+    job = Job(series_id=se.id, generation=1, state="done")
+    s.add(job)
+    s.flush()
+    res = Result(job_id=job.id, series_id=se.id, score=1.0, verdict="abnormal", threshold=0.5,
+                 model_name="m", model_version="1", weights_sha256="x")
+    s.add(res)
+    s.flush()
+    return int(res.id)
+
+
+def ledger_rows(sessions: Any, storage: Storage, files: list[Path], destination: str) -> list[int]:
+    """A scored series whose outputs are ``files``, one delivery each to ``destination``."""
+    with sessions() as s, s.begin():
+        rid = scored_result(s)
+        ids = []
+        for i, f in enumerate(files):
+            rel = f"outputs/{i}-{f.name}"
+            storage.write_atomic(rel, [f.read_bytes()])
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            out = Output(result_id=rid, kind="sr", sop_class_uid=str(ds.SOPClassUID),
+                         sop_instance_uid=str(ds.SOPInstanceUID),
+                         series_instance_uid=str(ds.get("SeriesInstanceUID", "")), path=rel)
+            s.add(out)
+            s.flush()
+            d = Delivery(output_id=out.id, destination=destination)
+            s.add(d)
+            s.flush()
+            ids.append(d.id)
+        return ids
+
+
+def ledger_cfg(dest: DicomWebDestinationConfig, max_attempts: int = 8) -> AgentConfig:
+    return AgentConfig(dicomweb_destinations=[dest]).model_copy(update={
+        "delivery": AgentConfig().delivery.model_copy(update={
+            "max_attempts": max_attempts, "backoff_base_s": 0.01, "backoff_cap_s": 0.02})})
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_scored_series_sr_and_heat_maps_arrive_by_stow(
+    db_url: str, pacs: Orthanc, tiny_ckpt: Path, tmp_path: Path  # noqa: F811
+) -> None:
+    from triage_model.checkpoint import load_detector
+    from triage_model.synth import make_case
+
+    from triage_agent.app import Model
+    from triage_agent.inference import score_series
+    from triage_agent.publish import build_outputs
+    from triage_agent.synth_dicom import write_case_dicom
+    from triage_agent.worker import Worker
+
+    det = load_detector(tiny_ckpt, device="cpu")
+    files = write_case_dicom(make_case(21, "subdural_haematoma", matrix=128), tmp_path / "h")
+    res = score_series(files, det, threshold=-1e9)  # "abnormal", so heat maps are built too
+    cfg = ledger_cfg(web(pacs.dicomweb_url))
+    storage = Storage(tmp_path / "storage")
+    built = build_outputs(cfg=cfg, storage=storage, source_paths=files, result=res,
+                          model=Model(det.name, det.version, det.weights_sha256, det),
+                          uid_key="1.2.3/1/abc", supersedes_path=None, priority="urgent")
+    db.upgrade(db_url)
+    sessions = db.session_factory(db.make_engine(db_url))
+    with sessions() as s, s.begin():  # the rows the worker writes for a scored series
+        Worker(cfg, sessions, storage, None, None, "w")._add_outputs(s, scored_result(s), built)
+    sender = Sender(cfg, sessions, storage)
+    assert sender.run_once() == len(built) == 6  # the SR and five heat maps
+    with sessions() as s:
+        rows = s.scalars(select(Delivery)).all()
+        assert {d.destination for d in rows} == {"stow:web"}
+        assert all(d.state == "delivered" and d.attempts == 1 for d in rows)
+        assert s.scalar(select(Series.state)) == SeriesState.DELIVERED
+    held = sop_classes_in(pacs)
+    assert held == {o.sop_instance_uid: o.sop_class_uid for o in built}
+    assert sorted(held.values()) == sorted([SR_CLASS] + [SC_CLASS] * 5)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_unreachable_stow_retries_dead_letters_and_retry_command_resends(
+    db_url: str, tmp_path: Path
+) -> None:
+    require_tool("Orthanc", "orthanc")
+    pacs = Orthanc(tmp_path / "later", dicomweb=True)  # configured, not yet started
+    db.upgrade(db_url)
+    sessions = db.session_factory(db.make_engine(db_url))
+    storage = Storage(tmp_path / "storage")
+    files = canary_series(tmp_path / "ct", n=1)
+    (did,) = ledger_rows(sessions, storage, files, "stow:web")
+    sender = Sender(ledger_cfg(web(pacs.dicomweb_url), max_attempts=2), sessions, storage)
+
+    assert sender.run_once() == 1
+    with sessions() as s:
+        d = s.get(Delivery, did)
+        assert d.state == "pending" and d.attempts == 1 and "cannot connect" in d.last_error
+    time.sleep(0.05)
+    assert sender.run_once() == 1
+    with sessions() as s:
+        d = s.get(Delivery, did)
+        assert d.state == "dead" and "gave up after 2 attempts" in d.last_error
+        assert s.scalar(select(Series.state)) == SeriesState.FAILED
+    assert sender.run_once() == 0
+
+    pacs.start()
+    try:
+        config = tmp_path / "agent.toml"
+        config.write_text(f'[database]\nurl = "{db_url}"\n[storage]\nroot = "{storage.root}"\n')
+        r = subprocess.run([sys.executable, "-m", "triage_agent.cli", "retry", "--config",
+                            str(config)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "1 dead-lettered delivery re-queued" in r.stdout, r.stderr
+        assert sender.run_once() == 1
+        with sessions() as s:
+            d = s.get(Delivery, did)
+            assert d.state == "delivered" and d.last_status == 0 and d.last_error is None
+            assert s.scalar(select(Series.state)) == SeriesState.DELIVERED
+        assert set(sop_classes_in(pacs)) == {str(pydicom.dcmread(files[0]).SOPInstanceUID)}
+    finally:
+        pacs.stop()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_refused_instance_is_dead_lettered_at_once_with_the_reason(
+    db_url: str, pacs: Orthanc, tmp_path: Path
+) -> None:
+    db.upgrade(db_url)
+    sessions = db.session_factory(db.make_engine(db_url))
+    storage = Storage(tmp_path / "storage")
+    broken = pydicom.dcmread(canary_series(tmp_path / "ct", n=1)[0])
+    del broken.SeriesInstanceUID  # the PACS cannot file it: refused with 0xC000
+    broken.save_as(tmp_path / "broken.dcm")
+    good = canary_series(tmp_path / "good", n=1, seed=11)
+    bad_id, good_id = ledger_rows(sessions, storage, [tmp_path / "broken.dcm", *good], "stow:web")
+    assert Sender(ledger_cfg(web(pacs.dicomweb_url)), sessions, storage).run_once() == 2
+    with sessions() as s:
+        bad, ok = s.get(Delivery, bad_id), s.get(Delivery, good_id)
+        assert ok.state == "delivered"
+        assert bad.state == "dead" and bad.attempts == 1 and bad.last_status == 0xC000
+        assert "refused by the destination: failure reason 0xC000 (cannot understand)" in (
+            bad.last_error)
+        event = s.scalars(select(Event).where(Event.kind == "delivery_dead")).one()
+        for text in (bad.last_error, event.detail):
+            assert "CANARYWEB" not in text and CANARY_ID not in text

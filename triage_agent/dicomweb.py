@@ -127,10 +127,13 @@ def outcomes_from_response(code: int, reason: str, body: bytes,
     """One outcome per instance, in order, from the STOW-RS answer (status line and body)."""
     answer = _per_instance(body)
     whole = classify_http(code)
+    # For the circuit breaker an HTTP status is an answer, except a gateway's word that the
+    # service behind it is down or unreachable (502, 503, 504).
+    answered = code not in (502, 503, 504)
     if answer is None:
         if whole == DELIVERED:
             return [SendOutcome(DELIVERED, 0x0000, None)] * len(uids)
-        return [SendOutcome(whole, None, _http_text(code, reason))] * len(uids)
+        return [SendOutcome(whole, None, _http_text(code, reason), answered)] * len(uids)
     stored, refused = answer
     outcomes = []
     for uid in uids:
@@ -141,9 +144,9 @@ def outcomes_from_response(code: int, reason: str, body: bytes,
             outcomes.append(SendOutcome(DELIVERED, 0x0000, None))
         elif whole == DELIVERED:  # 2xx, yet this instance is neither listed as stored nor refused
             outcomes.append(SendOutcome(TRANSIENT, None, f"HTTP {code}: the destination did "
-                                        "not confirm this instance"))
+                                        "not confirm this instance", answered))
         else:
-            outcomes.append(SendOutcome(whole, None, _http_text(code, reason)))
+            outcomes.append(SendOutcome(whole, None, _http_text(code, reason), answered))
     return outcomes
 
 

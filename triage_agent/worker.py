@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from triage_agent import metrics, publish, queue
 from triage_agent.config import AgentConfig
+from triage_agent.dicomweb import stow_destination_key
 from triage_agent.ingest import short_id
 from triage_agent.models import (
     Delivery,
@@ -203,7 +204,7 @@ class Worker:
         self, s: Session, result_id: int, outputs: Sequence[publish.BuiltOutput]
     ) -> None:
         """One Output row per built object and, in active mode, its deliveries (HL7 messages
-        to their RIS, DICOM objects to every destination)."""
+        to their RIS, DICOM objects to every C-STORE and STOW-RS destination)."""
         deliver = self.cfg.triage.mode == "active"
         for o in outputs:
             orow = Output(result_id=result_id, kind=o.kind, sop_class_uid=o.sop_class_uid,
@@ -218,6 +219,8 @@ class Worker:
             else:
                 s.add_all(Delivery(output_id=orow.id, destination=destination_key(d))
                           for d in self.cfg.destinations)
+                s.add_all(Delivery(output_id=orow.id, destination=stow_destination_key(d))
+                          for d in self.cfg.dicomweb_destinations)
 
     def _previous_sr(self, series_id: int, generation: int) -> Path | None:
         """The SR of the latest earlier generation of this series, which a re-run supersedes."""
