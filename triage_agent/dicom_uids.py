@@ -82,9 +82,10 @@ def image_facts(ds: Any) -> ImageFacts:
         if iop is None:
             po = functional_group(ds, "PlaneOrientationSequence")
             iop = po.get("ImageOrientationPatient") if po is not None else None
-        if kernel in (None, ""):
-            rec = functional_group(ds, "CTReconstructionSequence")
-            kernel = rec.get("ConvolutionKernel") if rec is not None else None
+        for seq in ("CTReconstructionSequence", "UnassignedSharedConvertedAttributesSequence"):
+            if kernel in (None, ""):  # enhanced CT, or converted from classic images
+                item = functional_group(ds, seq)
+                kernel = item.get("ConvolutionKernel") if item is not None else None
     if kernel in (None, ""):
         kernel_text = None
     elif isinstance(kernel, str):

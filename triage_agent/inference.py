@@ -38,6 +38,9 @@ class SeriesResult:
     timings: dict[str, float] = field(default_factory=dict)
     s_g: list[float] = field(default_factory=list)
     s_r: list[float] = field(default_factory=list)
+    #: 1-based frame number of each slice in ``slices`` when the series is one multi-frame
+    #: (enhanced CT) instance; empty for single-frame images
+    frames: list[int | None] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -46,7 +49,9 @@ class SeriesResult:
             "verdict": self.verdict,
             "threshold": self.threshold,
             "reason": self.reason,
-            "slices": [{"sop_instance_uid": u, "score": s} for u, s in self.slices],
+            "slices": [{"sop_instance_uid": u, "score": s}
+                       | ({"frame": self.frames[i]} if i < len(self.frames) else {})
+                       for i, (u, s) in enumerate(self.slices)],
         }
 
 
@@ -60,6 +65,7 @@ def score_model_input(
     detector: Detector,
     *,
     sop_instance_uids: Sequence[str | None] | None = None,
+    frame_numbers: Sequence[int | None] | None = None,
     series_instance_uid: str | None = None,
     lambda_: float = 0.5,
     threshold: float | None = None,
@@ -84,7 +90,11 @@ def score_model_input(
     for i, z in enumerate(np.asarray(mi.slice_index).tolist()):
         uid = uids[z] if 0 <= z < len(uids) else None
         slices.append((uid, float(ss.score[i])))
+    frames = [] if frame_numbers is None else [
+        frame_numbers[z] if 0 <= z < len(frame_numbers) else None
+        for z in np.asarray(mi.slice_index).tolist()]
     return SeriesResult(
+        frames=frames,
         series_instance_uid=series_instance_uid,
         score=float(score),
         verdict=verdict_for(float(score), thr),
@@ -133,7 +143,7 @@ def score_series(
     t2 = time.perf_counter()
     timings["preprocess_s"] = t2 - t1
     res = score_model_input(
-        mi, detector, sop_instance_uids=vol.sop_instance_uids,
+        mi, detector, sop_instance_uids=vol.sop_instance_uids, frame_numbers=vol.frame_numbers,
         series_instance_uid=vol.series_instance_uid, lambda_=lambda_, threshold=thr,
         aggregate=aggregate, top_k=top_k, min_brain_slices=min_brain_slices, batch_size=batch_size,
     )

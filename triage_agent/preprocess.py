@@ -47,6 +47,9 @@ class HUVolume:
     #: columns; set only when the stack is not an orthogonal grid (gantry tilt: the slices
     #: are tilted and the stack is sheared). ``correct_tilt`` resamples such a volume.
     affine_zyx: np.ndarray | None = None
+    #: 1-based frame number of each z slice in its (multi-frame) instance; None for a series of
+    #: single-frame images (then every slice is its own SOP instance).
+    frame_numbers: list[int | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -131,11 +134,17 @@ def read_series(paths: Sequence[Path]) -> HUVolume:
 
     Slices are sorted by their position along the slice normal (not by InstanceNumber, which
     scanners and routers get wrong), each slice's own rescale slope/intercept is applied, and
-    orientation flips are undone so the array is LPS. Mixed series, missing pixel data,
-    non-uniform gaps, duplicate positions and single files raise ``PreprocessError``.
+    orientation flips are undone so the array is LPS. The frames of an enhanced (multi-frame)
+    CT image are slices like single-frame images, their geometry and rescale read from the
+    per-frame or shared functional groups. Mixed series, missing pixel data, non-uniform gaps,
+    duplicate positions and single slices raise ``PreprocessError``.
     """
     datasets = _read_files([Path(p) for p in paths])
     series_uid = _one_series(datasets)
+    datasets = _frames(datasets)
+    if len(datasets) < 2:
+        raise PreprocessError(
+            f"read: a volume needs at least 2 slices, got {len(datasets)} image(s)")
     first_path, first = datasets[0]
     iop = np.array(_numbers(first, "ImageOrientationPatient", 6, "geometry", first_path.name))
     normal = _axial_normal(iop)
@@ -143,13 +152,17 @@ def read_series(paths: Sequence[Path]) -> HUVolume:
     spacing = _numbers(first, "PixelSpacing", 2, "geometry", first_path.name)
     order, step, dz = _slice_order(datasets, iop, normal, rows, cols)
     hu, uids = _hu_slices(datasets, order, rows, cols)
+    frames: list[int | None] = [getattr(datasets[i][1], "frame_number", None) for i in order]
     hu, uids, spacing, affine = _to_lps(hu, uids, iop, normal, step, spacing, dz)
+    if normal[2] < 0:  # _to_lps reversed the slices
+        frames = frames[::-1]
     vol = HUVolume(
         hu=np.ascontiguousarray(hu, dtype=np.float32),
         spacing_mm=(dz, float(spacing[0]), float(spacing[1])),
         sop_instance_uids=uids,
         series_instance_uid=series_uid,
         affine_zyx=affine,
+        frame_numbers=frames if any(f is not None for f in frames) else None,
     )
     log.debug("read series: %d slices, spacing %s", len(uids), vol.spacing_mm)
     return vol
@@ -160,8 +173,8 @@ def _read_files(paths: list[Path]) -> list[tuple[Path, Any]]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    if len(paths) < 2:
-        raise PreprocessError(f"read: a volume needs at least 2 slices, got {len(paths)} file(s)")
+    if not paths:
+        raise PreprocessError("read: a volume needs at least 2 slices, got 0 file(s)")
     datasets = []
     for p in paths:
         try:
@@ -169,6 +182,80 @@ def _read_files(paths: list[Path]) -> list[tuple[Path, Any]]:
         except (InvalidDicomError, OSError, EOFError, ValueError) as e:
             raise PreprocessError(f"read: {p.name} is not a readable DICOM file ({e})") from e
     return datasets
+
+
+class _Frame:
+    """One frame of an enhanced (multi-frame) CT image, read like a single-frame slice: the
+    attributes ``read_series`` uses, from the frame's per-frame functional groups, else the
+    shared ones, else the top level; ``pixel_array`` is the frame's stored values."""
+
+    _GROUPS = (("PlaneOrientationSequence", ("ImageOrientationPatient",)),
+               ("PlanePositionSequence", ("ImagePositionPatient",)),
+               ("PixelMeasuresSequence", ("PixelSpacing", "SliceThickness")),
+               ("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept")))
+
+    def __init__(self, ds: Any, index: int, pixels: Any) -> None:
+        from triage_agent.dicom_uids import functional_group
+
+        self._pixels = pixels
+        self._index = index
+        self.frame_number = index + 1
+        attrs: dict[str, Any] = {}
+        for kw in ("Rows", "Columns", "SOPInstanceUID", "SeriesInstanceUID"):
+            if kw in ds:
+                attrs[kw] = ds.get(kw)
+        for seq, keywords in self._GROUPS:
+            item = functional_group(ds, seq, index)
+            for kw in keywords:
+                value = item.get(kw) if item is not None else None
+                value = ds.get(kw) if value is None else value
+                if value is not None:
+                    attrs[kw] = value
+        if "PixelData" in ds:
+            attrs["PixelData"] = True
+        self._attrs = attrs
+
+    def get(self, keyword: str, default: Any = None) -> Any:
+        return self._attrs.get(keyword, default)
+
+    def __contains__(self, keyword: str) -> bool:
+        return keyword in self._attrs
+
+    def __getattr__(self, keyword: str) -> Any:
+        if keyword.startswith("_"):
+            raise AttributeError(keyword)
+        try:
+            return self._attrs[keyword]
+        except KeyError:
+            raise AttributeError(keyword) from None
+
+    @property
+    def pixel_array(self) -> np.ndarray:
+        return self._pixels()[self._index]
+
+
+def _frames(datasets: list[tuple[Path, Any]]) -> list[tuple[Path, Any]]:
+    """Single-frame images as they are; each frame of a multi-frame image as a ``_Frame``
+    named "<file> frame <n>" in errors. A multi-frame image's pixels are decoded once."""
+    out: list[tuple[Path, Any]] = []
+    for p, ds in datasets:
+        try:
+            n = int(ds.get("NumberOfFrames") or 1)
+        except (TypeError, ValueError) as e:
+            raise PreprocessError(f"read: {p.name} has a non-numeric NumberOfFrames") from e
+        if n <= 1 and "PerFrameFunctionalGroupsSequence" not in ds:
+            out.append((p, ds))
+            continue
+        cache: list[np.ndarray] = []
+
+        def pixels(ds: Any = ds, cache: list[np.ndarray] = cache) -> np.ndarray:
+            if not cache:
+                arr = ds.pixel_array
+                cache.append(arr[None] if arr.ndim == 2 else arr)
+            return cache[0]
+
+        out += [(p.with_name(f"{p.name} frame {i + 1}"), _Frame(ds, i, pixels)) for i in range(n)]
+    return out
 
 
 def _one_series(datasets: list[tuple[Path, Any]]) -> str | None:
