@@ -185,8 +185,8 @@ def test_rule_order_and_settings() -> None:
                                         slice_thickness_mm=1.25)], named)[0].series_uid == "2"
 
 
-def test_completion_waits_for_the_whole_study(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+def test_completion_waits_for_the_whole_study(db_url: str) -> None:
+    url = db_url  # SQLite, and PostgreSQL with its row locks
     db.upgrade(url)
     sessions = db.session_factory(db.make_engine(url))
     old = utcnow() - dt.timedelta(seconds=60)
@@ -244,3 +244,41 @@ def test_completion_waits_for_the_whole_study(tmp_path: Path) -> None:
                              .where(Series.series_instance_uid.in_(["1.2.3.3", "1.2.3.4"]))).all())
         assert got == {"1.2.3.3": None,
                        "1.2.3.4": f"study already reported on series {short_id('1.2.3.2')}"}
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_concurrent_sweepers_complete_each_study_once(db_url: str) -> None:
+    import threading
+
+    db.upgrade(db_url)
+    sessions = db.session_factory(db.make_engine(db_url))
+    old = utcnow() - dt.timedelta(seconds=60)
+    with sessions() as s, s.begin():
+        for k in range(6):
+            study = Study(study_instance_uid=f"1.2.5.{k}")
+            for j, thickness in enumerate((0.625, 2.5, 5.0)):
+                s.add(Series(series_instance_uid=f"1.2.5.{k}.{j}", study=study,
+                             state=SeriesState.RECEIVING, modality="CT", body_part="HEAD",
+                             sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                             slice_thickness_mm=thickness, orientation="axial:0.0",
+                             instance_count=40, frame_count=40, first_received_at=old,
+                             last_received_at=old))
+    rules = SeriesConfig(quiet_period_s=10)
+    start = threading.Barrier(4)
+    counts: list[int] = []
+
+    def run() -> None:
+        start.wait()
+        counts.append(sweep(sessions, rules))
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sum(counts) == 18  # every series completed exactly once
+    with sessions() as s:
+        queued = sorted(s.scalars(select(Series.series_instance_uid)
+                                  .join(Job, Job.series_id == Series.id)).all())
+    assert queued == [f"1.2.5.{k}.2" for k in range(6)]  # one per study: the 5 mm series
