@@ -234,10 +234,13 @@ class TLSRelay:
         self.server.close()
 
 
-def test_https_verified_against_the_configured_ca(pacs: Orthanc, tmp_path: Path) -> None:
+def test_https_verified_against_the_configured_ca(
+    pacs: Orthanc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tests.tls_util import make_pki
 
     pki = make_pki(tmp_path / "pki")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(pki.ca1.cert))  # ca_certificate wins over it
     relay = TLSRelay(pki.server.cert, pki.server.key, pacs.http_port)
     url = f"https://127.0.0.1:{relay.port}/dicom-web"
     files = make_series(tmp_path / "ct", n=1, seed=9, size=32)

@@ -74,15 +74,13 @@ def _reason_text(reason: int) -> str:
 
 
 def _session(dest: DicomWebDestinationConfig) -> requests.Session:
-    """A session carrying the destination's credentials and CA bundle (OSError: unreadable)."""
+    """A session carrying the destination's credentials (OSError: a file is unreadable). Proxy
+    settings come from the environment (HTTPS_PROXY, NO_PROXY) as for any HTTP client."""
     s = requests.Session()
-    s.trust_env = False  # no proxy or .netrc credentials from the service's environment
     if dest.password_file is not None:
         s.auth = (dest.username, dest.password_file.read_text(encoding="utf-8").strip())
     elif dest.token_file is not None:
         s.headers["Authorization"] = "Bearer " + dest.token_file.read_text(encoding="utf-8").strip()
-    if dest.ca_certificate is not None:
-        s.verify = str(dest.ca_certificate)
     return s
 
 
@@ -175,11 +173,13 @@ def _post(dest: DicomWebDestinationConfig, blobs: list[bytes],
         return [SendOutcome(TRANSIENT, None, f"cannot read the credentials file "
                             f"{e.filename}: {e.strerror}")] * n
     body, content_type = _multipart(blobs)
+    # Given per request: a session's CA bundle would yield to REQUESTS_CA_BUNDLE.
+    verify: str | bool = str(dest.ca_certificate) if dest.ca_certificate else True
     try:
         with session:
             rsp = session.post(dest.url + "/studies", data=body, timeout=dest.timeout_s,
-                               headers={"Content-Type": content_type,
-                                        "Accept": "application/dicom+json"})
+                               verify=verify, headers={"Content-Type": content_type,
+                                                       "Accept": "application/dicom+json"})
     except requests.exceptions.SSLError as e:
         return [SendOutcome(TRANSIENT, None, f"TLS failed: {_cause(e)}")] * n
     except requests.exceptions.Timeout:
