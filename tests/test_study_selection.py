@@ -143,8 +143,8 @@ def test_score_prints_the_series_the_study_rule_skips(tmp_path: Path, tiny_ckpt:
                                                 "bone/sharp)")
 
     assert main(args + ["--no-selection"]) == 0
-    out = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
-    assert not any(d["verdict"] == "skipped" for d in out) and len(out) == 6
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert not any(d["verdict"] == "skipped" for d in lines) and len(lines) == 6
 
 
 def _facts(uid: str, **kw: Any) -> SeriesFacts:
