@@ -695,3 +695,83 @@ def test_published_heat_maps_follow_the_settings_most_suspicious_stored_first(
     drawn = "outlined" if overlay == "outline" else "blended"
     assert all(f"({drawn}, inferno, fill opacity {opacity:.2f})" in sc.DerivationDescription
                for sc in scs)  # fmt: skip
+
+
+def test_outputs_of_a_multi_frame_series_reference_frames(tmp_path: Path) -> None:
+    """An enhanced (multi-frame) CT is one image: the SR and the heat maps name the frame of
+    each top slice (ReferencedFrameNumber), its position comes from the frame's functional
+    group, and every heat map is an instance of its own."""
+    paths = make_series(tmp_path / "classic", n=12, seed=5, size=64)
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        [pydicom.dcmread(p) for p in paths], series_instance_uid=hd.UID(), series_number=9,
+        sop_instance_uid=hd.UID(), instance_number=1,
+    )  # fmt: skip
+    path = tmp_path / "enhanced.dcm"
+    enhanced.save_as(path)
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    uid = str(header.SOPInstanceUID)
+    z_of = {
+        i + 1: float(g.PlanePositionSequence[0].ImagePositionPatient[2])
+        for i, g in enumerate(header.PerFrameFunctionalGroupsSequence)
+    }
+    frames = [7, 3, 9]  # ranked by score
+    finding = TriageFinding(
+        "abnormal", 2.0, 1.0, "urgent", None, [(uid, 2.0), (uid, 1.5), (uid, 1.2)], frames
+    )
+    sr = build_sr([header], finding, ALGO, uid_key="mf", content_datetime=WHEN)
+    _roundtrip(sr, tmp_path / "sr.dcm")
+    assert _dciodvfy(tmp_path / "sr.dcm") == []
+    groups = hd.sr.srread(tmp_path / "sr.dcm").content.get_image_measurement_groups()[1:]
+    got = []
+    for group in groups:
+        (m,) = group.get_measurements(name=SCORE)
+        (ref,) = m.referenced_images
+        got.append([int(f) for f in ref.referenced_frame_numbers])
+        assert [[int(f) for f in s.referenced_frame_numbers] for s in group.source_images] == [
+            got[-1]
+        ]
+    assert got == [[7], [3], [9]]
+    assert groups[0].tracking_identifier == (
+        f"Suspicious slice 1 of 3: frame 7, z {z_of[7]:.1f} mm"
+    )
+
+    scs = build_sc_series(
+        [header], finding, ALGO, *_sc_inputs(3), uid_key="mf", out_size=128,
+        content_datetime=WHEN,
+    )  # fmt: skip
+    assert len({sc.SOPInstanceUID for sc in scs}) == 3
+    shown = [int(sc.SourceImageSequence[0].ReferencedFrameNumber) for sc in scs]
+    assert [z_of[f] for f in shown] == sorted(z_of[f] for f in frames)  # foot to head
+    for sc in scs:
+        assert int(sc.ReferencedImageSequence[0].ReferencedFrameNumber) in frames
+        _roundtrip(sc, tmp_path / "sc.dcm")
+        assert _dciodvfy(tmp_path / "sc.dcm") == []
+    # published: the most suspicious frame's heat map is stored first
+    from types import SimpleNamespace
+
+    from triage_agent.config import AgentConfig
+    from triage_agent.publish import build_outputs
+    from triage_agent.storage import Storage
+
+    scores = [0.1 * i for i in range(12)]
+    scores[5] = 9.0  # frame 6
+    images, heat = _sc_inputs(12)
+    result = SimpleNamespace(
+        verdict="abnormal", score=9.0, threshold=1.0, reason=None,
+        slices=[(uid, sc) for sc in scores], frames=list(range(1, 13)), heatmaps=heat,
+        model_input=SimpleNamespace(x=images, pixel_mm=200 / S, yaw_rad=0.0),
+    )  # fmt: skip
+    model = SimpleNamespace(name=ALGO.name, version=ALGO.version,
+                            weights_sha256=ALGO.weights_sha256)  # fmt: skip
+    outs = build_outputs(
+        cfg=AgentConfig(), storage=Storage(tmp_path / "st"), source_paths=[path], result=result,
+        model=model, uid_key="mf/1", supersedes_path=None, priority="urgent",
+        content_datetime=WHEN,
+    )  # fmt: skip
+    stored = [pydicom.dcmread(tmp_path / "st" / o.relpath) for o in outs if o.kind == "sc"]
+    assert [int(sc.SourceImageSequence[0].ReferencedFrameNumber) for sc in stored][0] == 6
+    assert "MOST SUSPICIOUS" in stored[0].ImageComments and len(stored) == 5
+    with pytest.raises(OutputError, match="frame 99"):
+        build_sr([header], replace(finding, top_frames=[99, 3, 9]), ALGO, uid_key="k")
+    with pytest.raises(OutputError, match="same image"):
+        build_sr([header], replace(finding, top_frames=[3, 3, 9]), ALGO, uid_key="k")

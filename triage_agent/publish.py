@@ -74,6 +74,13 @@ def _build_hl7(dest: HL7DestinationConfig, storage: Storage, header: Dataset, re
                        destination=dest.name)
 
 
+def _source_of(sc: Dataset) -> tuple[str, int | None]:
+    """(SOP Instance UID, frame number or None) of the image a heat map was made from."""
+    item = sc.SourceImageSequence[0]
+    frame = item.get("ReferencedFrameNumber")
+    return str(item.ReferencedSOPInstanceUID), None if frame is None else int(frame)
+
+
 def build_outputs(
     *,
     cfg: AgentConfig,
@@ -105,6 +112,8 @@ def build_outputs(
         priority=priority,
         reason=result.reason,
         top_slices=[(str(result.slices[i][0]), float(result.slices[i][1])) for i in idx],
+        # frame numbers when the series is one multi-frame (enhanced CT) image
+        top_frames=[frames[i] for i in idx] if (frames := getattr(result, "frames", None)) else [],
     )
     algorithm = AlgorithmInfo(name=model.name, version=model.version,
                               weights_sha256=model.weights_sha256,
@@ -131,9 +140,8 @@ def build_outputs(
                               content_datetime=content_datetime)
         # anatomical order (as numbered), but the most suspicious stored first: the status
         # page's thumbnail of a series is its first heat map
-        top_uid = finding.top_slices[0][0]
-        scs.sort(key=lambda sc: str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID)
-                 != top_uid)
+        top = (finding.top_slices[0][0], finding.top_frames[0] if finding.top_frames else None)
+        scs.sort(key=lambda sc: _source_of(sc) != top)
         built += [("sc", sc) for sc in scs]
     outputs = []
     for dest in cfg.hl7_destinations:

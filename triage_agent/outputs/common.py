@@ -55,6 +55,19 @@ class TriageFinding:
     reason: str | None  # e.g. why not assessable
     # (SOP Instance UID of a source image, slice score), most suspicious first
     top_slices: list[tuple[str, float]] = field(default_factory=list)
+    # 1-based frame number of each top slice in its multi-frame (enhanced CT) image, in the
+    # order of top_slices; empty (or None entries) for single-frame images
+    top_frames: list[int | None] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TopSlice:
+    """One of the finding's top slices resolved to its source: the image header, the slice
+    score and, for a multi-frame image, the frame (1-based)."""
+
+    header: pydicom.Dataset
+    score: float
+    frame: int | None = None
 
 
 def derive_uid(*parts: str, prefix: str = UID_PREFIX) -> str:
@@ -114,9 +127,17 @@ def validate_finding(finding: TriageFinding) -> None:
         raise OutputError(f"finding.score is required for verdict {finding.verdict!r}")
     if not finding.priority:
         raise OutputError("finding.priority must be a non-empty band name")
-    uids = [uid for uid, _ in finding.top_slices]
-    if len(set(uids)) != len(uids):
-        raise OutputError("finding.top_slices lists the same SOP Instance UID twice")
+    frames = list(finding.top_frames) or [None] * len(finding.top_slices)
+    if len(frames) != len(finding.top_slices):
+        raise OutputError(
+            f"finding.top_frames has {len(frames)} entries for {len(finding.top_slices)} "
+            "top slices; give one frame number (or None) per slice"
+        )
+    if any(f is not None and (not isinstance(f, int) or f < 1) for f in frames):
+        raise OutputError("finding.top_frames holds a frame number below 1 or not an integer")
+    refs = [(uid, f) for (uid, _), f in zip(finding.top_slices, frames, strict=True)]
+    if len(set(refs)) != len(refs):
+        raise OutputError("finding.top_slices lists the same image (and frame) twice")
 
 
 def validate_algorithm(algorithm: AlgorithmInfo) -> None:
@@ -155,59 +176,80 @@ def sorted_source(source: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
     return sorted(source, key=lambda ds: str(ds.SOPInstanceUID))
 
 
-def top_slice_headers(
-    finding: TriageFinding, by_uid: dict[str, pydicom.Dataset]
-) -> list[tuple[pydicom.Dataset, float]]:
-    """Resolve the finding's top slices to source headers; an unknown UID is an error because
-    a reference to an image the PACS does not hold is a dangling link in the report."""
+def top_slice_headers(finding: TriageFinding, by_uid: dict[str, pydicom.Dataset]) -> list[TopSlice]:
+    """Resolve the finding's top slices to source headers (and frames); an unknown UID or frame
+    is an error because a reference to an image the PACS does not hold is a dangling link in
+    the report."""
+    frames = list(finding.top_frames) or [None] * len(finding.top_slices)
     out = []
-    for uid, slice_score in finding.top_slices:
+    for (uid, slice_score), frame in zip(finding.top_slices, frames, strict=True):
         ds = by_uid.get(str(uid))
         if ds is None:
             raise OutputError(
                 "finding.top_slices references an image that is not in the source series"
             )
-        out.append((ds, float(slice_score)))
+        if frame is not None and frame > int(ds.get("NumberOfFrames") or 1):
+            raise OutputError(
+                f"finding.top_frames names frame {frame} of an image with "
+                f"{int(ds.get('NumberOfFrames') or 1)} frame(s)"
+            )
+        out.append(TopSlice(ds, float(slice_score), frame))
     return out
 
 
-def slice_z(ds: pydicom.Dataset) -> float | None:
-    """Table position of a slice: z (mm) of its ImagePositionPatient, None when absent."""
-    pos = ds.get("ImagePositionPatient")
-    if pos is None or len(pos) != 3:
+def _position(ds: pydicom.Dataset, frame: int | None) -> object:
+    """ImagePositionPatient of a single-frame image, or of ``frame`` of a multi-frame one (its
+    Plane Position functional group)."""
+    if frame is None:
+        return ds.get("ImagePositionPatient")
+    groups = ds.get("PerFrameFunctionalGroupsSequence")
+    if groups is None or not 0 < frame <= len(groups):
+        return None
+    plane = groups[frame - 1].get("PlanePositionSequence")
+    return plane[0].get("ImagePositionPatient") if plane else None
+
+
+def slice_z(ds: pydicom.Dataset, frame: int | None = None) -> float | None:
+    """Table position of a slice (or of ``frame`` of a multi-frame image): z (mm) of its
+    ImagePositionPatient, None when absent."""
+    pos = _position(ds, frame)
+    if pos is None or len(pos) != 3:  # type: ignore[arg-type]
         return None
     try:
-        z = float(pos[2])
+        z = float(pos[2])  # type: ignore[index]
     except (TypeError, ValueError):
         return None
     return z if math.isfinite(z) else None
 
 
-def slice_label(ds: pydicom.Dataset) -> str:
-    """Where a slice lies, as the radiologist finds it in the CT: image number and table
-    position ("image 13, z 45.0 mm")."""
+def slice_label(ds: pydicom.Dataset, frame: int | None = None) -> str:
+    """Where a slice lies, as the radiologist finds it in the CT: image number (frame number of
+    a multi-frame image) and table position ("image 13, z 45.0 mm", "frame 13, z 45.0 mm")."""
     parts = []
-    if ds.get("InstanceNumber") not in (None, ""):
+    if frame is not None:
+        parts.append(f"frame {frame}")
+    elif ds.get("InstanceNumber") not in (None, ""):
         parts.append(f"image {ds.InstanceNumber}")
-    z = slice_z(ds)
+    z = slice_z(ds, frame)
     if z is not None:
         parts.append(f"z {z:.1f} mm")
     return ", ".join(parts) or "slice"
 
 
-def anatomical_order(headers: Sequence[pydicom.Dataset]) -> list[int]:
-    """Indices of ``headers`` from inferior to superior: by table position (z), then by
-    InstanceNumber where positions are missing or equal, then as given."""
+def anatomical_order(slices: Sequence[TopSlice]) -> list[int]:
+    """Indices of ``slices`` from inferior to superior: by table position (z), then by image
+    (frame) number where positions are missing or equal, then as given."""
 
     def key(i: int) -> tuple[float, float, int]:
-        z = slice_z(headers[i])
+        ts = slices[i]
+        z = slice_z(ts.header, ts.frame)
         try:
-            number = float(headers[i].get("InstanceNumber"))
+            number = float(ts.frame if ts.frame is not None else ts.header.get("InstanceNumber"))
         except (TypeError, ValueError):
             number = math.inf
         return (math.inf if z is None else z, number, i)
 
-    return sorted(range(len(headers)), key=key)
+    return sorted(range(len(slices)), key=key)
 
 
 def split_datetime(when: datetime | None) -> tuple[str, str]:

@@ -48,6 +48,7 @@ from scipy import ndimage as ndi
 from triage_agent.outputs.common import (
     AlgorithmInfo,
     OutputError,
+    TopSlice,
     TriageFinding,
     anatomical_order,
     clip_lo,
@@ -362,10 +363,12 @@ def _fill_template(template: str, finding: TriageFinding) -> str:
     return clip_lo(text)
 
 
-def _ref_item(ds: pydicom.Dataset, purpose: CodedConcept | None = None) -> Dataset:
+def _ref_item(ts: TopSlice, purpose: CodedConcept | None = None) -> Dataset:
     item = Dataset()
-    item.ReferencedSOPClassUID = ds.SOPClassUID
-    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    item.ReferencedSOPClassUID = ts.header.SOPClassUID
+    item.ReferencedSOPInstanceUID = ts.header.SOPInstanceUID
+    if ts.frame is not None:
+        item.ReferencedFrameNumber = ts.frame
     if purpose is not None:
         item.PurposeOfReferenceCodeSequence = [purpose]
     return item
@@ -443,12 +446,9 @@ def build_sc_series(
         content_datetime=content_datetime,
         equipment=_equipment(algorithm),
     )
-    order = anatomical_order([ref for ref, _ in top])
     out = [
-        _sc_image(
-            series, top[i][0], top[i][1], _Place(i + 1, len(top), number), images[i], heatmaps[i]
-        )
-        for number, i in enumerate(order, start=1)
+        _sc_image(series, top[i], _Place(i + 1, len(top), number), images[i], heatmaps[i])
+        for number, i in enumerate(anatomical_order(top), start=1)
     ]
     log.info(
         "built SC series %s: %d image(s), verdict %s, score %s",
@@ -549,20 +549,22 @@ def _tag(finding: TriageFinding, slice_score: float) -> Tag:
 
 def _sc_image(
     series: _SeriesInfo,
-    ref: pydicom.Dataset,
-    slice_score: float,
+    ts: TopSlice,
     place: _Place,
     image: np.ndarray,
     heat: np.ndarray,
 ) -> hd.sc.SCImage:
-    """The secondary capture of one top slice (source header ``ref``) at ``place``."""
+    """The secondary capture of one top slice at ``place``."""
     finding, algorithm, style = series.finding, series.algorithm, series.style
+    ref, slice_score = ts.header, ts.score
+    # a frame of a multi-frame image gets an instance of its own
+    key = [str(ref.SOPInstanceUID)] + ([f"frame {ts.frame}"] if ts.frame is not None else [])
     tag = _tag(finding, slice_score) if place.rank == 1 else None
     lines = (
         BANNER_TEXT,
         f"{verdict_label(finding.verdict)}  series score {format_score(finding.score)} / "
         f"threshold {finding.threshold:.2f}",
-        f"{slice_label(ref)}  slice score {slice_score:.2f}, rank {place.rank} of {place.count}",
+        f"{slice_label(ref, ts.frame)}  slice score {slice_score:.2f}, rank {place.rank} of {place.count}",
     )
     pixels = render_overlay(
         image,
@@ -587,7 +589,7 @@ def _sc_image(
             coordinate_system="PATIENT",
             series_instance_uid=series.series_uid,
             series_number=series.series_number,
-            sop_instance_uid=derive_uid(series.uid_key, "sc-instance", str(ref.SOPInstanceUID)),
+            sop_instance_uid=derive_uid(series.uid_key, "sc-instance", *key),
             instance_number=place.number,
             manufacturer=algorithm.manufacturer[:64],
             patient_orientation=patient_orientation(style.orientation),
@@ -605,13 +607,13 @@ def _sc_image(
     except (ValueError, TypeError, AttributeError) as e:
         raise OutputError(f"secondary capture {place.number}: {e}") from e
     details = f"{lines[1]}. {lines[2]}" + (f". {tag.text}" if tag is not None else "")
-    _describe(sc, ref, details, series)
+    _describe(sc, ts, details, series)
     return sc
 
 
-def _describe(sc: hd.sc.SCImage, ref: pydicom.Dataset, details: str, series: _SeriesInfo) -> None:
+def _describe(sc: hd.sc.SCImage, ts: TopSlice, details: str, series: _SeriesInfo) -> None:
     """Attributes highdicom does not set: burned-in text, derivation, source references."""
-    algorithm, style = series.algorithm, series.style
+    algorithm, style, ref = series.algorithm, series.style, ts.header
     # General Series Laterality is 2C on BodyPartExamined; a head is not a paired organ
     sc.BodyPartExamined = str(getattr(ref, "BodyPartExamined", "") or "HEAD")
     pin_times(sc, series.content_datetime)
@@ -628,5 +630,5 @@ def _describe(sc: hd.sc.SCImage, ref: pydicom.Dataset, details: str, series: _Se
         f"{style.heat_floor:.0%} of {style.heat_max:.3g}; orientation markers; "
         f"{algorithm.name} {algorithm.version}, weights sha256 {algorithm.weights_sha256}"
     )[:1024]
-    sc.ReferencedImageSequence = [_ref_item(ref)]
-    sc.SourceImageSequence = [_ref_item(ref, PURPOSE_SOURCE)]
+    sc.ReferencedImageSequence = [_ref_item(ts)]
+    sc.SourceImageSequence = [_ref_item(ts, PURPOSE_SOURCE)]

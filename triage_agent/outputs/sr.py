@@ -40,6 +40,7 @@ from pydicom.sr.codedict import codes
 from triage_agent.outputs.common import (
     AlgorithmInfo,
     OutputError,
+    TopSlice,
     TriageFinding,
     clip_lo,
     derive_uid,
@@ -162,15 +163,14 @@ def build_sr(
     groups = [_series_group(finding, algo_id, uid_key, supersedes)]
     groups += [
         _slice_group(
-            ds,
-            slice_score,
+            ts,
             rank,
             len(top),
             algo_id,
             uid_key,
-            suspicious=is_suspicious(finding, slice_score),
+            suspicious=is_suspicious(finding, ts.score),
         )
-        for rank, (ds, slice_score) in enumerate(top, start=1)
+        for rank, ts in enumerate(top, start=1)
     ]
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(algorithm),
@@ -280,8 +280,7 @@ def _series_group(
 
 
 def _slice_group(
-    ds: pydicom.Dataset,
-    slice_score: float,
+    ts: TopSlice,
     rank: int,
     count: int,
     algo_id: hd.sr.AlgorithmIdentification,
@@ -291,18 +290,22 @@ def _slice_group(
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """Group of the ``rank``-th highest-scoring slice: its score and position, referencing its
     image. Only a slice of an abnormal series scoring at or above the threshold is called
-    suspicious."""
+    suspicious. A frame of a multi-frame image is referenced by its frame number."""
+    ds = ts.header
+    frames = [ts.frame] if ts.frame is not None else None
     ref = hd.sr.SourceImageForMeasurement(
         referenced_sop_class_uid=str(ds.SOPClassUID),
         referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+        referenced_frame_numbers=frames,
     )
+    where = slice_label(ds, ts.frame)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derive_uid(uid_key, "sr-track", "slice", str(rank)),
             identifier=(
-                f"Suspicious slice {rank} of {count}: {slice_label(ds)}"
+                f"Suspicious slice {rank} of {count}: {where}"
                 if suspicious
-                else f"Highest-scoring slice {rank} of {count}: {slice_label(ds)}"
+                else f"Highest-scoring slice {rank} of {count}: {where}"
             ),
         ),
         algorithm_id=algo_id,
@@ -310,7 +313,7 @@ def _slice_group(
         measurements=[
             hd.sr.Measurement(
                 name=SCORE,
-                value=slice_score,
+                value=ts.score,
                 unit=UNIT_SCORE,
                 algorithm_id=algo_id,
                 referenced_images=[ref],
@@ -320,6 +323,7 @@ def _slice_group(
             hd.sr.SourceImageForMeasurementGroup(
                 referenced_sop_class_uid=str(ds.SOPClassUID),
                 referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+                referenced_frame_numbers=frames,
             )
         ],
     )
