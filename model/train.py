@@ -533,6 +533,85 @@ def fit_hu_threshold(train: SliceSet, quantile: float = 0.995, calcification_hu:
     return out
 
 
+# ----------------------------------------------------------------------------------- fine-tuning
+
+
+def fine_tune(ckpt: dict[str, Any], data: SliceSet, *, steps: int, lr: float = 1e-4,
+              batch_size: int = 8, seed: int = 0, device: str | torch.device = "cpu",
+              time_budget_s: float | None = None,
+              progress: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A copy of the denoising checkpoint ``ckpt`` whose network is fine-tuned on ``data``
+    (a site's normal slices) with the objective it was trained with (coarse noise, flips).
+
+    Every member of an ensemble takes the same batches, each with its own denoising loss, so the
+    members stay separate networks whose reconstructions the ensemble averages. ``steps`` at a
+    small constant ``lr`` (fresh Adam); ``time_budget_s`` stops earlier at a step boundary.
+    ``progress(iterable, desc, total)`` wraps the step loop (a progress bar). Returns the new
+    checkpoint (normalisation, atlas and thresholds still those of ``ckpt``: refit and
+    recalibrate afterwards) and a record of the run for its training summary."""
+    if ckpt.get("method") != "dae" or "state_dict" not in ckpt:
+        raise ValueError(f"fine-tuning needs a denoising U-Net checkpoint (method 'dae'), not "
+                         f"{ckpt.get('method')!r}")
+    if steps < 1:
+        raise ValueError(f"fine-tuning needs at least one step, got {steps}")
+    if len(data) == 0:
+        raise ValueError("no slices to fine-tune on")
+    dev = torch.device(device)
+    net_cfg = NetConfig.from_dict(ckpt["net_config"])
+    if data.x.shape[1:] != (net_cfg.input_size, net_cfg.input_size):
+        raise ValueError(f"slices are {data.x.shape[1:]}, the network expects "
+                         f"{net_cfg.input_size}x{net_cfg.input_size}")
+    net = build_network(net_cfg)
+    net.load_state_dict(ckpt["state_dict"])
+    net.to(dev).train()
+    members = list(getattr(net, "members", None) or [net])
+    noise = TrainConfig(**DAE_DEFAULTS)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(int(seed))
+    x_all = torch.from_numpy(np.ascontiguousarray(data.x, dtype=np.float32))
+    m_all = torch.from_numpy(np.ascontiguousarray(data.brain, dtype=bool))
+    t0 = time.time()
+    losses_seen: list[float] = []
+    done = 0
+    steps_iter: Any = range(steps)
+    if progress is not None:
+        steps_iter = progress(steps_iter, "fine-tune the network", steps)
+    for _ in steps_iter:
+        if time_budget_s is not None and time.time() - t0 > time_budget_s:
+            log.warning("fine-tuning's time budget of %.0f s spent after %d of %d steps",
+                        time_budget_s, done, steps)
+            break
+        idx = torch.randint(0, len(data), (batch_size,), generator=gen)
+        x, m = x_all[idx], m_all[idx]
+        flip = torch.rand(len(idx), generator=gen) < 0.5
+        x = torch.where(flip[:, None, None], x.flip(-1), x)
+        m = torch.where(flip[:, None, None], m.flip(-1), m)
+        noisy = pretext.coarse_noise(x, gen, noise.noise_res, noise.noise_std, mask=m)
+        inp, tgt = noisy.unsqueeze(1).to(dev), x.unsqueeze(1).to(dev)
+        loss = torch.stack([losses.rec_loss(mb(inp).recon, tgt) for mb in members]).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 100.0)
+        opt.step()
+        losses_seen.append(float(loss.detach()) / len(members))
+        done += 1
+    if hasattr(steps_iter, "close"):
+        steps_iter.close()
+    out = dict(ckpt)
+    out["state_dict"] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    tail = losses_seen[-max(1, min(20, len(losses_seen))):]
+    head = losses_seen[:max(1, min(20, len(losses_seen)))]
+    record = {"steps": done, "planned_steps": steps, "lr": lr, "batch_size": batch_size,
+              "seed": int(seed), "slices": len(data), "series": data.n_series,
+              "members": len(members), "device": str(dev),
+              "seconds": round(time.time() - t0, 1),
+              "rec_loss_first": float(np.mean(head)), "rec_loss_last": float(np.mean(tail))}
+    training = dict(out.get("training") or {})
+    training["fine_tune"] = record
+    out["training"] = training
+    return out, record
+
+
 # --------------------------------------------------------------------------------------- driver
 
 

@@ -49,3 +49,30 @@ def test_train_init_from_an_ensemble_says_why_and_how(tmp_path: Path, capsys) ->
     assert "ensemble of 4 U-Nets" in err and "--init-member K" in err and "(1-4)" in err
     assert "Traceback" not in err and "does not match this configuration" not in err
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_fine_tune_moves_every_member_towards_the_site_and_keeps_the_rest() -> None:
+    from triage_model.train import fine_tune
+
+    ck = _ensemble(2)
+    ck["thresholds"] = {"max": 1.5}
+    site = random_slices(24, S, seed=3, n_series=3)
+    new, rec = fine_tune(ck, site, steps=4, lr=1e-3, batch_size=4, seed=0)
+    changed = {k.split(".")[1] for k, v in new["state_dict"].items()
+               if not torch.equal(v, ck["state_dict"][k])}
+    assert changed == {"0", "1"}  # both members trained, each with its own loss
+    assert new["thresholds"] == {"max": 1.5} and new["net_config"] == ck["net_config"]
+    assert (rec["steps"], rec["members"], rec["series"]) == (4, 2, 3)
+    assert new["training"]["fine_tune"] == rec and "fine_tune" not in ck.get("training", {})
+    again, _ = fine_tune(ck, site, steps=4, lr=1e-3, batch_size=4, seed=0)  # seeded
+    for k, v in new["state_dict"].items():
+        assert torch.allclose(v, again["state_dict"][k])
+    with pytest.raises(ValueError, match="at least one step"):
+        fine_tune(ck, site, steps=0)
+    with pytest.raises(ValueError, match="expects 32x32"):
+        fine_tune(ck, random_slices(4, 16, seed=0), steps=1)
+    vae = make_checkpoint("multitask", net=build_network(NetConfig(input_size=S, base_channels=4,
+                                                                   max_channels=16, z_dim=8,
+                                                                   geo_hidden=16)))
+    with pytest.raises(ValueError, match="denoising U-Net"):
+        fine_tune(vae, site, steps=1)

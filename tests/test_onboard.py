@@ -56,7 +56,7 @@ def test_onboard_writes_a_model_the_node_uses_and_a_report(site: dict[str, Path]
     assert "atlas refitted on 4 normal series" in msg.out and "2 held-out" in msg.out
     assert "series description matches exclusion" in msg.err  # the scout, with its reason
     assert "only 4 normal series to fit the atlas on" in msg.err
-    assert "read and score normals" in msg.err  # a progress bar
+    assert "read normals" in msg.err and "score normals" in msg.err  # progress bars
     assert "[triage] threshold = 99" in msg.err and "remove it" in msg.err
 
     ck, _ = read_checkpoint(out)
@@ -163,3 +163,36 @@ def test_atlas_part_of_thin_slice_series_is_subsampled_with_whole_series_heights
     assert n > 8 and len(part) == 8
     np.testing.assert_allclose(part.heights[[0, -1]], slice_heights(n)[[0, -1]])
     np.testing.assert_allclose(whole.heights, slice_heights(n))
+
+
+def test_onboard_fine_tunes_the_network_on_the_fit_part_when_asked(
+        site: dict[str, Path], capsys) -> None:  # type: ignore[no-untyped-def]
+    out = site["root"] / "tuned" / "site.pt"
+    capsys.readouterr()
+    assert main(["onboard", "--normal", str(site["normals"]), "--out", str(out), "--config",
+                 str(site["config"]), "--model", str(site["model"]), "--seed", "3",
+                 "--fine-tune-steps", "3"]) == 0
+    msg = capsys.readouterr()
+    assert "network fine-tuned (3 steps) and atlas refitted on 4 normal series" in msg.out
+    assert "fine-tune the network" in msg.err  # its progress bar
+    base, _ = read_checkpoint(site["model"])
+    ck, _ = read_checkpoint(out)
+    assert any(not torch.equal(v, base["state_dict"][k]) for k, v in ck["state_dict"].items())
+    assert ck["training"]["fine_tune"]["series"] == 4  # the fit part only, not the held-out
+    assert ck["training"]["onboarding"]["fine_tune_steps"] == 3
+    report = out.with_name("site.pt.report.md").read_text()
+    assert "fine-tuned on the 4 fit series for 3 steps" in report
+    # the held-out "before" scores are the model as it came: the same as without fine-tuning
+    plain = site["root"] / "plain" / "site.pt"
+    assert main(["onboard", "--normal", str(site["normals"]), "--out", str(plain), "--config",
+                 str(site["config"]), "--model", str(site["model"]), "--seed", "3",
+                 "--fine-tune-steps", "0"]) == 0
+    assert "network fine-tuned" not in capsys.readouterr().out
+    p, _ = read_checkpoint(plain)
+    assert all(torch.equal(v, base["state_dict"][k]) for k, v in p["state_dict"].items())
+    assert (p["training"]["onboarding"]["flags_per_100_normals_before"]
+            == ck["training"]["onboarding"]["flags_per_100_normals_before"])
+    assert "as it came (not fine-tuned)" in plain.with_name("site.pt.report.md").read_text()
+    assert main(["onboard", "--normal", str(site["normals"]), "--out", str(out), "--config",
+                 str(site["config"]), "--fine-tune-steps", "-1"]) == 2
+    assert "--fine-tune-steps must be 0" in capsys.readouterr().err

@@ -47,6 +47,10 @@ MIN_BRAIN_SLICES = 5
 #: brain slices per series used to fit the atlas (thin-slice series are subsampled evenly: the
 #: atlas has 16 height bands); held-out series are always scored whole, as the node scores them
 FIT_MAX_SLICES = 64
+#: fine-tuning of the network on the fit part of the normals: steps (of 8 slices; 0 = off) and
+#: learning rate (constant, a fresh Adam)
+FINE_TUNE_STEPS = 0
+FINE_TUNE_LR = 1e-4
 
 Progress = Callable[[Iterable[Any], str, int], Iterable[Any]]
 
@@ -85,51 +89,93 @@ class SiteNormals:
         return SliceSet(x, self.brain, self.series)
 
 
-def measure(groups: dict[str, list[Path]], det: Detector, *, batch_size: int = 32,
-            max_slices: int | None = None, desc: str = "read and score normals",
-            progress: Progress = _no_progress) -> SiteNormals:
-    """Read, preprocess and pass every series once through ``det`` (a plain detector, see
-    ``triage_model.atlas.plain_detector``). Series that cannot be read or preprocessed, or keep
-    fewer than ``MIN_BRAIN_SLICES`` brain slices, are skipped with the reason. ``max_slices``
-    keeps that many evenly spaced brain slices of a longer (thin-slice) series, with their
-    heights in the whole series: enough to fit the atlas, whose bins are bands of height."""
+@dataclass
+class NormalInputs:
+    """A site's normal series read and preprocessed (the network has not run yet): per series
+    its slices in order, brain masks and the slices' relative heights in the whole series."""
+
+    uids: list[str]
+    x: list[np.ndarray]  # per series (n,S,S) float32 in [0,1]
+    brain: list[np.ndarray]  # per series (n,S,S) bool
+    heights: list[np.ndarray]  # per series (n,)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def slice_set(self) -> SliceSet:
+        """All slices as one set (series ids = position in ``uids``), e.g. to fine-tune on."""
+        if not self.uids:
+            raise OnboardingError("no usable normal series")
+        return SliceSet(np.concatenate(self.x), np.concatenate(self.brain),
+                        np.concatenate([np.full(len(v), i, np.int64)
+                                        for i, v in enumerate(self.x)]))
+
+    def subset(self, ids: list[int]) -> NormalInputs:
+        return NormalInputs([self.uids[i] for i in ids], [self.x[i] for i in ids],
+                            [self.brain[i] for i in ids], [self.heights[i] for i in ids])
+
+
+def read_normals(groups: dict[str, list[Path]], input_size: int, *,
+                 max_slices: int | None = None, desc: str = "read normals",
+                 progress: Progress = _no_progress) -> NormalInputs:
+    """Read and preprocess every series as the node does. Series that cannot be read or
+    preprocessed, or keep fewer than ``MIN_BRAIN_SLICES`` brain slices, are skipped with the
+    reason. ``max_slices`` keeps that many evenly spaced brain slices of a longer (thin-slice)
+    series, with their heights in the whole series: enough to fit the atlas, whose bins are
+    bands of height."""
     from triage_agent.preprocess import PreprocessError, model_inputs, read_series
 
-    uids: list[str] = []
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("series", "h", "brain", "heat", "g",
-                                                          "r")}
-    skipped: list[Skipped] = []
+    out = NormalInputs([], [], [], [])
     for uid, files in progress(list(groups.items()), desc, len(groups)):
         try:
-            mi = model_inputs(read_series(files), size=det.input_size)
+            mi = model_inputs(read_series(files), size=input_size)
         except PreprocessError as e:
-            skipped.append(Skipped(short_id(uid), f"cannot be read or preprocessed: {e}"))
+            out.skipped.append(Skipped(short_id(uid), f"cannot be read or preprocessed: {e}"))
             continue
         n = int(mi.x.shape[0])
         if n < MIN_BRAIN_SLICES:
-            skipped.append(Skipped(short_id(uid), f"only {n} slice(s) with enough brain "
-                                   f"(need {MIN_BRAIN_SLICES})"))
+            out.skipped.append(Skipped(short_id(uid), f"only {n} slice(s) with enough brain "
+                                       f"(need {MIN_BRAIN_SLICES})"))
             continue
         keep = np.arange(n)
         if max_slices is not None and n > max_slices:
             keep = np.unique(np.round(np.linspace(0, n - 1, max_slices)).astype(int))
-        x, brain = mi.x[keep], mi.brain[keep]
-        g, r, heat = det.raw_scores(x, brain, batch_size)
-        parts["series"].append(np.full(len(keep), len(uids), np.int64))
-        parts["h"].append(slice_heights(n)[keep])
-        parts["brain"].append(brain)
-        parts["heat"].append(heat.astype(np.float16))
-        parts["g"].append(g)
-        parts["r"].append(r)
-        uids.append(uid)
-    if not uids:
-        s = det.input_size
+        out.uids.append(uid)
+        out.x.append(np.asarray(mi.x[keep], np.float32))
+        out.brain.append(np.asarray(mi.brain[keep], bool))
+        out.heights.append(slice_heights(n)[keep])
+    return out
+
+
+def score_normals(inputs: NormalInputs, det: Detector, *, batch_size: int = 32,
+                  desc: str = "score normals", progress: Progress = _no_progress) -> SiteNormals:
+    """One pass of ``det`` (a plain detector, see ``triage_model.atlas.plain_detector``) over
+    every series of ``inputs``."""
+    s = det.input_size
+    if not inputs.uids:
         return SiteNormals([], np.zeros(0, np.int64), np.zeros(0, np.float32),
                            np.zeros((0, s, s), bool), np.zeros((0, s, s), np.float16),
-                           np.zeros(0, np.float32), np.zeros(0, np.float32), skipped)
-    return SiteNormals(uids, np.concatenate(parts["series"]), np.concatenate(parts["h"]),
-                       np.concatenate(parts["brain"]), np.concatenate(parts["heat"]),
-                       np.concatenate(parts["g"]), np.concatenate(parts["r"]), skipped)
+                           np.zeros(0, np.float32), np.zeros(0, np.float32),
+                           list(inputs.skipped))
+    g_all, r_all, heat_all = [], [], []
+    for i in progress(range(len(inputs.uids)), desc, len(inputs.uids)):
+        g, r, heat = det.raw_scores(inputs.x[i], inputs.brain[i], batch_size)
+        g_all.append(g)
+        r_all.append(r)
+        heat_all.append(heat.astype(np.float16))
+    return SiteNormals(list(inputs.uids),
+                       np.concatenate([np.full(len(v), i, np.int64)
+                                       for i, v in enumerate(inputs.x)]),
+                       np.concatenate(inputs.heights), np.concatenate(inputs.brain),
+                       np.concatenate(heat_all), np.concatenate(g_all), np.concatenate(r_all),
+                       list(inputs.skipped))
+
+
+def measure(groups: dict[str, list[Path]], det: Detector, *, batch_size: int = 32,
+            max_slices: int | None = None, desc: str = "read and score normals",
+            progress: Progress = _no_progress) -> SiteNormals:
+    """``read_normals`` then ``score_normals`` with ``det``: one network pass per series."""
+    inputs = read_normals(groups, det.input_size, max_slices=max_slices, desc=desc,
+                          progress=progress)
+    return score_normals(inputs, det, batch_size=batch_size, progress=_no_progress)
 
 
 def split(n_series: int, holdout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -196,15 +242,19 @@ class Onboarded:
 
 def adapt(ckpt: dict[str, Any], fit: SiteNormals, held: SiteNormals, triage: TriageConfig,
           *, bins: int | None = None, sigma: float | None = None, eps: float | None = None,
-          source: str = "", progress: Progress = _no_progress) -> Onboarded:
-    """Refit the atlas on the ``fit`` normals, calibrate on the ``held`` out ones; ``ckpt`` is
-    the model as it came (its network is not changed)."""
+          source: str = "", before: tuple[dict[str, Any], SiteNormals] | None = None,
+          progress: Progress = _no_progress) -> Onboarded:
+    """Refit the atlas on the ``fit`` normals, calibrate on the ``held`` out ones (both
+    measured with ``ckpt``'s network). ``before``: the model as it came and the held-out normals
+    measured with its network, when ``ckpt``'s network is not that model's (fine-tuned); by
+    default ``ckpt`` is the model as it came."""
     for part, name in ((fit, "to fit the atlas on"), (held, "held out to calibrate")):
         if not part.uids:
             raise OnboardingError(f"no usable normal series {name} (see the skipped series); "
                                   "give more normal series")
-    sc = ScoringConfig.from_dict(ckpt.get("scoring"))
-    before_det = Detector(ckpt, device="cpu")
+    base_ckpt, held_before = before if before is not None else (ckpt, held)
+    sc = ScoringConfig.from_dict(base_ckpt.get("scoring"))
+    before_det = Detector(base_ckpt, device="cpu")
     # the atlas settings of the model as it came (the shipped ones when it has no atlas)
     bins = bins or sc.atlas_bins or 16
     sigma = (before_det.atlas.sigma if before_det.atlas is not None else 1.5) \
@@ -212,9 +262,9 @@ def adapt(ckpt: dict[str, Any], fit: SiteNormals, held: SiteNormals, triage: Tri
     eps = (before_det.atlas.eps if before_det.atlas is not None else 0.002) \
         if eps is None else eps
 
-    r_before = stat_with_atlas(held.r_plain, held.heat, held.brain, held.heights,
-                               before_det.atlas, sc)
-    before, before_top = series_scores(before_det, held, r_before, triage)
+    r_before = stat_with_atlas(held_before.r_plain, held_before.heat, held_before.brain,
+                               held_before.heights, before_det.atlas, sc)
+    scores_before, before_top = series_scores(before_det, held_before, r_before, triage)
     threshold_before = before_det.threshold_for(triage.aggregate)
 
     fitter = AtlasFitter(bins, int(fit.heat.shape[-1]))
@@ -235,7 +285,8 @@ def adapt(ckpt: dict[str, Any], fit: SiteNormals, held: SiteNormals, triage: Tri
     after_det = Detector(new, device="cpu")
     after, after_top = series_scores(after_det, held, r_after, triage)
     result = Onboarded(
-        ckpt=new, n_fit=len(fit.uids), n_held=len(held.uids), before=before, after=after,
+        ckpt=new, n_fit=len(fit.uids), n_held=len(held.uids), before=scores_before,
+        after=after,
         before_top=before_top, after_top=after_top, threshold_before=threshold_before,
         threshold_after=after_det.threshold_for(triage.aggregate),
         target_specificity=triage.target_specificity, skipped=fit.skipped + held.skipped,
@@ -296,6 +347,16 @@ def _interval(r: Onboarded) -> str:
 
 
 # ------------------------------------------------------------------------------------- report
+
+
+def _network_line(r: Onboarded) -> str:
+    ft = (r.ckpt.get("training") or {}).get("fine_tune")
+    if not ft:
+        return "as it came (not fine-tuned)"
+    return (f"fine-tuned on the {r.n_fit} fit series for {ft['steps']} steps of "
+            f"{ft['batch_size']} slices (learning rate {ft['lr']:g}, {ft['seconds'] / 60:.1f} "
+            f"min on {ft['device']}); denoising loss {ft['rec_loss_first']:.3g} -> "
+            f"{ft['rec_loss_last']:.3g}")
 
 
 def report_paths(out: Path) -> dict[str, Path]:
@@ -361,6 +422,7 @@ def write_report(r: Onboarded, out: Path, *, normal_dirs: list[str], elapsed_s: 
         f"* folders: {', '.join(normal_dirs)}",
         f"* used: {r.n_fit + r.n_held} series: {r.n_fit} to refit the residual atlas, "
         f"{r.n_held} held out to calibrate the normalisation and the threshold",
+        f"* network: {_network_line(r)}",
         f"* skipped: {len(r.skipped)}",
         "",
         "## Operating point",
@@ -412,27 +474,81 @@ def write_report(r: Onboarded, out: Path, *, normal_dirs: list[str], elapsed_s: 
     return paths["report"]
 
 
+def adapt_inputs(ckpt: dict[str, Any], fit_in: NormalInputs, held_in: NormalInputs,
+                 triage: TriageConfig, *, fine_tune_steps: int = 0,
+                 fine_tune_lr: float = FINE_TUNE_LR, seed: int = 0, device: str = "cpu",
+                 batch_size: int = 32, source: str = "",
+                 progress: Progress = _no_progress) -> Onboarded:
+    """From read normals to the onboarded checkpoint: with ``fine_tune_steps`` the network is
+    first fine-tuned on the fit part (``triage_model.train.fine_tune``), then both parts are
+    measured with it; the atlas is refitted on the fit part and the normalisation and threshold
+    calibrated on the held-out part (``adapt``)."""
+    from triage_model.checkpoint import CheckpointError
+
+    try:
+        base_det = plain_detector(ckpt, device)
+    except CheckpointError as e:
+        raise OnboardingError(f"this model cannot be onboarded: {e}") from e
+    for part, name in ((fit_in, "to fit on"), (held_in, "held out to calibrate")):
+        if not part.uids:
+            raise OnboardingError(f"no usable normal series {name} (see the skipped series); "
+                                  "give more normal series")
+    before = None
+    net_ckpt = ckpt
+    if fine_tune_steps > 0:
+        from triage_model.train import fine_tune
+
+        held_before = score_normals(held_in, base_det, batch_size=batch_size,
+                                    desc="score held-out normals (model as it came)",
+                                    progress=progress)
+        try:
+            net_ckpt, _ = fine_tune(ckpt, fit_in.slice_set(), steps=fine_tune_steps,
+                                    lr=fine_tune_lr, seed=seed, device=device,
+                                    progress=progress)
+        except ValueError as e:
+            raise OnboardingError(f"the network cannot be fine-tuned: {e}") from e
+        before = (ckpt, held_before)
+        det = plain_detector(net_ckpt, device)
+    else:
+        det = base_det
+    fit = score_normals(fit_in, det, batch_size=batch_size, desc="score normals (fit part)",
+                        progress=progress)
+    held = score_normals(held_in, det, batch_size=batch_size,
+                         desc="score normals (held-out part)", progress=progress)
+    fit.skipped = list(fit_in.skipped)
+    held.skipped = list(held_in.skipped)
+    res = adapt(net_ckpt, fit, held, triage, source=source, before=before, progress=progress)
+    ft = (res.ckpt.get("training") or {}).get("fine_tune")
+    res.ckpt["training"]["onboarding"].update(
+        seed=seed, fine_tune_steps=int(ft["steps"]) if ft else 0)
+    return res
+
+
 def onboard_checkpoint(ckpt: dict[str, Any], groups: dict[str, list[Path]], *,
                        series_rules: SeriesConfig, triage: TriageConfig,
                        holdout_fraction: float = 1 / 3, seed: int = 0, device: str = "cpu",
                        batch_size: int = 32, source: str = "",
+                       fine_tune_steps: int = FINE_TUNE_STEPS,
+                       fine_tune_lr: float = FINE_TUNE_LR,
                        progress: Progress = _no_progress) -> Onboarded:
     """All stages from grouped DICOM files to the onboarded checkpoint (not written)."""
     from triage_model.checkpoint import CheckpointError
 
     selected, skipped = select_series(groups, series_rules)
     try:
-        det = plain_detector(ckpt, device)
+        size = plain_detector(ckpt, "cpu").input_size
     except CheckpointError as e:
         raise OnboardingError(f"this model cannot be onboarded: {e}") from e
     uids = sorted(selected)
     fit_ids, held_ids = split(len(uids), holdout_fraction, seed)
-    fit = measure({uids[i]: selected[uids[i]] for i in fit_ids}, det, batch_size=batch_size,
-                  max_slices=FIT_MAX_SLICES, desc="read and score normals (atlas part)",
-                  progress=progress)
-    held = measure({uids[i]: selected[uids[i]] for i in held_ids}, det, batch_size=batch_size,
-                   desc="read and score normals (held-out part)", progress=progress)
-    fit.skipped = skipped + fit.skipped
-    res = adapt(ckpt, fit, held, triage, source=source, progress=progress)
-    res.ckpt["training"]["onboarding"].update(holdout_fraction=holdout_fraction, seed=seed)
+    fit_in = read_normals({uids[i]: selected[uids[i]] for i in fit_ids}, size,
+                          max_slices=FIT_MAX_SLICES, desc="read normals (fit part)",
+                          progress=progress)
+    held_in = read_normals({uids[i]: selected[uids[i]] for i in held_ids}, size,
+                           desc="read normals (held-out part)", progress=progress)
+    fit_in.skipped = skipped + fit_in.skipped
+    res = adapt_inputs(ckpt, fit_in, held_in, triage, fine_tune_steps=fine_tune_steps,
+                       fine_tune_lr=fine_tune_lr, seed=seed, device=device,
+                       batch_size=batch_size, source=source, progress=progress)
+    res.ckpt["training"]["onboarding"].update(holdout_fraction=holdout_fraction)
     return res

@@ -10,9 +10,11 @@ the site, written as DICOM, read back and preprocessed as the node does (``--til
 ``--cache``. The model (default: the bundled weights) then scores the test series
 
 * zero-shot: with its own normalisation and threshold;
-* onboarded: its residual atlas refitted on part of the site's onboarding normals and its
-  normalisation and threshold recalibrated on the rest (``triage_model.atlas``), the adaptation
-  that ``triage-agent onboard`` performs.
+* onboarded: adapted to the site as ``triage-agent onboard`` adapts it, by the same code
+  (``triage_agent.onboarding.adapt_inputs``): the normals are split 2/3 : 1/3
+  (``--holdout-fraction``); with ``--fine-tune-steps`` the network is fine-tuned on the first
+  part; the residual atlas is refitted on the first part and the normalisation and threshold
+  (``[triage] target_specificity``) calibrated on the held-out part.
 
 Reported per site and mode: series AUROC (series score = max slice score), slice AUROC (a slice
 is abnormal when its lesion mask is not empty), and specificity and sensitivity at the
@@ -148,19 +150,24 @@ def metrics(cases: list[SiteCase], scores: list[np.ndarray], threshold: float) -
     }
 
 
-def onboard(ckpt: dict[str, Any], normals: list[SiteCase], *, atlas_fraction: float,
-            seed: int = 0) -> dict[str, Any]:
-    """The model refitted to a site: atlas on part of the normals, calibration on the rest."""
-    from triage_model.atlas import fit_atlas, with_atlas
-    from triage_model.train import calibrate
+def onboard(ckpt: dict[str, Any], normals: list[SiteCase], *, holdout_fraction: float = 1 / 3,
+            fine_tune_steps: int = 0, seed: int = 0, device: str = "cpu",
+            progress: Any = None) -> dict[str, Any]:
+    """The model adapted to a site as ``triage-agent onboard`` adapts it (``triage_agent.
+    onboarding.adapt_inputs``: the same split, optional fine-tune of the network, atlas refit on
+    the fit part, calibration at ``[triage]`` target specificity on the held-out part)."""
+    from triage_model.scoring import slice_heights
 
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(normals))
-    n_atlas = int(round(atlas_fraction * len(normals)))
-    atlas_set = _slice_set([normals[i] for i in order[:n_atlas]])
-    cal_set = _slice_set([normals[i] for i in order[n_atlas:]])
-    atlas = fit_atlas(ckpt, atlas_set)
-    return calibrate(with_atlas(ckpt, atlas, source="site onboarding normals"), cal_set)
+    from triage_agent.config import TriageConfig
+    from triage_agent.onboarding import NormalInputs, adapt_inputs, split
+
+    inputs = NormalInputs([c.key for c in normals], [c.x for c in normals],
+                          [c.brain for c in normals], [slice_heights(len(c.x)) for c in normals])
+    fit_ids, held_ids = split(len(normals), holdout_fraction, seed)
+    kw = {} if progress is None else {"progress": progress}
+    res = adapt_inputs(ckpt, inputs.subset(fit_ids), inputs.subset(held_ids), TriageConfig(),
+                       fine_tune_steps=fine_tune_steps, seed=seed, device=device, **kw)
+    return res.ckpt
 
 
 def evaluate_site(site: str, args: argparse.Namespace, ckpt: dict[str, Any], opts: Any
@@ -195,7 +202,9 @@ def evaluate_site(site: str, args: argparse.Namespace, ckpt: dict[str, Any], opt
                                              zip(labels, sc, strict=True)]
         print(f"{site}: zero-shot {_row(res['zero_shot'])}", file=sys.stderr)
     if normals and not args.zero_shot_only:
-        ck = onboard(ckpt, normals, atlas_fraction=args.atlas_fraction)
+        ck = onboard(ckpt, normals, holdout_fraction=args.holdout_fraction,
+                     fine_tune_steps=args.fine_tune_steps, progress=_bar)
+        res["fine_tune"] = (ck.get("training") or {}).get("fine_tune")
         det1 = Detector(ck, device="cpu")
         sc = score_cases(det1, test)
         res["onboarded"] = metrics(test, sc, det1.threshold_for("max"))
@@ -204,6 +213,13 @@ def evaluate_site(site: str, args: argparse.Namespace, ckpt: dict[str, Any], opt
         print(f"{site}: onboarded {_row(res['onboarded'])}", file=sys.stderr)
     res["seconds"] = {"prepare": round(t_prep, 1), "score": round(time.perf_counter() - t1, 1)}
     return res
+
+
+def _bar(it: Any, desc: str, total: int) -> Any:
+    """A progress bar on stderr (tqdm, from the training extra) for the onboarding steps."""
+    from tqdm import tqdm
+
+    return tqdm(it, desc=desc, total=total, file=sys.stderr, mininterval=5.0)
 
 
 def _f(v: float | None) -> str:
@@ -252,9 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-normals", type=int, default=10, help="normal test series")
     ap.add_argument("--test-abnormals", type=int, default=11,
                     help="abnormal test series, cycling through the lesion families")
-    ap.add_argument("--atlas-fraction", type=float, default=0.6,
-                    help="share of the onboarding normals the atlas is fitted on; the rest "
-                         "calibrate (default 0.6)")
+    ap.add_argument("--holdout-fraction", type=float, default=1 / 3,
+                    help="share of the onboarding normals held out to calibrate the threshold; "
+                         "the rest fit the atlas (and fine-tune the network), as in "
+                         "triage-agent onboard (default 1/3)")
+    ap.add_argument("--fine-tune-steps", type=int, default=None, metavar="N",
+                    help="fine-tune the network on the fit part for N steps before the atlas "
+                         "refit (0: off; default: triage-agent onboard's default)")
     ap.add_argument("--matrix", type=int, default=256, help="in-plane matrix of the series")
     ap.add_argument("--tilt", type=_on_off, default=None, metavar="on|off",
                     help="gantry-tilt correction (default: the preprocessing default)")
@@ -289,13 +309,22 @@ def main(argv: list[str] | None = None) -> int:
         opts = replace(opts, align_yaw=a.yaw)
     if a.max_noise is not None:
         opts = replace(opts, max_noise_hu=float(a.max_noise))
-    if not 0.0 < a.atlas_fraction < 1.0:
-        print("error: --atlas-fraction must be in (0, 1)", file=sys.stderr)
+    if not 0.0 < a.holdout_fraction < 1.0:
+        print("error: --holdout-fraction must be in (0, 1)", file=sys.stderr)
+        return 2
+    if a.fine_tune_steps is None:
+        from triage_agent.onboarding import FINE_TUNE_STEPS
+
+        a.fine_tune_steps = FINE_TUNE_STEPS
+    if a.fine_tune_steps < 0:
+        print("error: --fine-tune-steps must be 0 or more", file=sys.stderr)
         return 2
     ckpt, _ = read_checkpoint(a.model or default_weights_path())
     import torch
     import triage_model.atlas  # noqa: F401 - fail now, not after the scoring
     import triage_model.train  # noqa: F401
+
+    import triage_agent.onboarding  # noqa: F401
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results = [evaluate_site(s, a, ckpt, opts) for s in a.site]
