@@ -15,14 +15,19 @@ Prints, in one run:
   encoder/head passes per slice for the multitask model) on random tensors, and the ratio
   (with the symmetry scoring option, the midline fit's own rate too: it is scoring work that
   the bare loop does not do);
+* today's path against the fast path (``triage_model.runtime``): slices/s of ``Detector.score``
+  on the same 40-slice synthetic series, with the reference and the fast runtime timed in turn
+  within each round (so load from other processes hits both alike), their ratio (the median of
+  the per-round ratios), the engine of the fast path and the largest slice-score difference;
 * wall time to score one 40-slice synthetic DICOM series end to end (``score_series``: read,
-  preprocess, model), with its parts.
+  preprocess, model), with its parts, on the fast path.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -147,18 +152,46 @@ def bench_inference(det: Detector, batch: int, reps: int, prefix: str = "infer"
     return out
 
 
-def bench_series(det: Detector, n_slices: int = 40, matrix: int = 512) -> dict[str, float]:
-    try:
-        from triage_model.synth import make_case
+def _bench_case(n_slices: int = 40, matrix: int = 512):  # noqa: ANN202 - a synth Case
+    from triage_model.synth import make_case
 
-        from triage_agent.inference import score_series
-        from triage_agent.synth_dicom import write_case_dicom
-    except ImportError as e:  # pragma: no cover
-        return {"series_error": f"synthetic DICOM writer unavailable: {e}"}  # type: ignore[dict-item]
     case = make_case(4242, "normal", matrix=matrix)
     z = case.hu.shape[0]
     a = max(0, (z - n_slices) // 2)
     case.hu, case.lesion_mask = case.hu[a:a + n_slices], case.lesion_mask[a:a + n_slices]
+    return case
+
+
+def bench_paths(ref: Detector, fast: Detector, rounds: int, batch: int, n_slices: int = 40,
+                matrix: int = 512) -> dict[str, object]:
+    """Today's path (``runtime="reference"``) against the fast path on the slices of the bench
+    series, interleaved: each round scores the series once with each, in turn."""
+    from triage_agent.preprocess import model_inputs, read_series
+    from triage_agent.synth_dicom import write_case_dicom
+
+    with tempfile.TemporaryDirectory() as d:
+        mi = model_inputs(read_series(write_case_dicom(_bench_case(n_slices, matrix), Path(d),
+                                                       write_mask=False)), size=ref.input_size)
+    n = int(mi.x.shape[0])
+    outs = [det.score(mi.x, mi.brain, batch_size=batch) for det in (ref, fast)]  # warm-up
+    times = np.array([[_time(lambda det=det: det.score(mi.x, mi.brain, batch_size=batch), 1,
+                             warmup=0) for det in (ref, fast)] for _ in range(rounds)])
+    return {"paths_slices": n,
+            "paths_today_slices_per_s": float(n / np.median(times[:, 0])),
+            "paths_fast_slices_per_s": float(n / np.median(times[:, 1])),
+            "paths_fast_ratio": float(np.median(times[:, 0] / times[:, 1])),
+            "paths_fast_engine": str(fast.engine),
+            "paths_max_score_diff": float(np.abs(outs[0].score - outs[1].score).max()),
+            "paths_max_heatmap_diff": float(np.abs(outs[0].heatmap - outs[1].heatmap).max())}
+
+
+def bench_series(det: Detector, n_slices: int = 40, matrix: int = 512) -> dict[str, float]:
+    try:
+        from triage_agent.inference import score_series
+        from triage_agent.synth_dicom import write_case_dicom
+    except ImportError as e:  # pragma: no cover
+        return {"series_error": f"synthetic DICOM writer unavailable: {e}"}  # type: ignore[dict-item]
+    case = _bench_case(n_slices, matrix)
     with tempfile.TemporaryDirectory() as d:
         paths = write_case_dicom(case, Path(d), write_mask=False)
         score_series(paths, det)  # warm-up
@@ -178,12 +211,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--weights", type=Path, default=None,
                     help="checkpoint for inference (default: bundled; else untrained network)")
-    ap.add_argument("--no-series", action="store_true")
+    ap.add_argument("--no-series", action="store_true",
+                    help="skip the end-to-end series and the today's-path/fast-path comparison")
+    ap.add_argument("--paths-only", action="store_true",
+                    help="only today's path against the fast path (and the series end to end)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="interleaved rounds of the today's-path/fast-path comparison")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     try:
-        det = load_detector(a.weights, device="cpu")
+        det = load_detector(a.weights, device="cpu", runtime="reference")
         if det.net is None:
             raise RuntimeError("HU-threshold checkpoint has no network")
     except Exception as e:  # noqa: BLE001
@@ -191,7 +229,14 @@ def main(argv: list[str] | None = None) -> int:
         det = Detector(make_checkpoint("multitask", net=MultitaskVAE(NetConfig())), device="cpu")
     cfg_net = det.net.cfg  # type: ignore[union-attr]
     res: dict[str, object] = {"threads": a.threads, "batch_size": a.batch_size,
-                              "torch": str(torch.__version__), "method": det.method}
+                              "torch": str(torch.__version__), "method": det.method,
+                              "load_average_1min": round(os.getloadavg()[0], 2)}
+    fast = Detector(det.ckpt, device="cpu", weights_sha256=det.weights_sha256, runtime="fast")
+    if a.paths_only:
+        res.update(bench_paths(det, fast, a.rounds, a.batch_size))
+        if not a.no_series:
+            res.update(bench_series(fast))
+        return _report(res, a.json)
     vae_net = NetConfig(input_size=cfg_net.input_size) if cfg_net.arch != "vae" else \
         NetConfig.from_dict({**cfg_net.to_dict(), "geo_head": True})
     res.update(bench_training(vae_net, a.batch_size, a.steps))
@@ -208,12 +253,18 @@ def main(argv: list[str] | None = None) -> int:
     if det is not mt:
         res.update(bench_inference(det, a.batch_size, a.reps, prefix=f"infer_{det.method}"))
     if not a.no_series:
-        res.update(bench_series(det))
+        res.update(bench_paths(det, fast, a.rounds, a.batch_size))
+        res.update(bench_series(fast))
+    return _report(res, a.json)
+
+
+def _report(res: dict[str, object], path: Path | None) -> int:
+    res["load_average_1min_end"] = round(os.getloadavg()[0], 2)
     w = max(len(k) for k in res)
     for k, v in res.items():
         print(f"{k:<{w}}  {v:.3f}" if isinstance(v, float) else f"{k:<{w}}  {v}")
-    if a.json:
-        a.json.write_text(json.dumps(res, indent=1))
+    if path:
+        path.write_text(json.dumps(res, indent=1))
     return 0
 
 

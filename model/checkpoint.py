@@ -28,6 +28,12 @@ import torch
 from triage_model import pretext
 from triage_model.network import NetConfig, build_network
 from triage_model.options import ALL_METHODS
+from triage_model.runtime import (
+    RUNTIMES,
+    Reconstruct,
+    fast_reconstruction,
+    reference_reconstruction,
+)
 from triage_model.scoring import (
     NormStats,
     ResidualAtlas,
@@ -109,7 +115,11 @@ class Detector:
     READS_HU: ClassVar[bool] = False
 
     def __init__(self, ckpt: dict[str, Any], device: str | torch.device = "auto",
-                 weights_sha256: str = "") -> None:
+                 weights_sha256: str = "", runtime: str = "reference") -> None:
+        """``runtime``: ``"reference"`` or ``"fast"`` (``triage_model.runtime``: the same scores
+        to float rounding, in less time; built on the first call that scores)."""
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
         if ckpt.get("format") != FORMAT:
             raise CheckpointError(f"not a detector checkpoint (format {ckpt.get('format')!r})")
         self.ckpt = ckpt
@@ -130,6 +140,11 @@ class Detector:
         self.input_size: int = int(ckpt.get("input_size", 128))
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.net = self._network(ckpt)
+        self.runtime = runtime
+        #: the engine the reconstruction runs on ("torch", or "onnxruntime" on the fast path),
+        #: known once the first batch is scored
+        self.engine: str | None = None
+        self._reconstruct: Reconstruct | None = None
 
     @staticmethod
     def _unsupported(method: str) -> str:
@@ -169,6 +184,19 @@ class Detector:
     def __repr__(self) -> str:
         return (f"Detector({self.name} v{self.version}, method={self.method}, "
                 f"threshold={self.threshold:.3f}, sha256={self.weights_sha256[:12]})")
+
+    def reconstruct(self, x1: torch.Tensor) -> torch.Tensor:
+        """The reconstruction scoring uses, of (B,1,S,S) slices: the network's output, or with
+        ``ScoringConfig.flip_tta`` its mean with the mirrored slices' output, mirrored back."""
+        if self._reconstruct is None:
+            assert self.net is not None
+            if self.runtime == "fast":
+                self._reconstruct, self.engine = fast_reconstruction(
+                    self.net, self.scoring.flip_tta, self.device)
+            else:
+                self._reconstruct = reference_reconstruction(self.net, self.scoring.flip_tta)
+                self.engine = "torch"
+        return self._reconstruct(x1)
 
     def threshold_for(self, aggregate: str = "max") -> float:
         return float(self.thresholds.get(aggregate, self.threshold))
@@ -231,12 +259,8 @@ class Detector:
         zeros = xb.new_zeros(xb.shape[0])
         assert self.net is not None
         x1 = xb.unsqueeze(1)
-        out = self.net(x1, sample=False, decode=self.uses["rec"])
         if self.uses["rec"]:
-            recon = out.recon
-            if self.scoring.flip_tta:
-                mirrored = self.net(x1.flip(-1), sample=False, decode=True).recon
-                recon = 0.5 * (recon + mirrored.flip(-1))
+            recon = self.reconstruct(x1)
             r, heat = self.rec_stat(x1, recon, mb, heights)
             if self.symmetry:
                 asym = asymmetric_residual(heat, mb, fit_midline(xb))
@@ -360,12 +384,13 @@ def read_checkpoint(path: Path | str) -> tuple[dict[str, Any], str]:
     return ck, sha256_bytes(data)
 
 
-def load_detector(path: Path | str | None = None, device: str = "auto") -> Detector:
+def load_detector(path: Path | str | None = None, device: str = "auto",
+                  runtime: str = "fast") -> Detector:
     """Load a detector checkpoint (default: the bundled weights); clear error if missing, corrupt
     or of a method the node does not run (``triage_model.baselines.load_any_detector`` loads
-    those for evaluation)."""
+    those for evaluation). ``runtime``: see ``Detector``."""
     p = Path(path) if path is not None else default_weights_path()
     ck, digest = read_checkpoint(p)
-    det = Detector(ck, device=device, weights_sha256=digest)
+    det = Detector(ck, device=device, weights_sha256=digest, runtime=runtime)
     log.info("loaded %r from %s", det, p)
     return det

@@ -72,7 +72,8 @@ def load_model(cfg: AgentConfig) -> Model:
     from triage_model.checkpoint import load_detector
 
     try:
-        det = load_detector(cfg.model.weights, device=cfg.model.device)
+        det = load_detector(cfg.model.weights, device=cfg.model.device,
+                            runtime=cfg.model.runtime)
     except Exception as e:
         raise StartupError(f"cannot load the model ([model] weights): {e}") from e
     log.info("model %s %s loaded (weights %s)", det.name, det.version, det.weights_sha256[:12])

@@ -325,6 +325,10 @@ class ModelConfig(_Section):
     weights: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(32, ge=1)
+    # "fast": the same scores as "reference" (to float rounding, < 1e-4) in less time
+    # (triage_model.runtime: ONNX Runtime when installed, else PyTorch channels-last);
+    # "reference": one network pass per test-time view, as the detector was calibrated with.
+    runtime: Literal["fast", "reference"] = "fast"
 
 
 class DriftConfig(_Section):

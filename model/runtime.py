@@ -1,0 +1,139 @@
+"""How the detector runs its network: the reference path and the fast path.
+
+Both give the same reconstruction; they differ only in float summation order (max absolute
+difference of the order of 1e-6 on [0, 1] images; ``tests/test_fast_path.py`` holds them to
+1e-4 on the scores).
+
+* ``reference``: one forward pass per test-time view, in PyTorch's default (NCHW) layout.
+* ``fast``: both views of the left-right flip test-time augmentation in one batch, cut into
+  sub-batches of ``FAST_BATCH`` slices (the activations of a small batch stay in the CPU caches),
+  run by ONNX Runtime when it is installed (the network exported once at load, in memory; ONNX
+  Runtime fuses each convolution with its bias and runs the rest in blocked layouts), otherwise
+  by PyTorch in channels-last layout. On a GPU the fast path is PyTorch with the views batched.
+
+``python bench/model.py`` times both paths side by side on the same slices.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("reference", "fast")
+#: slices per network call on the fast path (each call holds twice as many views with flip TTA)
+FAST_BATCH = 8
+
+Reconstruct = Callable[[torch.Tensor], torch.Tensor]
+
+
+class TTAReconstruction(nn.Module):
+    """The reconstruction that scoring uses: the network's output for (B,1,S,S) slices, or with
+    ``flip_tta`` the mean of it and of the mirrored slices' output mirrored back, both views in
+    one batch."""
+
+    def __init__(self, net: nn.Module, flip_tta: bool) -> None:
+        super().__init__()
+        self.net, self.flip_tta = net, bool(flip_tta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.flip_tta:
+            return self.net(x, sample=False, decode=True).recon
+        b = x.shape[0]
+        r = self.net(torch.cat([x, x.flip(-1)]), sample=False, decode=True).recon
+        return 0.5 * (r[:b] + r[b:].flip(-1))
+
+
+def reference_reconstruction(net: nn.Module, flip_tta: bool) -> Reconstruct:
+    """One pass per view, as the detector was calibrated with."""
+
+    def run(x1: torch.Tensor) -> torch.Tensor:
+        recon = net(x1, sample=False, decode=True).recon
+        if flip_tta:
+            mirrored = net(x1.flip(-1), sample=False, decode=True).recon
+            recon = 0.5 * (recon + mirrored.flip(-1))
+        return recon
+
+    return run
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def fast_reconstruction(net: nn.Module, flip_tta: bool, device: torch.device,
+                        threads: int | None = None, engine: str = "auto") -> tuple[Reconstruct, str]:
+    """(the fast path's reconstruction function, the engine it runs on: ``"onnxruntime"`` or
+    ``"torch"``). ``engine="auto"``: ONNX Runtime on CPU when installed; ``threads``: its
+    intra-op threads (default: ``torch.get_num_threads()``)."""
+    if engine not in ("auto", "onnxruntime", "torch"):
+        raise ValueError(f"engine must be 'auto', 'onnxruntime' or 'torch', got {engine!r}")
+    use_ort = device.type == "cpu" and (engine == "onnxruntime" or
+                                        (engine == "auto" and onnxruntime_available()))
+    if use_ort:
+        try:
+            return _ort_reconstruction(net, flip_tta, threads), "onnxruntime"
+        except Exception as e:  # noqa: BLE001 - any export/session failure: fall back to torch
+            if engine == "onnxruntime":
+                raise
+            log.warning("ONNX Runtime unavailable for this network (%s: %s); fast path runs in "
+                        "PyTorch", type(e).__name__, e)
+    return _torch_reconstruction(net, flip_tta, device), "torch"
+
+
+def _split(run: Callable[[torch.Tensor], torch.Tensor]) -> Reconstruct:
+    def split(x1: torch.Tensor) -> torch.Tensor:
+        if x1.shape[0] <= FAST_BATCH:
+            return run(x1)
+        return torch.cat([run(x1[i:i + FAST_BATCH]) for i in range(0, x1.shape[0], FAST_BATCH)])
+
+    return split
+
+
+def _torch_reconstruction(net: nn.Module, flip_tta: bool, device: torch.device) -> Reconstruct:
+    tta = TTAReconstruction(net, flip_tta).eval()
+    if device.type != "cpu":
+        return tta
+    tta = tta.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    def run(x1: torch.Tensor) -> torch.Tensor:
+        return tta(x1.contiguous(memory_format=torch.channels_last)).contiguous()
+
+    return _split(run)
+
+
+def _ort_reconstruction(net: nn.Module, flip_tta: bool, threads: int | None) -> Reconstruct:
+    import onnxruntime as ort
+
+    tta = TTAReconstruction(net, flip_tta).eval()
+    size = int(getattr(getattr(net, "cfg", None), "input_size", 128))
+    buf = io.BytesIO()
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notices
+        torch.onnx.export(tta, (torch.zeros(2, 1, size, size),), buf,  # type: ignore[arg-type]
+                          input_names=["x"],
+                          output_names=["recon"], dynamic_axes={"x": {0: "b"}, "recon": {0: "b"}},
+                          opset_version=17, dynamo=False)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads or torch.get_num_threads())
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    sess: Any = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+
+    def run(x1: torch.Tensor) -> torch.Tensor:
+        x = x1.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(sess.run(None, {"x": x})[0])
+
+    return _split(run)
