@@ -367,25 +367,29 @@ class Lane:
 
     def _run(self, index: int) -> None:
         while not self.stopping.is_set() and index < self.concurrency:
-            interval = self.sender.cfg.delivery.interval_s
-            permit = self.breaker.permit()
-            if permit is Permit.NONE:
-                self.stopping.wait(min(interval, max(0.05, self.breaker.seconds_to_next_try())))
-                continue
             try:
-                tried, unanswered, error = self.sender.deliver(
-                    self.key, limit=1 if permit is Permit.PROBE else 50)
-            except Exception:
+                wait = self._step()
+            except Exception:  # a lane must outlive any one failure (database, peer, bug)
                 log.exception("delivery to %s failed; will retry", self.key)
                 self.breaker.record(None)
-                self.stopping.wait(interval)
-                continue
-            transition = self.breaker.record(unanswered, error)
-            if transition is Transition.CLOSED:
-                error = "answered again" + (f" ({error})" if error else "")
-            self._report(transition, error)
-            if not tried:
-                self.stopping.wait(interval)
+                wait = self.sender.cfg.delivery.interval_s
+            if wait:
+                self.stopping.wait(wait)
+
+    def _step(self) -> float:
+        """One claim-and-send if the breaker permits; returns how long to wait before the next
+        (0: go on at once, more may be due)."""
+        interval = self.sender.cfg.delivery.interval_s
+        permit = self.breaker.permit()
+        if permit is Permit.NONE:
+            return min(interval, max(0.05, self.breaker.seconds_to_next_try()))
+        tried, unanswered, error = self.sender.deliver(
+            self.key, limit=1 if permit is Permit.PROBE else 50)
+        transition = self.breaker.record(unanswered, error)
+        if transition is Transition.CLOSED:
+            error = "answered again" + (f" ({error})" if error else "")
+        self._report(transition, error)
+        return 0.0 if tried else interval
 
     def _report(self, transition: Transition | None, why: str | None) -> None:
         snap = self.breaker.snapshot()
