@@ -130,6 +130,8 @@ def _ort_reconstruction(net: nn.Module, flip_tta: bool, threads: int | None) -> 
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    # idle pool threads sleep instead of spinning: several scoring workers share the cores
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess: Any = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
 
     def run(x1: torch.Tensor) -> torch.Tensor:

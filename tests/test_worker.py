@@ -135,3 +135,17 @@ def test_shadow_mode_scores_and_stores_but_delivers_nothing(
         assert all((node.storage_root / o.path).exists() for o in outputs)
     time.sleep(1.0)  # several delivery ticks: still nothing sent, state stays scored
     assert node.wait_state(rec["series_instance_uid"], {"scored"}, 5)["deliveries"] == []
+
+
+def test_default_worker_count_is_one_per_usable_core(tmp_path: Path) -> None:
+    """A burst of series is scored side by side: `serve` without [worker] count starts one
+    scoring worker per CPU core it may use; the shipped agent.toml leaves the default."""
+    import os
+
+    from tests.conftest import REPO
+    from triage_agent.config import load_config
+
+    (tmp_path / "agent.toml").write_text("[storage]\nroot = \"store\"\n")
+    cores = len(os.sched_getaffinity(0))
+    assert load_config(tmp_path / "agent.toml").worker.count == min(64, cores)
+    assert load_config(REPO / "agent.toml").worker.count == min(64, cores)

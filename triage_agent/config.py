@@ -356,8 +356,18 @@ class OnboardingConfig(_Section):
     pacs: str = ""
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 class WorkerConfig(_Section):
-    count: int = Field(1, ge=0, le=64)
+    # Scoring worker threads; default: one per usable CPU core (at most 64), so a burst of series
+    # is read, preprocessed, scored and published side by side. 0 = receive and queue only.
+    count: int = Field(default_factory=lambda: min(64, usable_cores()), ge=0, le=64)
     lease_s: float = Field(300.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     poll_interval_s: float = Field(1.0, gt=0)
