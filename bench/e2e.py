@@ -8,6 +8,14 @@ next to the bare model time (read + preprocess + score, in-process) for the same
 in the same run, and the overhead ratio (delivered - complete) / bare model time.
 
     python bench/e2e.py [--series 6] [--matrix 512] [--quiet 2]
+
+The burst of the issue's goal (four 40-slice series sent at the same time by four storescu
+processes, the node with its default worker count and fast inference path) and one series alone:
+
+    python bench/e2e.py --burst --series 4 --slices 40
+    python bench/e2e.py --series 1 --slices 40
+
+With ``--burst`` it also prints when the last series was delivered after the burst's last slice.
 """
 
 from __future__ import annotations
@@ -39,8 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", type=float, default=2.0, help="[series] quiet_period_s")
     ap.add_argument("--seed", type=int, default=500)
     ap.add_argument("--burst", action="store_true",
-                    help="send all series at once (latency then includes queueing behind the "
-                         "other series); default: each series after the previous is delivered")
+                    help="send all series at once, one storescu each (latency then includes "
+                         "queueing behind the other series); default: each series after the "
+                         "previous is delivered")
+    ap.add_argument("--slices", type=int, default=0,
+                    help="keep the middle N slices of each series (default 0: all)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="[worker] count of the node (default: its own, one per usable core)")
+    ap.add_argument("--runtime", choices=["fast", "reference"], default=None,
+                    help="[model] runtime of the node (default: its own, fast)")
     args = ap.parse_args(argv)
 
     from sqlalchemy import func, select
@@ -56,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.series):
             label = "normal" if i % 2 == 0 else LESION_FAMILIES[i % len(LESION_FAMILIES)]
             case = make_case(args.seed + i, label, matrix=args.matrix)
+            if args.slices and case.hu.shape[0] > args.slices:
+                a = (case.hu.shape[0] - args.slices) // 2
+                case.hu = case.hu[a:a + args.slices]
+                case.lesion_mask = case.lesion_mask[a:a + args.slices]
             series_files.append(write_case_dicom(case, root / f"case{i}"))
         pacs = Orthanc(root / "orthanc").start()
         port = free_port()
@@ -65,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             f'[storage]\nroot = "{root / "storage"}"\n'
             f'[database]\nurl = "sqlite:///{root / "triage.db"}"\n'
             f"[series]\nquiet_period_s = {args.quiet}\nsweep_interval_s = 0.2\n"
-            "[worker]\ncount = 1\npoll_interval_s = 0.1\n"
-            "[delivery]\ninterval_s = 0.2\n"
+            "[worker]\npoll_interval_s = 0.1\n"
+            + (f"count = {args.workers}\n" if args.workers is not None else "")
+            + (f'[model]\nruntime = "{args.runtime}"\n' if args.runtime else "")
+            + "[delivery]\ninterval_s = 0.2\n"
             f'[[destinations]]\nname = "pacs"\nae_title = "{pacs.aet}"\nhost = "127.0.0.1"\n'
             f"port = {pacs.port}\n"
         )
@@ -96,12 +117,20 @@ def main(argv: list[str] | None = None) -> int:
                     time.sleep(0.2)
                 sys.exit("not everything was delivered within 10 minutes; see node.log")
 
-            for i, files in enumerate(series_files):
-                subprocess.run(["storescu", "-aec", "TRIAGE", "127.0.0.1", str(port),
-                                *map(str, files)], check=True, capture_output=True,
-                               env={**os.environ, "TCP_NODELAY": "1"})
-                if not args.burst:
-                    wait_done(i + 1)
+            def storescu(files: list[Path]) -> subprocess.Popen[bytes]:
+                return subprocess.Popen(["storescu", "-aec", "TRIAGE", "127.0.0.1", str(port),
+                                         *map(str, files)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL,
+                                        env={**os.environ, "TCP_NODELAY": "1"})
+
+            if args.burst:  # one association per series, all at the same time
+                senders = [storescu(files) for files in series_files]
+                if any(p.wait() for p in senders):
+                    sys.exit("storescu failed")
+            for i, files in enumerate([] if args.burst else series_files):
+                if storescu(files).wait():
+                    sys.exit("storescu failed")
+                wait_done(i + 1)
             wait_done(args.series)
         finally:
             node.terminate()
@@ -113,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         from triage_agent.models import Delivery, Output, Result, Series
 
         engine = db.make_engine(f"sqlite:///{root / 'triage.db'}")
-        after_complete, after_last = [], []
+        after_complete, after_last, delivered_at, last_at = [], [], [], []
         stages: dict[str, list[float]] = {}
         with db.session_factory(engine)() as s:
             for (t,) in s.execute(select(Result.timings)):
@@ -134,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             after_complete.append((delivered - completed).total_seconds())
             after_last.append((delivered - last).total_seconds())
+            delivered_at.append(delivered)
+            last_at.append(last)
 
         from triage_model.checkpoint import load_detector
 
@@ -154,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{pct(after_complete, .95):7.2f}")
     print(f"{'delivered - last instance':32} {pct(after_last, .5):7.2f} {pct(after_last, .95):7.2f}")
     print(f"{'bare model time (same series)':32} {pct(bare, .5):7.2f} {pct(bare, .95):7.2f}")
+    if after_last:
+        print(f"last delivered {max(after_last):.2f} s after its own last slice"
+              + (f", {(max(delivered_at) - max(last_at)).total_seconds():.2f} s after the "
+                 "burst's last slice" if args.burst else ""))
+    print(f"machine: {os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.1f} at the end; "
+          f"node workers: {args.workers if args.workers is not None else 'default'}, runtime: "
+          f"{args.runtime or 'default'}")
     print("node stage medians: " + ", ".join(
         f"{k[:-2]} {statistics.median(v):.2f} s" for k, v in stages.items()))
     print(f"overhead ratio p50 (delivered - complete) / bare model = "

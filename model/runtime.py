@@ -5,13 +5,13 @@ difference of the order of 1e-6 on [0, 1] images; ``tests/test_fast_path.py`` ho
 1e-4 on the scores).
 
 * ``reference``: one forward pass per test-time view, in PyTorch's default (NCHW) layout.
-* ``fast``: both views of the left-right flip test-time augmentation in one batch, cut into
-  sub-batches of ``FAST_BATCH`` slices (the activations of a small batch stay in the CPU caches),
-  run by ONNX Runtime when it is installed (the network exported once at load, in memory; ONNX
-  Runtime fuses each convolution with its bias and runs the rest in blocked layouts), otherwise
-  by PyTorch in channels-last layout. On a GPU the fast path is PyTorch with the views batched.
+* ``fast``: both views of the left-right flip test-time augmentation in one batch (at most
+  ``FAST_BATCH`` slices per network call), run by ONNX Runtime when it is installed (the network
+  exported once, in memory, when the detector first scores; ONNX Runtime fuses each convolution
+  with its bias and runs in blocked layouts), otherwise by PyTorch in channels-last layout. On a
+  GPU the fast path is PyTorch with the views batched.
 
-``python bench/model.py`` times both paths side by side on the same slices.
+``python bench/model.py --paths-only`` times both paths side by side on the same slices.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 RUNTIMES = ("reference", "fast")
 #: slices per network call on the fast path (each call holds twice as many views with flip TTA)
-FAST_BATCH = 8
+FAST_BATCH = 32
 
 Reconstruct = Callable[[torch.Tensor], torch.Tensor]
 
