@@ -21,8 +21,9 @@ What a radiologist reads at a glance:
 * a dark banner above the image (not over it: no anatomy is hidden) with "AI TRIAGE - NOT FOR
   DIAGNOSIS", the verdict, the series score and threshold, and the slice's image number, table
   position (z, mm), score and rank; the images follow the anatomy (inferior to superior, as
-  InstanceNumber) and the highest-scoring one carries a "MOST SUSPICIOUS" tag (a "HIGHEST
-  SCORE" tag when the series is not abnormal) and a frame.
+  InstanceNumber) and the highest-scoring one carries a red "MOST SUSPICIOUS" tag and frame
+  (blue "HIGHEST SCORE" where the SR does not call the slice suspicious: a series that is not
+  abnormal, or a slice below the threshold).
 
 Text is drawn with Pillow (a dependency of matplotlib) in the DejaVu Sans font that matplotlib
 bundles, so the look does not depend on system fonts.
