@@ -404,14 +404,17 @@ class Lane:
 
 class DeliveryLanes:
     """A lane per configured destination. ``sync()`` (every ``[delivery] interval_s`` and after
-    a reload) follows the configuration and dead-letters deliveries to destinations that are no
-    longer configured."""
+    a reload) follows the configuration and, when it changed and every ``ORPHAN_SWEEP_S``,
+    dead-letters deliveries to destinations that are no longer configured."""
+
+    ORPHAN_SWEEP_S = 60.0
 
     def __init__(self, sender: Sender, audit: Callable[[str, str], None] | None = None) -> None:
         self.sender = sender
         self.audit = audit
         self.lanes: dict[str, Lane] = {}
         self.lock = threading.Lock()
+        self._swept: tuple[float, tuple[str, ...]] | None = None
 
     def sync(self) -> None:
         with self.lock:
@@ -425,6 +428,11 @@ class DeliveryLanes:
                 if key not in self.lanes:
                     self.lanes[key] = Lane(key, self.sender, self._transition)
                 self.lanes[key].apply(dest)
+            keys = tuple(sorted(wanted))
+            if (self._swept is not None and self._swept[1] == keys
+                    and time.monotonic() - self._swept[0] < self.ORPHAN_SWEEP_S):
+                return
+            self._swept = (time.monotonic(), keys)
         while self.sender.dead_letter_unconfigured():
             pass
 
