@@ -61,7 +61,7 @@ def test_results_reach_orthanc_once_and_survive_pacs_outage(
         worker={"count": 1, "poll_interval_s": 0.2},
         triage={"threshold": (scores["abnormal"] + scores["normal"]) / 2},
         delivery={"backoff_base_s": 0.5, "backoff_cap_s": 2.0, "interval_s": 0.3,
-                  "timeout_s": 5.0},
+                  "timeout_s": 5.0, "breaker_cooldown_s": 0.5, "breaker_cooldown_cap_s": 1.0},
         destinations=None,
     )
     node.add_destination("PACS", pacs.aet, "127.0.0.1", pacs.port)

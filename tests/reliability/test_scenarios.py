@@ -377,7 +377,8 @@ def test_pacs(node_factory: Any, tiny_ckpt: Path, tmp_path: Path) -> None:  # no
         worker={"count": 1, "poll_interval_s": 0.2}, model={"weights": str(tiny_ckpt)},
         triage={"threshold": -1.0e9},
         delivery={"interval_s": 0.3, "backoff_base_s": 0.5, "backoff_cap_s": 2.0,
-                  "timeout_s": 3.0, "max_attempts": 100},
+                  "timeout_s": 3.0, "max_attempts": 100, "breaker_cooldown_s": 0.5,
+                  "breaker_cooldown_cap_s": 1.0},
     )
     node.add_destination("pacs", "PACS", "127.0.0.1", port)
     node.start(timeout_s=120)
