@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
 from triage_agent import db
@@ -81,6 +82,7 @@ def test_locked_database_never_delays_record_and_loses_nothing(database: Any,
             time.sleep(0.05)
         assert log.spooled == 40  # all on disk while the database is locked
         assert len(spool.read_text().splitlines()) == 40
+        assert REGISTRY.get_sample_value("triage_audit_spooled_events") == 40
     finally:
         lock.release()
     assert log.flush(15)
@@ -89,6 +91,7 @@ def test_locked_database_never_delays_record_and_loses_nothing(database: Any,
         addresses = sorted(s.scalars(select(Event.source_address)))
     assert addresses == sorted(f"10.0.0.{i}" for i in range(40))  # each once
     assert not spool.exists()
+    assert REGISTRY.get_sample_value("triage_audit_spooled_events") == 0
 
 
 def test_two_processes_sharing_the_spool_lose_and_double_nothing(database: Any,
