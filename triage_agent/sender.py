@@ -25,6 +25,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage_agent import metrics
@@ -237,7 +238,7 @@ class Sender:
         and spends an attempt. On PostgreSQL locked rows are skipped, so several processes share
         the ledger."""
         now = utcnow()
-        lease = dt.timedelta(seconds=self.cfg.delivery.timeout_s * 4 + 60)
+        lease = dt.timedelta(seconds=self.lease_s())
         with self.sessions() as s, s.begin():
             stmt = (
                 select(Delivery, Output.path)
@@ -265,6 +266,7 @@ class Sender:
     def _send_and_record(self, key: str, items: list[tuple[int, Path]]) -> list[SendOutcome]:
         """Send claimed rows to one destination and record every outcome; returns the outcomes
         of what went over the network (not missing files or unknown destinations)."""
+        deadline = time.monotonic() + self.lease_s() - 10  # claimed just before
         dest = self.destinations().get(key)
         sent: list[SendOutcome] = []
         if dest is None:
@@ -277,8 +279,30 @@ class Sender:
                 sent = self.send(dest, [p for _, p in existing])
                 outcomes_by_id.update({i: o for (i, _), o in zip(existing, sent, strict=True)})
             outcomes = [outcomes_by_id[i] for i, _ in items]
-        self._record(key, [i for i, _ in items], outcomes)
+        self._record_until_written(key, [i for i, _ in items], outcomes, deadline)
         return sent
+
+    def lease_s(self) -> float:
+        """Seconds claimed rows stay this sender's; then another claim takes (and resends) them."""
+        return self.cfg.delivery.timeout_s * 4 + 60
+
+    def _record_until_written(self, key: str, ids: list[int], outcomes: list[SendOutcome],
+                              deadline: float) -> None:
+        """Record what was sent, retrying while the database cannot take it (a restart, a
+        partition): an outcome not recorded is sent again once the lease expires, a duplicate at
+        the destination. Gives up (raises) at ``deadline``, before the lease does."""
+        delay = 0.5
+        while True:
+            try:
+                self._record(key, ids, outcomes)
+                return
+            except SQLAlchemyError as e:
+                if time.monotonic() + delay >= deadline:
+                    raise
+                log.warning("outcomes of %d delivery(ies) to %s not recorded yet (database: %s); "
+                            "retrying in %.1f s", len(ids), key, e.__class__.__name__, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
 
     def send(self, dest: Destination, paths: list[Path]) -> list[SendOutcome]:
         """The one place a destination's kind picks its protocol; one outcome per file."""
@@ -292,6 +316,7 @@ class Sender:
     def _record(self, dest_key: str, ids: list[int], outcomes: list[SendOutcome]) -> None:
         max_attempts = self.cfg.delivery.max_attempts
         touched_results: set[int] = set()
+        counted: list[str] = []  # counted once committed: a failed commit is recorded again
         with self.sessions() as s, s.begin():
             for did, out in zip(ids, outcomes, strict=True):
                 d = s.get(Delivery, did)
@@ -299,9 +324,8 @@ class Sender:
                     continue
                 d.last_status = out.status
                 d.lease_until = None
-                metrics.DELIVERIES.labels(
-                    "delivered" if out.kind == DELIVERED else
-                    "dead" if out.kind == PERMANENT or d.attempts >= max_attempts else "retry").inc()
+                counted.append("delivered" if out.kind == DELIVERED else "dead" if out.kind ==
+                               PERMANENT or d.attempts >= max_attempts else "retry")
                 if out.kind == DELIVERED:
                     d.state = DeliveryState.DELIVERED
                     d.delivered_at = utcnow()
@@ -324,6 +348,8 @@ class Sender:
                     touched_results.add(result_id)
             for rid in touched_results:
                 update_series_delivery_state(s, rid)
+        for outcome in counted:
+            metrics.DELIVERIES.labels(outcome).inc()
 
 
 class Lane:
