@@ -775,3 +775,14 @@ def test_outputs_of_a_multi_frame_series_reference_frames(tmp_path: Path) -> Non
         build_sr([header], replace(finding, top_frames=[99, 3, 9]), ALGO, uid_key="k")
     with pytest.raises(OutputError, match="same image"):
         build_sr([header], replace(finding, top_frames=[3, 3, 9]), ALGO, uid_key="k")
+
+
+def test_earlier_heatmap_opacity_setting_still_loads(tmp_path: Path) -> None:
+    """An agent.toml written for the earlier release (``heatmap_opacity``) keeps working; the
+    default look is an outline with a light tint."""
+    from triage_agent.config import OutputsConfig, load_config
+
+    (tmp_path / "agent.toml").write_text("[outputs]\nheatmap_opacity = 0.5\n")
+    cfg = load_config(tmp_path / "agent.toml")
+    assert cfg.outputs.overlay_opacity == 0.5 and cfg.outputs.overlay == "outline"
+    assert (OutputsConfig().overlay, OutputsConfig().overlay_opacity) == ("outline", 0.3)
