@@ -20,7 +20,7 @@ from tests.test_model_e2e import tiny_ckpt  # noqa: F401  (fixture)
 from triage_agent.cli import main
 from triage_agent.dicom_uids import IMAGE_SOP_CLASSES
 from triage_agent.inference import score_series
-from triage_agent.models import Series
+from triage_agent.models import Output, Result, Series
 from triage_agent.preprocess import read_series
 from triage_agent.synth_dicom import write_case_dicom
 
@@ -71,12 +71,13 @@ def test_enhanced_twin_scores_like_the_classic_series(tmp_path: Path, tiny_ckpt:
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_node_accepts_enhanced_ct_and_completes_it_on_its_frames(
-        node_factory: Any, tmp_path: Path) -> None:
+def test_node_scores_enhanced_ct_like_its_classic_twin(
+        node_factory: Any, tmp_path: Path, tiny_ckpt: Path) -> None:  # noqa: F811
     assert LEGACY_ENHANCED_CT in IMAGE_SOP_CLASSES
     assert "1.2.840.10008.5.1.4.1.1.2.1" in IMAGE_SOP_CLASSES  # Enhanced CT Image Storage
     classic, enhanced = twins(tmp_path)
-    node: Node = node_factory().start()  # no worker: completion only
+    node: Node = node_factory(worker={"count": 1, "poll_interval_s": 0.2},
+                              model={"weights": str(tiny_ckpt)}).start()
     # -R: propose the files' own SOP class (storescu's default list lacks the converted one)
     sent = storescu(node.port, [enhanced], extra=["-R"])
     assert sent.returncode == 0, sent.stderr
@@ -87,12 +88,25 @@ def test_node_accepts_enhanced_ct_and_completes_it_on_its_frames(
         with sessions() as s:
             return s.scalars(select(Series).where(Series.series_instance_uid == uid)).first()
 
-    wait_for(lambda: (x := series()) is not None and x.state != "receiving", 60, "completed")
+    wait_for(lambda: (x := series()) is not None and x.state not in ("receiving", "queued",
+                                                                     "processing"),
+             120, "scored")
     row = series()
     assert row is not None
-    assert (row.state, row.reason) == ("queued", None)  # not "only 1 slice"
+    assert (row.state, row.reason) == ("scored", None), row.reason  # not "only 1 slice"
     assert (row.instance_count, row.frame_count) == (1, len(classic))
     first = pydicom.dcmread(classic[0], stop_before_pixels=True)
     assert row.orientation == "axial:0.0"
     assert row.slice_thickness_mm == pytest.approx(float(first.SliceThickness))
     assert row.convolution_kernel == str(first.ConvolutionKernel)
+
+    twin = score_series(classic, load_detector(tiny_ckpt, device="cpu"))
+    with sessions() as s:
+        result = s.scalars(select(Result).where(Result.series_id == row.id)).one()
+        sr_path = s.scalar(select(Output.path).where(Output.result_id == result.id,
+                                                     Output.kind == "sr"))
+    assert result.verdict == twin.verdict and result.score == pytest.approx(twin.score, abs=1e-3)
+    # the report's slice references name frames of the one instance
+    sr = pydicom.dcmread(node.storage_root / str(sr_path))
+    frames = {int(e.value) for e in sr.iterall() if e.keyword == "ReferencedFrameNumber"}
+    assert frames and frames <= set(range(1, len(classic) + 1))
