@@ -26,7 +26,7 @@ from sqlalchemy import select
 from tests.conftest import Node, PgServer, PrivateCluster, storescu, wait_for
 from tests.factories import make_series
 from tests.peers import StoreSCP
-from tests.reliability.conftest import Ledger, reconcile, record, size
+from tests.reliability.conftest import FULL, Ledger, reconcile, record, size
 from tests.test_model_e2e import tiny_ckpt  # noqa: F401  (module-scoped fixture)
 from triage_agent.models import Delivery
 
@@ -155,7 +155,8 @@ class Fault:
         return time.monotonic() - t0
 
 
-FAULTS = ["restart", "partition", "reset"]
+# Quick runs (make test) cover a restart and a partition; the full run adds the reset.
+FAULTS = ["restart", "partition", *(["reset"] if FULL else [])]
 
 
 @pytest.fixture(scope="module")
