@@ -292,9 +292,13 @@ def test_postgres_fault_during_delivery(node_factory: Any, cluster: PrivateClust
     f = Fault(fault, cluster, link)
     ended = threading.Event()
 
+    def end_fault() -> None:
+        f.end()
+        ended.set()
+
     def fault_now() -> None:  # on the relay's thread: the C-STORE waits for the fault to begin
         f.begin()
-        threading.Timer(f.down_s, lambda: (f.end(), ended.set())).start()
+        threading.Timer(f.down_s, end_fault).start()
 
     pacs = StoreSCP(tmp_path / "pacs", "-uf")
     relay = TriggerRelay(pacs.port, fault_now)
