@@ -96,7 +96,7 @@ def test_node_scores_enhanced_ct_like_its_classic_twin(
     assert (row.state, row.reason) == ("scored", None), row.reason  # not "only 1 slice"
     assert (row.instance_count, row.frame_count) == (1, len(classic))
     first = pydicom.dcmread(classic[0], stop_before_pixels=True)
-    assert row.orientation == "axial:0.0"
+    assert row.orientation == "axial:0.0" and row.body_part == "HEAD"  # from Frame Anatomy
     assert row.slice_thickness_mm == pytest.approx(float(first.SliceThickness))
     assert row.convolution_kernel == str(first.ConvolutionKernel)
 

@@ -35,6 +35,9 @@ class ImageFacts:
     slice_thickness_mm: float | None
     orientation: Any  # ImageOrientationPatient (6 numbers) or None
     kernel: str | None  # ConvolutionKernel, values joined by "\"
+    #: BodyPartExamined, else (enhanced images) the Frame Anatomy group's anatomic region in
+    #: upper case ("HEAD")
+    body_part: str | None = None
 
 
 def functional_group(ds: Any, sequence: str, frame: int | None = None) -> Any:
@@ -75,6 +78,7 @@ def image_facts(ds: Any) -> ImageFacts:
     thickness = _float(ds.get("SliceThickness"))
     iop = ds.get("ImageOrientationPatient")
     kernel = ds.get("ConvolutionKernel")
+    body_part = ds.get("BodyPartExamined") or None
     if "SharedFunctionalGroupsSequence" in ds or "PerFrameFunctionalGroupsSequence" in ds:
         if thickness is None:
             pm = functional_group(ds, "PixelMeasuresSequence")
@@ -82,6 +86,10 @@ def image_facts(ds: Any) -> ImageFacts:
         if iop is None:
             po = functional_group(ds, "PlaneOrientationSequence")
             iop = po.get("ImageOrientationPatient") if po is not None else None
+        anatomy = functional_group(ds, "FrameAnatomySequence")
+        region = anatomy.get("AnatomicRegionSequence") if anatomy is not None else None
+        if body_part is None and region:
+            body_part = str(region[0].get("CodeMeaning", "") or "").upper() or None
         for seq in ("CTReconstructionSequence", "UnassignedSharedConvertedAttributesSequence"):
             if kernel in (None, ""):  # enhanced CT, or converted from classic images
                 item = functional_group(ds, seq)
@@ -92,4 +100,5 @@ def image_facts(ds: Any) -> ImageFacts:
         kernel_text = kernel[:64]
     else:
         kernel_text = "\\".join(str(k) for k in kernel)[:64]
-    return ImageFacts(frames, thickness, iop if iop not in (None, "") else None, kernel_text)
+    return ImageFacts(frames, thickness, iop if iop not in (None, "") else None, kernel_text,
+                      None if body_part is None else str(body_part)[:64])

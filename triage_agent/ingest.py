@@ -168,7 +168,7 @@ def inspect_dataset(ds: Dataset, sop_class: str, sop_uid: str, ts: str) -> Insta
         series_instance_uid=series_uid,
         transfer_syntax_uid=ts,
         modality=_str(ds, "Modality", 16),
-        body_part=_str(ds, "BodyPartExamined", 64),
+        body_part=facts.body_part,
         series_description=_str(ds, "SeriesDescription", 64),
         series_number=_int(ds, "SeriesNumber"),
         instance_number=_int(ds, "InstanceNumber"),

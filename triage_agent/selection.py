@@ -165,7 +165,7 @@ def series_facts(files: list[Path]) -> SeriesFacts:
     except (TypeError, ValueError):
         number = None
     iop = img.orientation
-    return SeriesFacts(text("Modality"), text("BodyPartExamined"), text("SeriesDescription"),
+    return SeriesFacts(text("Modality"), img.body_part, text("SeriesDescription"),
                        images, img.slice_thickness_mm,
                        classify_orientation(iop) if iop else None, kernel=img.kernel,
                        series_number=number, study_uid=text("StudyInstanceUID"),
