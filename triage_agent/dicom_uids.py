@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from pydicom.sequence import Sequence
 from pydicom.uid import (
     CTImageStorage,
     EnhancedCTImageStorage,
@@ -44,21 +45,24 @@ def functional_group(ds: Any, sequence: str, frame: int | None = None) -> Any:
     """The item of ``sequence`` (e.g. "PlaneOrientationSequence") of a multi-frame image: from
     the frame's per-frame group when ``frame`` (0-based) is given and it has one, else from the
     shared group; None when neither has it."""
+    per_frame = _items(ds.get("PerFrameFunctionalGroupsSequence"))
+    shared = _items(ds.get("SharedFunctionalGroupsSequence"))
     groups = []
-    if frame is not None and "PerFrameFunctionalGroupsSequence" in ds:
-        pf = ds.PerFrameFunctionalGroupsSequence
-        if frame < len(pf):
-            groups.append(pf[frame])
-    if "SharedFunctionalGroupsSequence" in ds and len(ds.SharedFunctionalGroupsSequence):
-        groups.append(ds.SharedFunctionalGroupsSequence[0])
-    if frame is None and "PerFrameFunctionalGroupsSequence" in ds \
-            and len(ds.PerFrameFunctionalGroupsSequence):
-        groups.append(ds.PerFrameFunctionalGroupsSequence[0])
+    if frame is not None and 0 <= frame < len(per_frame):
+        groups.append(per_frame[frame])
+    groups += shared[:1]
+    if frame is None:
+        groups += per_frame[:1]
     for g in groups:
-        seq = g.get(sequence)
-        if seq is not None and len(seq):
-            return seq[0]
+        items = _items(g.get(sequence))
+        if items:
+            return items[0]
     return None
+
+
+def _items(value: Any) -> list[Any]:
+    """The items of a sequence element's value; [] for anything else (a malformed header)."""
+    return list(value) if isinstance(value, Sequence) else []
 
 
 def _float(value: Any) -> float | None:
@@ -87,7 +91,7 @@ def image_facts(ds: Any) -> ImageFacts:
             po = functional_group(ds, "PlaneOrientationSequence")
             iop = po.get("ImageOrientationPatient") if po is not None else None
         anatomy = functional_group(ds, "FrameAnatomySequence")
-        region = anatomy.get("AnatomicRegionSequence") if anatomy is not None else None
+        region = _items(anatomy.get("AnatomicRegionSequence")) if anatomy is not None else []
         if body_part is None and region:
             body_part = str(region[0].get("CodeMeaning", "") or "").upper() or None
         for seq in ("CTReconstructionSequence", "UnassignedSharedConvertedAttributesSequence"):
