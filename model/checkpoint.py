@@ -18,6 +18,7 @@ import hashlib
 import io
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,7 @@ class Detector:
         #: known once the first batch is scored
         self.engine: str | None = None
         self._reconstruct: Reconstruct | None = None
+        self._build_lock = threading.Lock()  # several scoring workers share one detector
 
     @staticmethod
     def _unsupported(method: str) -> str:
@@ -189,14 +191,16 @@ class Detector:
         """The reconstruction scoring uses, of (B,1,S,S) slices: the network's output, or with
         ``ScoringConfig.flip_tta`` its mean with the mirrored slices' output, mirrored back."""
         if self._reconstruct is None:
-            assert self.net is not None
-            if self.runtime == "fast":
-                self._reconstruct, self.engine = fast_reconstruction(
-                    self.net, self.scoring.flip_tta, self.device)
-            else:
-                self._reconstruct = reference_reconstruction(self.net, self.scoring.flip_tta)
-                self.engine = "torch"
+            with self._build_lock:
+                if self._reconstruct is None:
+                    self._reconstruct, self.engine = self._build_runtime()
         return self._reconstruct(x1)
+
+    def _build_runtime(self) -> tuple[Reconstruct, str]:
+        assert self.net is not None
+        if self.runtime == "fast":
+            return fast_reconstruction(self.net, self.scoring.flip_tta, self.device)
+        return reference_reconstruction(self.net, self.scoring.flip_tta), "torch"
 
     def threshold_for(self, aggregate: str = "max") -> float:
         return float(self.thresholds.get(aggregate, self.threshold))
