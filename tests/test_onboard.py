@@ -196,3 +196,12 @@ def test_onboard_fine_tunes_the_network_on_the_fit_part_when_asked(
     assert main(["onboard", "--normal", str(site["normals"]), "--out", str(out), "--config",
                  str(site["config"]), "--fine-tune-steps", "-1"]) == 2
     assert "--fine-tune-steps must be 0" in capsys.readouterr().err
+
+
+def test_onboard_help_states_the_fine_tune_default(capsys) -> None:  # type: ignore[no-untyped-def]
+    from triage_agent.onboarding import FINE_TUNE_STEPS
+
+    with pytest.raises(SystemExit):
+        main(["onboard", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default {FINE_TUNE_STEPS}" in text

@@ -44,9 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seed of the fit/held-out split and of the fine-tuning")
     p.add_argument("--fine-tune-steps", type=int, default=None, metavar="N",
                    help="fine-tune the network on the fit part of the normals for N steps of 8 "
-                        "slices before the atlas is refitted (0: off; default "
-                        f"{_default_steps()}: within the 45-minute budget for 60 normals on a "
-                        "2-core CPU; a GPU is used when --device allows)")
+                        "slices before the atlas is refitted (default 0: off; a GPU is used "
+                        "when --device allows)")
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
                    help="where the network runs (default: [model] device; auto = a GPU if any)")
     add_config_argument(p)
