@@ -197,11 +197,12 @@ class IngestTarget:
         return out
 
     def check_tree(self) -> None:
-        """Everything under the root is dicom/<20hex>/<20hex>/<64hex>.dcm or quarantine/<64hex>."""
+        """Everything under the root is dicom/<20hex>/<20hex>/<64hex>.dcm, quarantine/<64hex>.dcm
+        or the audit spool (audit-spool.jsonl and its lock file)."""
         import re
 
         ok = re.compile(r"^(dicom/[0-9a-f]{20}/[0-9a-f]{20}/[0-9a-f]{64}\.dcm|"
-                        r"quarantine/[0-9a-f]{64}\.dcm)$")
+                        r"quarantine/[0-9a-f]{64}\.dcm|audit-spool\.jsonl(\.lock)?)$")
         for p in self.root.rglob("*"):
             rel = p.relative_to(self.root).as_posix()
             if p.is_symlink():
