@@ -294,6 +294,12 @@ def test_ack_codes(listener: Listener, mode: str, kind: str, needle: str | None)
         assert outcome.error is not None and "error code 207" in outcome.error
     if mode == "wrong_id":
         assert outcome.error is not None and "SOMEOTHERMESSAGE01" in outcome.error
+    # An acknowledgement, even a negative one, means the RIS is up: it must not count towards
+    # opening the destination's circuit breaker; a closed connection does.
+    if mode in ("AE", "CE", "AR", "CR"):
+        assert not outcome.unanswered
+    if mode == "close":
+        assert outcome.unanswered
 
 
 def test_nothing_listening_is_transient() -> None:

@@ -451,5 +451,7 @@ def send_mllp(dest: HL7Destination, message: bytes) -> SendOutcome:
     if kind == DELIVERED:
         return SendOutcome(DELIVERED, None, None)
     detail = f", error code {err_code}" if err_code else ""
-    return SendOutcome(kind, None, f"{where}: {ack_code} ({meaning}) for {control_id}{detail}")
+    # An AE/CE/AR/CR acknowledgement is an answer: the RIS is up, so the circuit breaker stays shut.
+    return SendOutcome(kind, None, f"{where}: {ack_code} ({meaning}) for {control_id}{detail}",
+                       answered=True)
 

@@ -46,6 +46,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage as ndi
 
+from triage_agent.ingest import short_id
 from triage_agent.outputs.common import (
     AlgorithmInfo,
     OutputError,
@@ -453,7 +454,7 @@ def build_sc_series(
     ]
     log.info(
         "built SC series %s: %d image(s), verdict %s, score %s",
-        series.series_uid,
+        short_id(series.series_uid),
         len(out),
         finding.verdict,
         format_score(finding.score),

@@ -37,6 +37,7 @@ import pydicom
 from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 
+from triage_agent.ingest import short_id
 from triage_agent.outputs.common import (
     AlgorithmInfo,
     OutputError,
@@ -194,7 +195,7 @@ def build_sr(
     pin_times(sr, content_datetime)
     log.info(
         "built SR %s (verdict %s, score %s, %d slice refs%s)",
-        sop_uid,
+        short_id(sop_uid),
         finding.verdict,
         format_score(finding.score),
         len(top),
