@@ -59,6 +59,20 @@ def test_check_config_ok_and_missing_and_broken_toml(tmp_path: Path, capsys) -> 
     assert "not valid TOML" in capsys.readouterr().err
 
 
+def test_check_config_counts_every_kind_of_destination(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        '[[destinations]]\nae_title = "PACS"\nhost = "pacs"\nport = 104\n'
+        '[[dicomweb_destinations]]\nname = "vna"\nurl = "https://vna.example.org/dicom-web"\n'
+        '[[hl7_destinations]]\nname = "ris"\nhost = "ris"\nport = 2575\n')
+    assert main(["check-config", str(cfg)]) == 0
+    assert "1 DICOM, 1 DICOMweb, 1 HL7 destination(s)" in capsys.readouterr().out
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    assert main(["check-config", str(empty)]) == 0
+    assert "no destination(s)" in capsys.readouterr().out
+
+
 def test_serve_refuses_invalid_config_with_same_message(tmp_path: Path) -> None:
     bad = tmp_path / "agent.toml"
     bad.write_text("[node]\nport = -1\n")

@@ -478,6 +478,13 @@ class AgentConfig(_Section):
                 raise ValueError(f"{field_name}: names must be unique (repeated: {', '.join(dupes)})")
         return self
 
+    def destinations_summary(self) -> str:
+        """'2 DICOM, 1 DICOMweb, 1 HL7 destination(s)': every kind the node delivers to."""
+        kinds = [(len(self.destinations), "DICOM"), (len(self.dicomweb_destinations), "DICOMweb"),
+                 (len(self.hl7_destinations), "HL7")]
+        parts = [f"{n} {kind}" for n, kind in kinds if n]
+        return (", ".join(parts) or "no") + " destination(s)"
+
     # Relative paths in the file are resolved against the file's folder, so the agent behaves the
     # same whatever directory systemd or a shell starts it from.
     def resolved(self, base: Path) -> AgentConfig:

@@ -299,7 +299,7 @@ def render_page(app: Any) -> str:
         f"<div class='sub'>mode {e(cfg.triage.mode)}; model "
         f"{e(app.model.name + ' ' + app.model.version) if app.model else 'not loaded'}; "
         f"{threshold_text(app)}; queue {queue_depth(app.sessions)}; "
-        f"{len(cfg.destinations)} destination(s); refreshes every 10 s</div>",
+        f"{e(cfg.destinations_summary())}; refreshes every 10 s</div>",
         "<div class='banner'>AI triage &mdash; not for diagnosis. "
         "Scores rank studies for reading order only.</div>",
         drift_banner(app),

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     print(f"{path}: OK (AE {cfg.node.ae_title} on {cfg.node.bind_address}:{cfg.node.port}, "
-          f"database {cfg.database.url.split('://')[0]}, {len(cfg.destinations)} destination(s), "
+          f"database {cfg.database.url.split('://')[0]}, {cfg.destinations_summary()}, "
           f"mode {cfg.triage.mode})")
     if cfg.triage.threshold is not None:
         return _check_threshold(cfg)
