@@ -93,6 +93,11 @@ class OrthancRx(Receiver):
         self.orthanc.stop()
 
 
+def load() -> str:
+    """The 1/5/15-minute load averages (the receivers share the machine with whatever runs)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def send(rx: Receiver, files: list[Path]) -> float:
     t0 = time.perf_counter()
     r = subprocess.run(["storescu", "-aec", rx.aet, "-aet", "BENCH", "127.0.0.1", str(rx.port),
@@ -117,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# ingest benchmark, {args.runs} runs per receiver; TCP_NODELAY=1 for storescu, "
               "storescp and Orthanc alike (DCMTK-based peers leave Nagle's algorithm on without "
               "it)")
+        print(f"# {os.cpu_count()} CPUs; load average at start {load()}")
         print(f"{'series':>8} {'receiver':>9} {'median s':>9} {'inst/s':>8} {'MB/s':>7}")
         for n in (int(x) for x in args.sizes.split(",")):
             files = make_series(root / f"series{n}", n=n, seed=n, size=512)
@@ -139,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{n:>8} {k:>9} {v:>9.3f} {n / v:>8.1f} {mb / v:>7.1f}")
             print(f"{n:>8} ratio node/orthanc = {med['node'] / med['orthanc']:.2f}, "
                   f"node/storescp = {med['node'] / med['storescp']:.2f}")
+        print(f"# load average at end {load()}")
     return 0
 
 

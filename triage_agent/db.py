@@ -29,6 +29,10 @@ class DatabaseError(Exception):
     """The database cannot be reached or migrated; the message says what to check."""
 
 
+# Execution option of a connection whose transaction only reads: on SQLite it begins without
+# taking the write lock (``conn.execution_options(**{READ_ONLY: True})``).
+READ_ONLY = "triage_read_only"
+
 # How long a transaction may wait for a lock when no deadline is set (SQLite busy timeout).
 DEFAULT_LOCK_WAIT_S = 30.0
 _deadline = threading.local()
@@ -83,8 +87,13 @@ def is_lock_timeout(e: BaseException) -> bool:
 
 
 def _busy_timeout_ms() -> int:
+    """The SQLite busy timeout for a transaction begun now. Rounded down to 100 ms steps: a
+    connection keeps its setting from one short transaction to the next instead of paying a
+    PRAGMA for each."""
     left = _remaining_ms()
-    return int(DEFAULT_LOCK_WAIT_S * 1000) if left is None else left
+    if left is None:
+        return int(DEFAULT_LOCK_WAIT_S * 1000)
+    return left - left % 100 if left >= 200 else left
 
 
 def _sqlite_pragmas(dbapi_conn: Any, record: Any) -> None:
@@ -132,7 +141,9 @@ def make_engine(url: str) -> Engine:
             if conn.info.get("busy_timeout_ms") != ms:
                 conn.exec_driver_sql(f"PRAGMA busy_timeout={ms}")
                 conn.info["busy_timeout_ms"] = ms
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # A read-only transaction (READ_ONLY option) reads a snapshot beside the writer.
+            read_only = conn.get_execution_options().get(READ_ONLY, False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     engine = create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)

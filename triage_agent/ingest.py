@@ -10,18 +10,17 @@ import functools
 import hashlib
 import logging
 import math
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID
-from sqlalchemy import CursorResult, select, update
+from pydicom.dataset import Dataset
+from sqlalchemy import CursorResult, Engine, Table, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
+from triage_agent import db
 from triage_agent.dicom_uids import IMAGE_SOP_CLASSES, image_facts, valid_uid
 from triage_agent.models import (
     Event,
@@ -246,6 +245,78 @@ def _upsert_series(session: Session, info: InstanceInfo, ignored: bool) -> Serie
     return series
 
 
+# The statements of the common case, built once (SQLAlchemy then reuses their compiled form
+# instead of building, hashing and compiling a statement per instance).
+_STORED_DIGEST = (
+    select(Instance.sha256).where(Instance.sop_instance_uid == bindparam("sop_instance_uid"))
+)
+_SERIES = cast(Table, Series.__table__)
+_INSTANCES = cast(Table, Instance.__table__)
+_COUNT_INSTANCE = (
+    update(_SERIES)
+    .where(_SERIES.c.series_instance_uid == bindparam("series_uid"),
+           _SERIES.c.state == SeriesState.RECEIVING)
+    .values(instance_count=_SERIES.c.instance_count + 1,
+            frame_count=_SERIES.c.frame_count + bindparam("frames"),
+            last_received_at=bindparam("now"))
+    .returning(_SERIES.c.id)
+)
+_INSTANCE_COLUMNS = ("sop_instance_uid", "sop_class_uid", "series_id", "path", "sha256",
+                     "size_bytes", "transfer_syntax_uid", "instance_number", "calling_ae",
+                     "source_address", "received_at")
+_INSERT_INSTANCE = {
+    name: insert(_INSTANCES)
+    .values({c: bindparam(c) for c in _INSTANCE_COLUMNS})
+    .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+    for name, insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
+}
+
+
+class _NotAppendable(Exception):
+    """The common case does not apply; the general path takes the instance."""
+
+
+def _engine(sessions: sessionmaker[Session]) -> Engine:
+    """The engine behind a session factory (the common case runs on a bare connection: no ORM
+    session to build and tear down per instance)."""
+    return cast(Engine, sessions.kw["bind"])
+
+
+def _stored_digest(sessions: sessionmaker[Session], sop_instance_uid: str) -> str | None:
+    """The SHA-256 of the instance already stored under this UID, or None."""
+    engine = _engine(sessions).execution_options(**{db.READ_ONLY: True})
+    with engine.begin() as conn:
+        return cast(str | None, conn.execute(
+            _STORED_DIGEST, {"sop_instance_uid": sop_instance_uid}).scalar())
+
+
+def _append_to_receiving_series(sessions: sessionmaker[Session], info: InstanceInfo,
+                                relpath: str | None, digest: str, size: int) -> bool:
+    """The common case in one short transaction: the series exists and is still receiving, the
+    UID is new. Counts the instance and inserts its row, commits; returns False (nothing
+    changed) when the case does not apply."""
+    now = utcnow()
+    try:
+        with _engine(sessions).begin() as conn:
+            series_id = conn.execute(_COUNT_INSTANCE, {
+                "series_uid": info.series_instance_uid, "frames": info.frames, "now": now,
+            }).scalar()
+            if series_id is None:  # new series, or one completed (the general path reopens it)
+                raise _NotAppendable
+            inserted = conn.execute(_INSERT_INSTANCE[conn.dialect.name], {
+                "sop_instance_uid": info.sop_instance_uid, "sop_class_uid": info.sop_class_uid,
+                "series_id": series_id, "path": relpath, "sha256": digest, "size_bytes": size,
+                "transfer_syntax_uid": info.transfer_syntax_uid,
+                "instance_number": info.instance_number, "calling_ae": info.calling_ae,
+                "source_address": info.source_address, "received_at": now,
+            }).rowcount
+            if not inserted:  # a concurrent association stored the UID first: undo the count
+                raise _NotAppendable
+    except _NotAppendable:
+        return False
+    return True
+
+
 def persist(
     storage: Storage,
     sessions: sessionmaker[Session],
@@ -268,10 +339,7 @@ def persist(
     record = audit_event or functools.partial(audit, sessions)
     chunks = [_file_preamble(info), dataset_bytes]
     digest = content_digest(chunks)
-    with sessions() as s:
-        existing = s.scalar(
-            select(Instance.sha256).where(Instance.sop_instance_uid == info.sop_instance_uid)
-        )
+    existing = _stored_digest(sessions, info.sop_instance_uid)
     if existing is not None:
         return _duplicate(storage, record, info, chunks, digest, existing)
 
@@ -280,6 +348,9 @@ def persist(
         relpath = storage.instance_relpath(info.study_instance_uid, info.series_instance_uid, digest)
         storage.write_atomic(relpath, chunks)
 
+    if _append_to_receiving_series(sessions, info, relpath, digest,
+                                   sum(len(c) for c in chunks)):
+        return "stored"
     with sessions() as s, s.begin():
         series = _upsert_series(s, info, ignored)
         ins = _insert(s)
@@ -321,10 +392,7 @@ def persist(
             s.execute(update(Series).where(Series.id == series.id).values(**values))
             return "stored"
     # Lost a race with a concurrent association sending the same UID.
-    with sessions() as s:
-        existing = s.scalar(
-            select(Instance.sha256).where(Instance.sop_instance_uid == info.sop_instance_uid)
-        )
+    existing = _stored_digest(sessions, info.sop_instance_uid)
     if existing == digest:
         return "duplicate"
     if relpath is not None:
@@ -363,18 +431,34 @@ def _file_preamble(info: InstanceInfo) -> bytes:
     """128-byte preamble, DICM and the file meta group for a Part 10 file.
 
     Depends only on the SOP class/instance and transfer syntax, so the same dataset from two
-    senders gives byte-identical files and one digest.
+    senders gives byte-identical files and one digest. Encoded here (Explicit VR Little Endian,
+    PS3.10 7.1) rather than through pydicom's writer, which costs milliseconds per instance;
+    tests/test_ingest_speed.py checks that both give the same bytes.
     """
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(info.sop_class_uid)
-    meta.MediaStorageSOPInstanceUID = UID(info.sop_instance_uid)
-    meta.TransferSyntaxUID = UID(info.transfer_syntax_uid)
-    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-    meta.ImplementationVersionName = "TRIAGE_AGENT_01"
-    buf = DicomBytesIO()
-    buf.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(buf, meta, enforce_standard=True)
-    return buf.getvalue()
+    body = b"".join((
+        _OB_VERSION,
+        _meta_element(0x0002, b"UI", _uid_bytes(info.sop_class_uid)),
+        _meta_element(0x0003, b"UI", _uid_bytes(info.sop_instance_uid)),
+        _meta_element(0x0010, b"UI", _uid_bytes(info.transfer_syntax_uid)),
+        _IMPLEMENTATION,
+    ))
+    return _PREFIX + _meta_element(0x0000, b"UL", struct.pack("<I", len(body))) + body
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """A group 0002 element with a 2-byte length (UI, SH, UL)."""
+    return struct.pack("<HH", 0x0002, element) + vr + struct.pack("<H", len(value)) + value
+
+
+def _uid_bytes(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\0" if len(raw) % 2 else raw
 
 
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.75006884747854523615841001"
+_PREFIX = b"\0" * 128 + b"DICM"
+# File Meta Information Version (0002,0001) OB 00 01, then the implementation's class UID and
+# version name (0002,0012) and (0002,0013): the same in every file.
+_OB_VERSION = struct.pack("<HH", 0x0002, 0x0001) + b"OB\0\0" + struct.pack("<I", 2) + b"\0\1"
+_IMPLEMENTATION = (_meta_element(0x0012, b"UI", _uid_bytes(IMPLEMENTATION_CLASS_UID))
+                   + _meta_element(0x0013, b"SH", b"TRIAGE_AGENT_01 "))
