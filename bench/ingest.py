@@ -61,6 +61,7 @@ class Node(Receiver):
             f'[storage]\nroot = "{self.work / "storage"}"\n'
             f'[database]\nurl = "sqlite:///{self.work / "triage.db"}"\n'
             "[worker]\ncount = 0\n"
+            "[http]\nport = 0\n"  # any free port: another node on this machine may hold 8080
         )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "triage_agent.cli", "serve", "--config", str(cfg)],
