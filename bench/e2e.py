@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep the middle N slices of each series (default 0: all)")
     ap.add_argument("--workers", type=int, default=None,
                     help="[worker] count of the node (default: its own, one per usable core)")
+    ap.add_argument("--keep-log", type=Path, default=None, metavar="FILE",
+                    help="copy the node's log here")
     ap.add_argument("--runtime", choices=["fast", "reference"], default=None,
                     help="[model] runtime of the node (default: its own, fast)")
     args = ap.parse_args(argv)
@@ -136,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             node.terminate()
             node.wait(60)
             pacs.stop()
+            if args.keep_log:
+                args.keep_log.write_bytes((root / "node.log").read_bytes())
 
 
         from triage_agent import db
@@ -186,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'delivered - last instance':32} {pct(after_last, .5):7.2f} {pct(after_last, .95):7.2f}")
     print(f"{'bare model time (same series)':32} {pct(bare, .5):7.2f} {pct(bare, .95):7.2f}")
     if after_last:
+        print("each series delivered after its own last slice: "
+              + ", ".join(f"{v:.1f}" for v in sorted(after_last)) + " s")
         print(f"last delivered {max(after_last):.2f} s after its own last slice"
               + (f", {(max(delivered_at) - max(last_at)).total_seconds():.2f} s after the "
                  "burst's last slice" if args.burst else ""))
