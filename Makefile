@@ -7,7 +7,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[train,dev]'
+	$(VENV)/bin/pip install -q -e '.[train,dev,fast]'
 	touch $(STAMP)
 
 .PHONY: install run test lint bench-ingest bench-model reliability
