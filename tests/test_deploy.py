@@ -253,7 +253,8 @@ def test_dockerfile_lint(name: str) -> None:
     for r in torch_installs:
         for spec in re.findall(r"""["']?\btorch\b[^\s"';&]*""", r.split("pip install", 1)[1]):
             assert "==${TORCH_VERSION}" in spec or f"=={pin}" in spec, f"{name}: unpinned {spec}"
-    project_install = [r for r in runs if re.search(r"pip install[^&;]*\s\.(\s|$)", r)]
+    project_install = [r for r in runs
+                       if re.search(r"""pip install[^&;]*\s["']?\.(\[[\w,]+\])?["']?(\s|$)""", r)]
     assert project_install and all("--constraint" in r for r in project_install), (
         f"{name}: `pip install .` must keep the pinned torch (constraint file)")
     if name == "Dockerfile":
