@@ -50,7 +50,7 @@ FIT_MAX_SLICES = 64
 #: fine-tuning of the network on the fit part of the normals: steps (of 8 slices; 0 = off) and
 #: learning rate (constant, a fresh Adam)
 FINE_TUNE_STEPS = 0
-FINE_TUNE_LR = 1e-4
+FINE_TUNE_LR = 2e-4
 
 Progress = Callable[[Iterable[Any], str, int], Iterable[Any]]
 
