@@ -12,7 +12,7 @@ import pytest
 from pynetdicom import AE
 from sqlalchemy import func, select
 
-from tests.conftest import Node, files_under, require_tool, storescu
+from tests.conftest import Node, files_under, require_tool, storescu, wait_for
 from tests.factories import CANARY_ID, CANARY_NAME, CT, make_series
 from triage_agent.models import Event, Instance, Job, Series
 
@@ -121,9 +121,13 @@ def test_unlisted_source_address_rejected(node_factory, tmp_path: Path) -> None:
     r = storescu(node.port, files)
     assert r.returncode != 0
     assert count(node, Instance) == 0
-    with node.session()() as s:
-        ev = s.scalars(select(Event).where(Event.kind == "association_rejected")).one()
-        assert "127.0.0.1" in (ev.detail or "")
+
+    def rejected() -> list[Event]:  # audit events reach the database through the audit writer
+        with node.session()() as s:
+            return list(s.scalars(select(Event).where(Event.kind == "association_rejected")))
+
+    (ev,) = wait_for(rejected, 10, "an association_rejected audit event")
+    assert "127.0.0.1" in (ev.detail or "")
 
 
 def _send_raw(port: int, payload: bytes, sop_uid: str) -> int:

@@ -111,7 +111,13 @@ def test_observability_status_page_and_phi_canary(
     assert http(node, "/series/999999")[0] == 404 and http(node, "/sc/999999.png")[0] == 404
     html += spage  # swept for canaries below
 
-    # The PHI sweep: log, metrics, page and every error/detail column.
+    # The PHI sweep: log, metrics, page and every error/detail column (audit events reach the
+    # database through the audit writer: wait for the store failure's).
+    def store_failed() -> Event | None:
+        with node.session()() as s:
+            return s.scalar(select(Event).where(Event.kind == "store_failed"))
+
+    wait_for(store_failed, 10, "the store_failed audit event")
     swept = [node.log_path.read_text(), text, html]
     with node.session()() as s:
         swept += [e.detail or "" for e in s.scalars(select(Event))]
