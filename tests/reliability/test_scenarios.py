@@ -298,7 +298,9 @@ def test_disk(node_factory: Any, tmp_path: Path) -> None:
         t0 = time.perf_counter()
         ledger.send(node.port, files)
         refused_at = len(ledger.acked)
-        assert 0 < refused_at < len(files) and ledger.failures == 1
+        # Some instances fit, then every further one is answered 0xA700 (how many fit depends on
+        # when the node re-reads the disk usage, once a second).
+        assert 0 < refused_at < len(files) and ledger.failures == len(files) - refused_at
         filler = mnt / "filler"
         assert "storage above high-water" in node.log_path.read_text()
         out = reconcile(node, ledger)
