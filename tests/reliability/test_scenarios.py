@@ -19,7 +19,7 @@ import pydicom
 import pytest
 from sqlalchemy import func, select
 
-from tests.conftest import Node, storescu
+from tests.conftest import Node, storescu, wait_for
 from tests.factories import CANARY_ID, CANARY_NAME, CT, make_series
 from tests.reliability.conftest import Ledger, reconcile, record, size
 from tests.test_model_e2e import tiny_ckpt  # noqa: F401  (module-scoped fixture)
@@ -394,9 +394,23 @@ def test_pacs(node_factory: Any, tiny_ckpt: Path, tmp_path: Path) -> None:  # no
     t0 = time.perf_counter()
     for f in sets:
         assert storescu(node.port, f).returncode == 0
-    time.sleep(4)  # PACS down: attempts fail and back off
+
+    def deliveries() -> list[dict[str, Any]]:
+        """Every series' deliveries once all are scored, else nothing."""
+        recs = node.status()
+        if len(recs) != n_series or not all(r.get("deliveries") for r in recs):
+            return []
+        return [d for r in recs for d in r["deliveries"]]
+
+    # PACS down: wait (not a fixed sleep, which a loaded machine outruns) until every series is
+    # scored and delivery has been tried and failed (the circuit breaker then holds the rest).
+    wait_for(lambda: any(d["attempts"] > 0 for d in deliveries()), 120,
+             "a delivery tried while the PACS is down")
     refusing = StoreSCP(tmp_path / "refused", "--refuse", port=port)
-    time.sleep(2.5)  # PACS refusing associations (StoreSCP waited 0.5 s for it to listen)
+    # PACS refusing associations: a rejection is permanent, so deliveries become dead letters.
+    wait_for(lambda: any(d["state"] == "dead" for d in deliveries()), 60,
+             "a dead letter while the PACS refuses associations")
+    time.sleep(1.0)  # let more of them meet the refusal
     refusing.stop()
     outdir = tmp_path / "pacs"
     pacs = StoreSCP(outdir, port=port)
