@@ -198,11 +198,11 @@ class IngestTarget:
 
     def check_tree(self) -> None:
         """Everything under the root is dicom/<20hex>/<20hex>/<64hex>.dcm, quarantine/<64hex>.dcm
-        or the audit spool (audit-spool.jsonl and its lock file)."""
+        or the audit spool (audit-spool.jsonl, its lock files and its rewrite)."""
         import re
 
         ok = re.compile(r"^(dicom/[0-9a-f]{20}/[0-9a-f]{20}/[0-9a-f]{64}\.dcm|"
-                        r"quarantine/[0-9a-f]{64}\.dcm|audit-spool\.jsonl(\.lock)?)$")
+                        r"quarantine/[0-9a-f]{64}\.dcm|audit-spool\.jsonl(\.lock|\.replay\.lock|\.tmp)?)$")
         for p in self.root.rglob("*"):
             rel = p.relative_to(self.root).as_posix()
             if p.is_symlink():

@@ -335,7 +335,7 @@ class NetworkTarget:
         if full:
             self.echo()
             ok = re.compile(r"^(dicom/[0-9a-f]{20}/[0-9a-f]{20}/[0-9a-f]{64}\.dcm|"
-                            r"quarantine/[0-9a-f]{64}\.dcm|audit-spool\.jsonl(\.lock)?)$")
+                            r"quarantine/[0-9a-f]{64}\.dcm|audit-spool\.jsonl(\.lock|\.replay\.lock|\.tmp)?)$")
             for p in self.node.storage_root.rglob("*"):
                 rel = p.relative_to(self.node.storage_root).as_posix()
                 if p.is_symlink() or (p.is_file() and not ok.match(rel)):
