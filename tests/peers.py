@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -40,6 +41,32 @@ def stop_process(proc: subprocess.Popen[Any] | None, timeout_s: float = 30) -> N
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+class TCPListener:
+    """A loopback listener on a free port: each accepted connection that ``admit`` lets in is
+    handed to ``on_connection`` on its own thread. The base of the tests' TCP relays; a subclass
+    sets its own attributes before calling ``__init__``, which starts accepting."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.admit(client):
+                threading.Thread(target=self.on_connection, args=(client,), daemon=True).start()
+
+    def admit(self, client: socket.socket) -> bool:
+        return True
+
+    def on_connection(self, client: socket.socket) -> None:
+        raise NotImplementedError
 
 
 class StoreSCP:

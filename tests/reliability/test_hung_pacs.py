@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import select
 
 from tests.conftest import Node, storescu, wait_for, write_config
-from tests.peers import Orthanc, StoreSCP
+from tests.peers import Orthanc, StoreSCP, TCPListener
 from tests.reliability.conftest import FULL, record
 from tests.test_model_e2e import tiny_ckpt  # noqa: F401  (module-scoped fixture)
 from triage_agent.models import Delivery, Event, Result
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.reliability
 PDATA = 0x04  # P-DATA-TF: the first one carries the C-STORE request
 
 
-class HungPACS:
+class HungPACS(TCPListener):
     """A PACS that accepts associations and never answers a C-STORE.
 
     A TCP relay in front of a real ``storescp``: the association is negotiated with storescp, then
@@ -43,17 +43,7 @@ class HungPACS:
         self.swallowed = 0
         self.held: list[socket.socket] = []
         self.lock = threading.Lock()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.listener.getsockname()[1])
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+        super().__init__()
 
     @staticmethod
     def _read_pdu(sock: socket.socket) -> bytes:
@@ -72,7 +62,7 @@ class HungPACS:
             body += chunk
         return head + body
 
-    def _relay(self, client: socket.socket) -> None:
+    def on_connection(self, client: socket.socket) -> None:
         upstream = socket.create_connection(("127.0.0.1", self.backend_port))
 
         def back() -> None:  # storescp -> the node, as it comes

@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from tests.conftest import Node, PgServer, PrivateCluster, storescu, wait_for
 from tests.factories import make_series
-from tests.peers import StoreSCP
+from tests.peers import StoreSCP, TCPListener
 from tests.reliability.conftest import FULL, Ledger, reconcile, record, size
 from tests.test_model_e2e import tiny_ckpt  # noqa: F401  (module-scoped fixture)
 from triage_agent.models import Delivery
@@ -37,7 +37,7 @@ RESTART_DOWN_S = size(2, 10)
 PDATA = 0x04
 
 
-class DbLink:
+class DbLink(TCPListener):
     """TCP relay node -> PostgreSQL that a test can cut, blackhole and heal."""
 
     def __init__(self, upstream_port: int) -> None:
@@ -47,22 +47,15 @@ class DbLink:
         self.flowing.set()
         self.lock = threading.Lock()
         self.pairs: list[tuple[socket.socket, socket.socket]] = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.listener.getsockname()[1])
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if self.mode == "cut":
-                _reset(client)
-                continue
-            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+    def admit(self, client: socket.socket) -> bool:
+        if self.mode == "cut":
+            _reset(client)
+            return False
+        return True
 
-    def _connect(self, client: socket.socket) -> None:
+    def on_connection(self, client: socket.socket) -> None:
         self.flowing.wait()  # blackholed: the connection waits, as a dropped SYN would
         if self.mode == "cut":
             _reset(client)
@@ -232,7 +225,7 @@ def test_postgres_fault_during_ingest(node_factory: Any, cluster: PrivateCluster
     assert node.proc is not None and node.proc.poll() is None
 
 
-class TriggerRelay:
+class TriggerRelay(TCPListener):
     """A relay in front of the PACS that runs ``on_store`` (once) when the first C-STORE request
     goes through, so the fault hits while the node is delivering."""
 
@@ -240,19 +233,9 @@ class TriggerRelay:
         self.backend_port = backend_port
         self.on_store = on_store
         self.fired = threading.Event()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.listener.getsockname()[1])
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
-
-    def _relay(self, client: socket.socket) -> None:
+    def on_connection(self, client: socket.socket) -> None:
         upstream = socket.create_connection(("127.0.0.1", self.backend_port))
 
         def back() -> None:
