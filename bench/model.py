@@ -15,10 +15,12 @@ Prints, in one run:
   encoder/head passes per slice for the multitask model) on random tensors, and the ratio
   (with the symmetry scoring option, the midline fit's own rate too: it is scoring work that
   the bare loop does not do);
-* today's path against the fast path (``triage_model.runtime``): slices/s of ``Detector.score``
-  on the same 40-slice synthetic series, with the reference and the fast runtime timed in turn
-  within each round (so load from other processes hits both alike), their ratio (the median of
-  the per-round ratios), the engine of the fast path and the largest slice-score difference;
+* today's path against the fast and the lean path (``triage_model.runtime``): slices/s of
+  ``Detector.score`` on the same 40-slice synthetic series, with the reference, the fast and the
+  lean runtime timed in turn within each round (so load from other processes hits them alike),
+  each one's ratio to today's (the median of the per-round ratios), the engine, the network
+  passes per slice and the largest slice-score difference from today's (the lean path runs
+  fewer passes, so its scores differ; docs/experiments.md holds its accuracy);
 * wall time to score one 40-slice synthetic DICOM series end to end (``score_series``: read,
   preprocess, model), with its parts, on the fast path.
 """
@@ -41,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from triage_model import losses, pretext  # noqa: E402
 from triage_model.checkpoint import Detector, load_detector, make_checkpoint  # noqa: E402
 from triage_model.network import MultitaskVAE, NetConfig, build_network  # noqa: E402
+from triage_model.runtime import LEAN_PASSES, PassPlan  # noqa: E402
 from triage_model.symmetry import fit_midline  # noqa: E402
 from triage_model.train import TrainConfig, Trainer, random_slices  # noqa: E402
 
@@ -163,9 +166,10 @@ def _bench_case(n_slices: int = 40, matrix: int = 512):  # noqa: ANN202 - a synt
 
 
 def bench_paths(ref: Detector, fast: Detector, rounds: int, batch: int, n_slices: int = 40,
-                matrix: int = 512) -> dict[str, object]:
-    """Today's path (``runtime="reference"``) against the fast path on the slices of the bench
-    series, interleaved: each round scores the series once with each, in turn."""
+                matrix: int = 512, lean: Detector | None = None) -> dict[str, object]:
+    """Today's path (``runtime="reference"``) against the fast path (and the lean one) on the
+    slices of the bench series, interleaved: each round scores the series once with each, in
+    turn."""
     from triage_agent.preprocess import model_inputs, read_series
     from triage_agent.synth_dicom import write_case_dicom
 
@@ -173,21 +177,41 @@ def bench_paths(ref: Detector, fast: Detector, rounds: int, batch: int, n_slices
         mi = model_inputs(read_series(write_case_dicom(_bench_case(n_slices, matrix), Path(d),
                                                        write_mask=False)), size=ref.input_size)
     n = int(mi.x.shape[0])
-    t0 = time.perf_counter()
-    with torch.inference_mode():  # builds the fast path (ONNX export and session) once
-        fast.reconstruct(torch.zeros(1, 1, fast.input_size, fast.input_size))
-    setup_s = time.perf_counter() - t0
-    outs = [det.score(mi.x, mi.brain, batch_size=batch) for det in (ref, fast)]  # warm-up
+    dets = {"today": ref, "fast": fast, **({"lean": lean} if lean is not None else {})}
+    setup = {}
+    for k in list(dets)[1:]:
+        t0 = time.perf_counter()
+        with torch.inference_mode():  # builds the path (ONNX export and session) once
+            dets[k].reconstruct(torch.zeros(1, 1, ref.input_size, ref.input_size))
+        setup[k] = time.perf_counter() - t0
+    outs = {k: det.score(mi.x, mi.brain, batch_size=batch) for k, det in dets.items()}  # warm-up
     times = np.array([[_time(lambda det=det: det.score(mi.x, mi.brain, batch_size=batch), 1,
-                             warmup=0) for det in (ref, fast)] for _ in range(rounds)])
-    return {"paths_slices": n,
-            "paths_today_slices_per_s": float(n / np.median(times[:, 0])),
-            "paths_fast_slices_per_s": float(n / np.median(times[:, 1])),
-            "paths_fast_ratio": float(np.median(times[:, 0] / times[:, 1])),
-            "paths_fast_engine": str(fast.engine),
-            "paths_fast_setup_s": setup_s,
-            "paths_max_score_diff": float(np.abs(outs[0].score - outs[1].score).max()),
-            "paths_max_heatmap_diff": float(np.abs(outs[0].heatmap - outs[1].heatmap).max())}
+                             warmup=0) for det in dets.values()] for _ in range(rounds)])
+    res: dict[str, object] = {"paths_slices": n, "paths_rounds": rounds,
+                              "paths_today_slices_per_s": float(n / np.median(times[:, 0])),
+                              "paths_today_passes": _passes(ref, full=True)}
+    for j, k in enumerate(dets):
+        if k == "today":
+            continue
+        res.update({f"paths_{k}_slices_per_s": float(n / np.median(times[:, j])),
+                    f"paths_{k}_ratio": float(np.median(times[:, 0] / times[:, j])),
+                    f"paths_{k}_engine": str(dets[k].engine),
+                    f"paths_{k}_passes": _passes(dets[k], full=k == "fast"),
+                    f"paths_{k}_setup_s": setup[k],
+                    f"paths_{k}_max_score_diff":
+                        float(np.abs(outs["today"].score - outs[k].score).max()),
+                    f"paths_{k}_max_heatmap_diff":
+                        float(np.abs(outs["today"].heatmap - outs[k].heatmap).max())})
+    return res
+
+
+def _passes(det: Detector, full: bool) -> int:
+    """Network passes per slice: every member on each test-time view, or the lean plan's."""
+    members = len(getattr(det.net, "members", [None]))
+    if full or members == 1:
+        return members * (2 if det.scoring.flip_tta else 1)
+    plan = LEAN_PASSES if det.scoring.flip_tta else PassPlan(LEAN_PASSES.plain, ())
+    return plan.passes(members)
 
 
 def bench_series(det: Detector, n_slices: int = 40, matrix: int = 512) -> dict[str, float]:
@@ -217,11 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", type=Path, default=None,
                     help="checkpoint for inference (default: bundled; else untrained network)")
     ap.add_argument("--no-series", action="store_true",
-                    help="skip the end-to-end series and the today's-path/fast-path comparison")
+                    help="skip the end-to-end series and the today's/fast/lean path comparison")
     ap.add_argument("--paths-only", action="store_true",
-                    help="only today's path against the fast path (and the series end to end)")
+                    help="only today's path against the fast and the lean path (and the series "
+                         "end to end)")
     ap.add_argument("--rounds", type=int, default=5,
-                    help="interleaved rounds of the today's-path/fast-path comparison")
+                    help="interleaved rounds of the today's/fast/lean path comparison")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -237,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
                               "torch": str(torch.__version__), "method": det.method,
                               "load_average_1min": round(os.getloadavg()[0], 2)}
     fast = Detector(det.ckpt, device="cpu", weights_sha256=det.weights_sha256, runtime="fast")
+    lean = Detector(det.ckpt, device="cpu", weights_sha256=det.weights_sha256, runtime="lean")
     if a.paths_only:
-        res.update(bench_paths(det, fast, a.rounds, a.batch_size))
+        res.update(bench_paths(det, fast, a.rounds, a.batch_size, lean=lean))
         if not a.no_series:
             res.update(bench_series(fast))
         return _report(res, a.json)
@@ -258,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if det is not mt:
         res.update(bench_inference(det, a.batch_size, a.reps, prefix=f"infer_{det.method}"))
     if not a.no_series:
-        res.update(bench_paths(det, fast, a.rounds, a.batch_size))
+        res.update(bench_paths(det, fast, a.rounds, a.batch_size, lean=lean))
         res.update(bench_series(fast))
     return _report(res, a.json)
 

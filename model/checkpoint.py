@@ -30,6 +30,7 @@ from triage_model import pretext
 from triage_model.network import NetConfig, build_network
 from triage_model.options import ALL_METHODS
 from triage_model.runtime import (
+    LEAN_PASSES,
     RUNTIMES,
     Reconstruct,
     fast_reconstruction,
@@ -117,8 +118,9 @@ class Detector:
 
     def __init__(self, ckpt: dict[str, Any], device: str | torch.device = "auto",
                  weights_sha256: str = "", runtime: str = "reference") -> None:
-        """``runtime``: ``"reference"`` or ``"fast"`` (``triage_model.runtime``: the same scores
-        to float rounding, in less time; built on the first call that scores)."""
+        """``runtime``: ``"reference"``, ``"fast"`` (``triage_model.runtime``: the same scores
+        to float rounding, in less time; built on the first call that scores) or ``"lean"``
+        (fewer network passes on an ensemble: other scores, measured in docs/experiments.md)."""
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
         if ckpt.get("format") != FORMAT:
@@ -198,8 +200,9 @@ class Detector:
 
     def _build_runtime(self) -> tuple[Reconstruct, str]:
         assert self.net is not None
-        if self.runtime == "fast":
-            return fast_reconstruction(self.net, self.scoring.flip_tta, self.device)
+        if self.runtime in ("fast", "lean"):
+            return fast_reconstruction(self.net, self.scoring.flip_tta, self.device,
+                                       plan=LEAN_PASSES if self.runtime == "lean" else None)
         return reference_reconstruction(self.net, self.scoring.flip_tta), "torch"
 
     def threshold_for(self, aggregate: str = "max") -> float:

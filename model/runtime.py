@@ -11,7 +11,13 @@ difference of the order of 1e-6 on [0, 1] images; ``tests/test_fast_path.py`` ho
   with its bias and runs in blocked layouts), otherwise by PyTorch in channels-last layout. On a
   GPU the fast path is PyTorch with the views batched.
 
-``python bench/model.py --paths-only`` times both paths side by side on the same slices.
+``lean`` is not the same reconstruction: on an ensemble it runs fewer network passes
+(``LEAN_PASSES``: which members see the slice and which its mirror image) on the fast path's
+engine and averages those outputs. Its scores differ from the reference path's beyond float
+rounding, so it is an option, chosen with its accuracy measured (docs/experiments.md); on a
+single network it is the fast path.
+
+``python bench/model.py --paths-only`` times the paths side by side on the same slices.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import io
 import logging
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,9 +34,26 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("reference", "fast")
+RUNTIMES = ("reference", "fast", "lean")
 #: slices per network call on the fast path (each call holds twice as many views with flip TTA)
 FAST_BATCH = 32
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """The network passes of an ensemble's reconstruction: the members that see the slice
+    (``plain``) and those that see its mirror image (``mirrored``, mirrored back); the
+    reconstruction is the mean of those outputs. Indices past the ensemble's size are ignored."""
+
+    plain: tuple[int, ...]
+    mirrored: tuple[int, ...]
+
+    def passes(self, n_members: int) -> int:
+        return sum(i < n_members for i in self.plain) + sum(i < n_members for i in self.mirrored)
+
+
+#: the ``lean`` runtime's passes (see docs/experiments.md for how they were chosen)
+LEAN_PASSES = PassPlan(plain=(0, 1, 2, 3), mirrored=(0, 1))
 
 Reconstruct = Callable[[torch.Tensor], torch.Tensor]
 
@@ -49,6 +73,43 @@ class TTAReconstruction(nn.Module):
         b = x.shape[0]
         r = self.net(torch.cat([x, x.flip(-1)]), sample=False, decode=True).recon
         return 0.5 * (r[:b] + r[b:].flip(-1))
+
+
+class PlanReconstruction(nn.Module):
+    """An ensemble's reconstruction from the passes of a ``PassPlan``: the mean of the chosen
+    members' outputs for (B,1,S,S) slices and for their mirror images (mirrored back). A member
+    that sees both views gets them in one batch."""
+
+    def __init__(self, members: nn.ModuleList, plan: PassPlan) -> None:
+        super().__init__()
+        n = len(members)
+        self.members = members
+        self.plain = [i for i in range(n) if i in plan.plain]
+        self.mirrored = [i for i in range(n) if i in plan.mirrored]
+        if not self.plain and not self.mirrored:
+            raise ValueError(f"pass plan {plan} selects none of the {n} members")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        outs = []
+        for i, m in enumerate(self.members):
+            if i in self.plain and i in self.mirrored:
+                r = m(torch.cat([x, x.flip(-1)])).recon
+                outs += [r[:b], r[b:].flip(-1)]
+            elif i in self.plain:
+                outs.append(m(x).recon)
+            elif i in self.mirrored:
+                outs.append(m(x.flip(-1)).recon.flip(-1))
+        return torch.stack(outs).mean(0)
+
+
+def lean_module(net: nn.Module, flip_tta: bool, plan: PassPlan = LEAN_PASSES) -> nn.Module:
+    """The ``lean`` reconstruction of ``net`` as a module of (B,1,S,S) slices: ``plan``'s passes
+    on an ensemble (its mirrored passes only with ``flip_tta``), else the fast path's."""
+    members = getattr(net, "members", None)
+    if not isinstance(members, nn.ModuleList):
+        return TTAReconstruction(net, flip_tta)
+    return PlanReconstruction(members, plan if flip_tta else PassPlan(plan.plain, ()))
 
 
 def reference_reconstruction(net: nn.Module, flip_tta: bool) -> Reconstruct:
@@ -73,23 +134,30 @@ def onnxruntime_available() -> bool:
 
 
 def fast_reconstruction(net: nn.Module, flip_tta: bool, device: torch.device,
-                        threads: int | None = None, engine: str = "auto") -> tuple[Reconstruct, str]:
+                        threads: int | None = None, engine: str = "auto",
+                        plan: PassPlan | None = None) -> tuple[Reconstruct, str]:
     """(the fast path's reconstruction function, the engine it runs on: ``"onnxruntime"`` or
     ``"torch"``). ``engine="auto"``: ONNX Runtime on CPU when installed; ``threads``: its
-    intra-op threads (default: ``torch.get_num_threads()``)."""
+    intra-op threads (default: ``torch.get_num_threads()``); ``plan``: the ``lean`` runtime's
+    passes (``lean_module``) instead of all of them."""
     if engine not in ("auto", "onnxruntime", "torch"):
         raise ValueError(f"engine must be 'auto', 'onnxruntime' or 'torch', got {engine!r}")
     use_ort = device.type == "cpu" and (engine == "onnxruntime" or
                                         (engine == "auto" and onnxruntime_available()))
     if use_ort:
         try:
-            return _ort_reconstruction(net, flip_tta, threads), "onnxruntime"
+            return _ort_reconstruction(_module(net, flip_tta, plan), net, threads), "onnxruntime"
         except Exception as e:  # noqa: BLE001 - any export/session failure: fall back to torch
             if engine == "onnxruntime":
                 raise
             log.warning("ONNX Runtime unavailable for this network (%s: %s); fast path runs in "
                         "PyTorch", type(e).__name__, e)
-    return _torch_reconstruction(net, flip_tta, device), "torch"
+    return _torch_reconstruction(_module(net, flip_tta, plan), device), "torch"
+
+
+def _module(net: nn.Module, flip_tta: bool, plan: PassPlan | None) -> nn.Module:
+    mod = TTAReconstruction(net, flip_tta) if plan is None else lean_module(net, flip_tta, plan)
+    return mod.eval()
 
 
 def _split(run: Callable[[torch.Tensor], torch.Tensor]) -> Reconstruct:
@@ -101,8 +169,7 @@ def _split(run: Callable[[torch.Tensor], torch.Tensor]) -> Reconstruct:
     return split
 
 
-def _torch_reconstruction(net: nn.Module, flip_tta: bool, device: torch.device) -> Reconstruct:
-    tta = TTAReconstruction(net, flip_tta).eval()
+def _torch_reconstruction(tta: nn.Module, device: torch.device) -> Reconstruct:
     if device.type != "cpu":
         return tta
     tta = tta.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -113,10 +180,9 @@ def _torch_reconstruction(net: nn.Module, flip_tta: bool, device: torch.device) 
     return _split(run)
 
 
-def _ort_reconstruction(net: nn.Module, flip_tta: bool, threads: int | None) -> Reconstruct:
+def _ort_reconstruction(tta: nn.Module, net: nn.Module, threads: int | None) -> Reconstruct:
     import onnxruntime as ort
 
-    tta = TTAReconstruction(net, flip_tta).eval()
     size = int(getattr(getattr(net, "cfg", None), "input_size", 128))
     buf = io.BytesIO()
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
