@@ -16,16 +16,25 @@ processes, the node with its default worker count and fast inference path) and o
     python bench/e2e.py --series 1 --slices 40
 
 With ``--burst`` it also prints when the last series was delivered after the burst's last slice.
+It always prints where the seconds of the last-delivered series went (quiet period, queue wait,
+read, preprocess, model, outputs, delivery), from the node's own Result timings.
+
+Peak memory of ``serve`` (its own high-water mark and the sampled sum over it and any child
+processes) while four 300-slice series arrive at once:
+
+    python bench/e2e.py --burst --series 4 --slices 300 --rss
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +47,63 @@ from tests.peers import Orthanc, free_port, wait_echo  # noqa: E402
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def _proc_kib(pid: int, field: str) -> int:
+    """A /proc/<pid>/status field in KiB (VmRSS, VmHWM); 0 when the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _tree(pid: int) -> list[int]:
+    """The process and its descendants (Linux /proc)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+class RssSampler(threading.Thread):
+    """Samples the summed resident memory of a process tree every ``interval_s``."""
+
+    def __init__(self, pid: int, interval_s: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.interval_s = pid, interval_s
+        self.peak_kib = 0
+        self.peak_processes = 0
+        self.hwm_kib = 0  # the kernel's high-water mark of the process itself
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            pids = _tree(self.pid)
+            total = sum(_proc_kib(p, "VmRSS") for p in pids)
+            if total > self.peak_kib:
+                self.peak_kib, self.peak_processes = total, len(pids)
+            self.hwm_kib = max(self.hwm_kib, _proc_kib(self.pid, "VmHWM"))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join()
+
+
+def _secs(a: str | None, b: str | None) -> float | None:
+    """Seconds from ISO timestamp a to b (the Result timings' format)."""
+    if not a or not b:
+        return None
+    return (dt.datetime.fromisoformat(b.rstrip("Z"))
+            - dt.datetime.fromisoformat(a.rstrip("Z"))).total_seconds()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="copy the node's log here")
     ap.add_argument("--runtime", choices=["fast", "reference"], default=None,
                     help="[model] runtime of the node (default: its own, fast)")
+    ap.add_argument("--rss", action="store_true",
+                    help="sample the node's resident memory (with its child processes) and "
+                         "print the peak")
     args = ap.parse_args(argv)
 
     from sqlalchemy import func, select
@@ -97,8 +166,12 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, "-m", "triage_agent.cli", "serve", "--config", str(cfg)],
             stdout=subprocess.DEVNULL, stderr=open(root / "node.log", "w"),  # noqa: SIM115
         )
+        sampler = RssSampler(node.pid) if args.rss else None
+        load_at_start = os.getloadavg()[0]
         try:
             wait_echo(port, "TRIAGE", timeout_s=120)
+            if sampler is not None:
+                sampler.start()
             print("# sending", "all at once" if args.burst else "one series at a time",
                   flush=True)
 
@@ -135,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                 wait_done(i + 1)
             wait_done(args.series)
         finally:
+            if sampler is not None:
+                sampler.stop()
             node.terminate()
             node.wait(60)
             pacs.stop()
@@ -155,20 +230,25 @@ def main(argv: list[str] | None = None) -> int:
                         stages.setdefault(k, []).append(float(t[k]))
             rows = s.execute(
                 select(Series.completed_at, Series.last_received_at, Series.state,
-                       func.max(Delivery.delivered_at))
+                       func.max(Delivery.delivered_at), Result.id)
                 .join(Result, Result.series_id == Series.id)
                 .join(Output, Output.result_id == Result.id)
                 .join(Delivery, Delivery.output_id == Output.id)
-                .group_by(Series.id)
+                .group_by(Series.id, Result.id)
             ).all()
+            timings_of = dict(s.execute(select(Result.id, Result.timings)).all())
         engine.dispose()
-        for completed, last, state, delivered in rows:
+        last_series: tuple[dt.datetime, dict] | None = None
+        for completed, last, state, delivered, result_id in rows:
             if state != "delivered" or delivered is None:
                 continue
             after_complete.append((delivered - completed).total_seconds())
             after_last.append((delivered - last).total_seconds())
             delivered_at.append(delivered)
             last_at.append(last)
+            if last_series is None or delivered > last_series[0]:
+                last_series = (delivered, {**timings_of[result_id],
+                                           "delivered": delivered.isoformat() + "Z"})
 
         from triage_model.checkpoint import load_detector
 
@@ -198,6 +278,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.1f} at the end; "
           f"node workers: {args.workers if args.workers is not None else 'default'}, runtime: "
           f"{args.runtime or 'default'}")
+    if last_series is not None:
+        t = last_series[1]
+        steps = [("last slice -> complete (quiet period, sweep)",
+                  _secs(t.get("last_instance_received"), t.get("series_complete"))),
+                 ("complete -> claimed (queue)",
+                  _secs(t.get("series_complete"), t.get("job_claimed"))),
+                 ("read", t.get("read_s")), ("preprocess", t.get("preprocess_s")),
+                 ("model", t.get("model_s")),
+                 ("claimed -> inference done",
+                  _secs(t.get("job_claimed"), t.get("inference_done"))),
+                 ("outputs (SR, heat maps)", t.get("outputs_s")),
+                 ("outputs built -> delivered (commit, C-STORE)",
+                  _secs(t.get("outputs_built"), t.get("delivered")))]
+        print("last-delivered series, where its seconds went:")
+        for name, v in steps:
+            if v is not None:
+                print(f"  {name:46} {float(v):6.2f} s")
+    if sampler is not None:
+        print(f"peak RSS of serve: {sampler.hwm_kib / 1024:.0f} MiB (its high-water mark); "
+              f"sampled peak of serve and its children: {sampler.peak_kib / 1024:.0f} MiB in "
+              f"{sampler.peak_processes} process(es)")
+    print(f"load average {load_at_start:.1f} when the node started")
     print("node stage medians: " + ", ".join(
         f"{k[:-2]} {statistics.median(v):.2f} s" for k, v in stages.items()))
     print(f"overhead ratio p50 (delivered - complete) / bare model = "

@@ -17,6 +17,7 @@ import logging
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from triage_agent import queue
 from triage_agent.config import SeriesConfig
 from triage_agent.dicom_uids import IMAGE_SOP_CLASSES
 from triage_agent.ingest import short_id
@@ -49,7 +50,10 @@ def sweep(sessions: sessionmaker[Session], rules: SeriesConfig, limit: int = 100
     done = 0
     for study_id in study_ids:
         with sessions() as s, s.begin():
-            done += complete_study(s, study_id, rules)
+            n = complete_study(s, study_id, rules)
+        if n:  # committed: this process's idle workers claim now, not at their next poll
+            queue.JOBS_QUEUED.notify()
+        done += n
     return done
 
 

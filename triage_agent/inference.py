@@ -9,6 +9,7 @@ Runtime only: the training and evaluation datasets live in ``triage_agent.datase
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -107,6 +108,29 @@ def score_model_input(
         s_g=[float(v) for v in ss.s_g],
         s_r=[float(v) for v in ss.s_r],
     )
+
+
+_warm_lock = threading.Lock()
+
+
+def warm_up(detector: Detector) -> float:
+    """Build the detector's runtime and run it once on a blank batch, so that the first series
+    does not wait for it (the fast path exports its network to ONNX Runtime and plans memory for
+    a full batch on its first call: seconds on a small CPU). Several workers share one detector:
+    the first call does the work, the others wait for it. Returns the seconds spent here."""
+    import torch
+    from triage_model.runtime import FAST_BATCH
+
+    t0 = time.perf_counter()
+    with _warm_lock:
+        if getattr(detector, "_node_warm", False):
+            return time.perf_counter() - t0
+        x = torch.zeros(FAST_BATCH, 1, detector.input_size, detector.input_size,
+                        device=detector.device)
+        with torch.inference_mode():
+            detector.reconstruct(x)
+        detector._node_warm = True  # type: ignore[attr-defined]
+    return time.perf_counter() - t0
 
 
 def score_series(

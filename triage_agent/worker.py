@@ -89,18 +89,37 @@ class Worker:
 
     def stop(self) -> None:
         self._stop.set()
+        queue.JOBS_QUEUED.notify()  # wake it if idle
 
     def run_forever(self) -> None:
         log.info("worker %s started", self.worker_id)
+        self.warm_up()
         while not self._stop.is_set():
+            since = queue.JOBS_QUEUED.mark()
             try:
                 did = self.run_once()
             except Exception:
                 log.exception("worker %s: unexpected error; backing off", self.worker_id)
                 did = False
-            if not did:
-                self._stop.wait(self.cfg.worker.poll_interval_s)
+            if not did and not self._stop.is_set():
+                # until this process queues a job (completion sweep) or the next poll
+                queue.JOBS_QUEUED.wait(since, self.cfg.worker.poll_interval_s)
         log.info("worker %s stopped", self.worker_id)
+
+    def warm_up(self) -> None:
+        """Build the model's runtime before the first series needs it (the workers share it)."""
+        detector = getattr(self.model, "detector", None)
+        if detector is None:
+            return
+        from triage_agent.inference import warm_up
+
+        try:
+            took = warm_up(detector)
+        except Exception as e:  # the first series builds it (and reports what fails)
+            log.warning("worker %s: model warm-up failed (%s); the first series builds it",
+                        self.worker_id, e.__class__.__name__)
+            return
+        log.info("worker %s: model ready (%.1f s)", self.worker_id, took)
 
     def run_once(self) -> bool:
         """Claim and process one job; False when the queue had nothing runnable."""
