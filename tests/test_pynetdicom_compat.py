@@ -1,24 +1,36 @@
 """pynetdicom's private internals the receiver relies on (triage_agent/pynetdicom_compat.py).
 
 These fail loudly, naming the attribute, when a pynetdicom upgrade renames or removes one; the
-receiver would otherwise fail only under attack (an oversized PDU) or a stuck association.
+receiver would otherwise fail only under attack (an oversized PDU) or a stuck association. The
+event-driven association loops are checked against pynetdicom's source and by what a sender sees:
+every C-STORE answered, silent peers and aborts still ended, idle associations not polling.
 """
 
 from __future__ import annotations
 
 import inspect
 import queue
+import socket
 import socketserver
 import threading
+import time
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pynetdicom
 import pytest
-from pynetdicom import AE, _config
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ImplicitVRLittleEndian
+from pynetdicom import AE, _config, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import ACTIONS, TRANSITION_TABLE, StateMachine
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationServer, AssociationSocket, ThreadedAssociationServer
 
 from triage_agent import pynetdicom_compat as compat
@@ -130,3 +142,163 @@ def test_admission_relies_on_the_server_and_acse_behaving_as_it_assumes() -> Non
     assert "(0x02, 0x03, 0x02)" in negotiate
     from triage_agent.admission import LOCAL_LIMIT_EXCEEDED
     assert LOCAL_LIMIT_EXCEEDED == (2, 3, 2)
+
+
+# -- event-driven association threads ----------------------------------------------------------
+
+def test_replaced_loops_are_still_pynetdicoms() -> None:
+    """The two loops copied into pynetdicom_compat match the installed pynetdicom's source; the
+    flags they react to and the way the DUL thread runs are where the copies expect them."""
+    for name, digest in compat.REACTOR_SOURCES.items():
+        cls_name, attr = name.split(".")
+        cls = {"DULServiceProvider": DULServiceProvider, "Association": Association}[cls_name]
+        assert compat.source_digest(getattr(cls, attr)) == digest, (
+            f"pynetdicom's {name} changed: compare it with the copy in "
+            f"triage_agent/pynetdicom_compat.py, update the copy, then REACTOR_SOURCES")
+    assert "run" not in vars(DULServiceProvider), "the DUL thread no longer runs via Thread.run"
+    assert "target=make_target(self.run_reactor)" in inspect.getsource(
+        DULServiceProvider.__init__)
+    assert "self._kill_thread = False" in inspect.getsource(DULServiceProvider.__init__)
+    assert "self._kill: bool = False" in inspect.getsource(Association.__init__)
+    assert "self._run_reactor()" in inspect.getsource(Association.run_reactor)
+    assert "msg_queue.get(" in inspect.getsource(DIMSEServiceProvider.get_msg)
+    assert compat.reactors_replaceable()
+
+
+def _dataset(i: int) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.{i + 1}"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    return ds
+
+
+@dataclass
+class Scp:
+    port: int
+    associations: list[Association]
+    stored: list[str]
+
+
+@pytest.fixture
+def scp() -> Iterator[Scp]:
+    """A bare pynetdicom acceptor whose associations use the event-driven loops."""
+    ae = AE(ae_title="SCP")
+    ae.add_supported_context(CTImageStorage, ImplicitVRLittleEndian)
+    ae.acse_timeout = 1.0
+    ae.network_timeout = 1.0
+    out = Scp(0, [], [])
+
+    def on_open(event: Any) -> None:
+        assert compat.use_event_driven_reactors(event.assoc)
+        out.associations.append(event.assoc)
+
+    def on_store(event: Any) -> int:
+        out.stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    server = ae.start_server(("127.0.0.1", 0), block=False,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, on_open),
+                                           (evt.EVT_C_STORE, on_store)])
+    assert server is not None
+    out.port = server.server_address[1]
+    try:
+        yield out
+    finally:
+        server.shutdown()
+
+
+def _associate(port: int) -> Association:
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(CTImageStorage, ImplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SCP")
+    assert assoc.is_established
+    # pynetdicom writes a C-STORE as two PDUs: without this, Nagle's algorithm holds the second
+    # for the acceptor's delayed ACK (40 ms a store), whichever loops the acceptor runs.
+    assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
+    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return assoc
+
+
+def _ended(assoc: Association, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if not assoc.is_alive() and not assoc.dul.is_alive():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _wakeups(thread: threading.Thread) -> int:
+    """How often the thread has gone to sleep and been woken (Linux)."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines()
+                    if line.startswith("voluntary_ctxt_switches")))
+
+
+def test_every_store_over_one_association_is_answered_and_release_ends_the_threads(
+        scp: Scp) -> None:
+    assoc = _associate(scp.port)
+    try:
+        statuses = [assoc.send_c_store(_dataset(i)).Status for i in range(60)]
+    finally:
+        assoc.release()
+    assert statuses == [0x0000] * 60
+    assert len(scp.stored) == 60 and len(set(scp.stored)) == 60
+    (acceptor,) = scp.associations
+    assert isinstance(acceptor, compat.EventDrivenAssociation)
+    assert isinstance(acceptor.dul, compat.EventDrivenDUL)
+    assert type(assoc) is Association and type(assoc.dul) is DULServiceProvider, (
+        "a requestor keeps pynetdicom's own loops")
+    assert _ended(acceptor, 1.0), "the acceptor's threads outlived the release"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_an_open_idle_association_does_not_poll(scp: Scp) -> None:
+    """pynetdicom's own loops wake each of an association's two threads about 1000 times a
+    second while nothing happens; these wait for the peer."""
+    assoc = _associate(scp.port)
+    try:
+        assert assoc.send_c_store(_dataset(0)).Status == 0x0000
+        (acceptor,) = scp.associations
+        before = _wakeups(acceptor), _wakeups(acceptor.dul)
+        time.sleep(0.5)
+        after = _wakeups(acceptor), _wakeups(acceptor.dul)
+        assert after[0] - before[0] < 50 and after[1] - before[1] < 50, (before, after)
+    finally:
+        assoc.release()
+
+
+def test_a_silent_peer_is_still_closed(scp: Scp) -> None:
+    """A connection that never sends an A-ASSOCIATE-RQ (ARTIM timer, acse_timeout 1 s), and an
+    association that goes quiet (network_timeout 1 s), are ended as before."""
+    with socket.create_connection(("127.0.0.1", scp.port), timeout=5) as raw:
+        t0 = time.monotonic()
+        assert raw.recv(1) == b""  # closed by the acceptor
+        assert time.monotonic() - t0 < 3.0
+    assoc = _associate(scp.port)
+    (acceptor,) = scp.associations[1:]
+    assert _ended(acceptor, 3.0), "an idle association outlived network_timeout"
+    assert acceptor.is_aborted
+    assert _ended(assoc, 3.0)
+    assert assoc.is_aborted
+
+
+def test_an_abort_ends_the_association_from_either_side(scp: Scp) -> None:
+    assoc = _associate(scp.port)
+    assoc.abort()
+    (acceptor,) = scp.associations
+    assert _ended(acceptor, 1.0) and acceptor.is_aborted
+    # The node's watchdog: shut the socket down, abort from another thread, kill if need be.
+    assoc = _associate(scp.port)
+    acceptor = scp.associations[1]
+    compat.shutdown_socket(acceptor)
+    threading.Thread(target=acceptor.abort, daemon=True).start()
+    assert _ended(acceptor, 1.0)
+    assert _ended(assoc, 2.0) and not assoc.is_established
+    assoc = _associate(scp.port)
+    acceptor = scp.associations[2]
+    compat.hard_kill(acceptor)
+    assert _ended(acceptor, 1.0)
+    assoc.abort()

@@ -2,9 +2,10 @@
 
 The receiver needs a few things pynetdicom has no public API for: a bounded PDU read, a hard
 stop for an association an abort did not end, registering a server it built itself with the AE,
-and keeping identifiers out of pynetdicom's own log. Each lives here as a small function, so a
-pynetdicom upgrade has one module to review. ``tests/test_pynetdicom_compat.py`` asserts that
-every private attribute used below still exists, and fails loudly when one disappears.
+keeping identifiers out of pynetdicom's own log, and association threads that wait for events
+instead of polling every millisecond. Each lives here, so a pynetdicom upgrade has one module to
+review. ``tests/test_pynetdicom_compat.py`` asserts that every private attribute used below still
+exists and that the loops copied here still match pynetdicom's, and fails loudly when not.
 
 Importing the module checks the installed version: outside ``SUPPORTED`` it raises, outside
 ``TESTED`` (but supported) it warns.
@@ -12,14 +13,27 @@ Importing the module checks the installed version: outside ``SUPPORTED`` it rais
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import inspect
+import logging
+import queue
+import select
 import socket
+import ssl
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pynetdicom
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket
 
 # [lower, upper) as (major, minor, patch). SUPPORTED matches pyproject's pin; TESTED is what the
@@ -163,3 +177,287 @@ def wait_reject_sent(assoc: Any, timeout_s: float = 2.0) -> None:
         if dul.state_machine.current_state == STATE_REJECT_SENT or not dul.is_alive():
             return
         time.sleep(0.002)
+
+
+# -- event-driven association threads ----------------------------------------------------------
+#
+# Stock pynetdicom polls: the DUL thread sleeps 1 ms whenever a loop found nothing to do, and
+# the association thread sleeps 1 ms before every look at its DIMSE queue. Each C-STORE waits on
+# those sleeps between its last PDU, its handler and its response, and every open association
+# wakes two threads a thousand times a second to compete for the GIL. The two loops below are
+# pynetdicom's own (REACTOR_SOURCES pins the code they copy) with each sleep replaced by a wait
+# that ends as soon as there is something to do: the DUL thread blocks in select() on its socket
+# and on a wake-up socket that other threads write to when they queue work for it or set its kill
+# flag; the association thread blocks on an Event set when a DIMSE message, an A-RELEASE or an
+# A-ABORT reaches its queues, when its kill flag is set or when the DUL thread ends. No wait is
+# longer than WAIT_CAP_S (nor than the ARTIM timer's remaining time), so anything nobody signals
+# (the network idle timer, a thread that died) is still seen.
+
+WAIT_CAP_S = 0.05
+# SHA-256 of the source of each pynetdicom loop copied below, as TESTED: when pynetdicom's code
+# differs, associations keep its own polling loops (and the compat test fails).
+REACTOR_SOURCES = {
+    "DULServiceProvider.run_reactor":
+        "e3a10eb3a0931e4854af33b9496e92d9679522aca26b0e04da8967559b9e2803",
+    "Association._run_reactor":
+        "f28838c5559e462a563750cfc9f3790027f4bb7e2223baf42c9f5d682c359dee",
+}
+
+log = logging.getLogger(__name__)
+_DUL_LOG = logging.getLogger("pynetdicom.dul")
+_ASSOC_LOG = logging.getLogger("pynetdicom.association")
+
+
+def source_digest(fn: Callable[..., Any]) -> str | None:
+    try:
+        return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
+    except (OSError, TypeError):
+        return None
+
+
+@functools.cache
+def reactors_replaceable() -> bool:
+    """True when pynetdicom's loops are the ones copied here and nothing else runs them (the DUL
+    thread runs ``run_reactor`` through ``Thread.run``; no context variables to carry)."""
+    same = (source_digest(DULServiceProvider.run_reactor)
+            == REACTOR_SOURCES["DULServiceProvider.run_reactor"]
+            and source_digest(Association._run_reactor)
+            == REACTOR_SOURCES["Association._run_reactor"])
+    ok = same and "run" not in vars(DULServiceProvider) and not pynetdicom_config.PASS_CONTEXTVARS
+    if not ok:
+        log.warning("pynetdicom %s: its association loops differ from those "
+                    "triage_agent.pynetdicom_compat replaces; keeping its 1 ms polling",
+                    pynetdicom.__version__)
+    return ok
+
+
+class _Wakeup:
+    """Ends the DUL thread's select() from another thread (a byte on a socket pair)."""
+
+    def __init__(self) -> None:
+        self.reader, self.writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self.writer.setblocking(False)
+        self.owner: int | None = None  # the DUL thread, once it runs
+
+    def set(self) -> None:
+        if threading.get_ident() == self.owner:
+            return  # the DUL thread looks at its queues and flags before it waits again
+        # OSError: full (a byte is already waiting) or closed (the loop has ended)
+        with contextlib.suppress(OSError):
+            self.writer.send(b"\0")
+
+    def drain(self) -> None:
+        try:
+            while self.reader.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.reader.close()
+        self.writer.close()
+
+
+class EventDrivenDUL(DULServiceProvider):
+    """An acceptor's DUL after ``use_event_driven_reactors``: ``_kill_thread`` wakes the loop."""
+
+    triage_wakeup: _Wakeup
+
+    @property  # type: ignore[override]
+    def _kill_thread(self) -> bool:
+        return bool(self.__dict__.get("triage_kill_thread", False))
+
+    @_kill_thread.setter
+    def _kill_thread(self, value: bool) -> None:
+        self.__dict__["triage_kill_thread"] = value
+        self.triage_wakeup.set()
+
+    def run(self) -> None:
+        self.triage_wakeup.owner = threading.get_ident()
+        try:
+            _dul_reactor(self)
+        finally:
+            self.triage_wakeup.close()
+            self.assoc.triage_wake.set()  # type: ignore[attr-defined]
+
+
+class EventDrivenAssociation(Association):
+    """An acceptor association after ``use_event_driven_reactors``: ``_kill`` wakes the loop."""
+
+    triage_wake: threading.Event
+
+    @property  # type: ignore[override]
+    def _kill(self) -> bool:
+        return bool(self.__dict__.get("triage_kill", False))
+
+    @_kill.setter
+    def _kill(self, value: bool) -> None:
+        self.__dict__["triage_kill"] = value
+        self.triage_wake.set()
+
+    def _run_reactor(self) -> None:
+        _association_reactor(self)
+
+
+def _wake_on_put(q: queue.Queue[Any], wake: Callable[[], None]) -> None:
+    put = q.put
+
+    def put_and_wake(item: Any, block: bool = True, timeout: float | None = None) -> None:
+        put(item, block, timeout)
+        wake()
+
+    q.put = put_and_wake  # type: ignore[method-assign]
+
+
+def use_event_driven_reactors(assoc: Any) -> bool:
+    """Make an acceptor association wait for events instead of polling (call from EVT_CONN_OPEN,
+    before its threads start). False, and pynetdicom's own loops, when pynetdicom's code is not
+    the one copied here or the association is not a fresh stock acceptor."""
+    if not _fresh_stock_acceptor(assoc) or not reactors_replaceable():
+        return False
+    dul = assoc.dul
+    wakeup, wake = _Wakeup(), threading.Event()
+    kill_thread, kill = dul.__dict__.pop("_kill_thread"), assoc.__dict__.pop("_kill")
+    dul.triage_wakeup, assoc.triage_wake = wakeup, wake
+    dul.__class__, assoc.__class__ = EventDrivenDUL, EventDrivenAssociation
+    dul.__dict__["triage_kill_thread"], assoc.__dict__["triage_kill"] = kill_thread, kill
+    _wake_on_put(dul.to_provider_queue, wakeup.set)
+    _wake_on_put(dul.event_queue, wakeup.set)
+    _wake_on_put(dul.to_user_queue, wake.set)
+    _wake_on_put(assoc.dimse.msg_queue, wake.set)
+    return True
+
+
+def _fresh_stock_acceptor(assoc: Any) -> bool:
+    return (type(assoc) is Association and type(assoc.dul) is DULServiceProvider
+            and assoc.is_acceptor and not assoc.is_alive() and not assoc.dul.is_alive())
+
+
+def _dul_wait(dul: Any) -> None:
+    """Until the socket has data, another thread queued work or set a flag, the ARTIM timer is
+    due, or WAIT_CAP_S passed. Replaces ``time.sleep(self._run_loop_delay)``."""
+    if dul.event_queue.qsize() or dul.to_provider_queue.qsize():
+        return
+    timeout = WAIT_CAP_S
+    left = dul.artim_timer.remaining
+    if 0 < left < timeout:
+        timeout = left
+    wakeup = dul.triage_wakeup
+    waitable = [wakeup.reader]
+    sock = dul.socket.socket if dul.socket is not None else None
+    if sock is not None:
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return  # decrypted bytes select() cannot see
+        waitable.append(sock)
+    try:
+        select.select(waitable, [], [], timeout)
+    except (OSError, ValueError):  # the socket was closed under us: poll as pynetdicom does
+        time.sleep(dul._run_loop_delay)
+    wakeup.drain()
+
+
+def _dul_reactor(dul: Any) -> None:
+    """``DULServiceProvider.run_reactor`` with its sleep replaced by ``_dul_wait``."""
+    dul._idle_timer.start()
+    sleep = False
+    while True:
+        if not dul.assoc._dul_ready.is_set():
+            dul.assoc._dul_ready.set()
+            sleep = True
+        if sleep:
+            _dul_wait(dul)
+        if dul._kill_thread:
+            break
+        if dul.artim_timer.expired:
+            dul.event_queue.put("Evt18")
+        try:
+            if dul._process_recv_primitive():
+                pass
+            elif dul._is_transport_event():
+                dul._idle_timer.restart()
+        except Exception as exc:
+            _DUL_LOG.error("Exception in DUL.run(), aborting association")
+            _DUL_LOG.exception(exc)
+            # Bypass the state machine and send an A-ABORT (as pynetdicom does)
+            abort_pdu = A_ABORT_RQ()
+            abort_pdu.source = 0x02
+            abort_pdu.reason_diagnostic = 0x00
+            dul.socket.send(abort_pdu.encode())
+            dul.assoc.is_aborted = True
+            dul.assoc.is_established = False
+            dul.assoc._kill = True
+            dul._kill_thread = True
+            return
+        try:
+            event = dul.event_queue.get(block=False)
+        except queue.Empty:
+            sleep = True
+            continue
+        dul.state_machine.do_action(event)
+        sleep = False
+
+
+def _association_reactor(assoc: Any) -> None:
+    """``Association._run_reactor`` with its sleep replaced by a wait on ``triage_wake`` (set
+    by every put on the DIMSE message queue and the DUL's to-user queue, by ``_kill`` and when
+    the DUL thread ends), and only when the last loop found no message."""
+    wake = assoc.triage_wake
+    assoc._is_paused = False
+    idle = False
+    while not assoc._kill:
+        if idle:
+            wake.wait(WAIT_CAP_S)
+        wake.clear()  # before looking: whatever arrives from here on sets it again
+
+        assoc._is_paused = True
+        assoc._reactor_checkpoint.wait()
+        assoc._is_paused = False
+
+        context_id, msg = assoc.dimse.get_msg(block=False)
+        idle = not msg
+        if msg:
+            assoc._serve_request(msg, context_id)
+
+        # Check for release request from the peer
+        if assoc.is_established and assoc.acse.is_release_requested():
+            assoc.acse.send_release(is_response=True)
+            _ASSOC_LOG.info("Association Released")
+            assoc.is_released = True
+            assoc.is_established = False
+            evt.trigger(assoc, evt.EVT_RELEASED, {})
+            assoc.kill()
+            return
+
+        # Check for abort from either locally or the peer
+        if assoc.acse.is_aborted():
+            log_msg = "Association Aborted"
+            if assoc.acse.is_aborted("a-p-abort"):
+                log_msg += " (A-P-ABORT)"
+            _ASSOC_LOG.info(log_msg)
+            # Ensure that EVT_ASCE_RECV fires for subscribers
+            assoc.dul.receive_pdu(wait=False)
+            assoc.is_aborted = True
+            assoc.is_established = False
+            evt.trigger(assoc, evt.EVT_ABORTED, {})
+            assoc.kill()
+            return
+
+        # Check if the DULServiceProvider thread is still running
+        if not assoc.dul.is_alive():
+            assoc.kill()
+            return
+
+        # Check if network_timeout has expired
+        if assoc.dul.idle_timer_expired():
+            _ASSOC_LOG.error("Network timeout reached")
+            if assoc.network_timeout_response == "A-RELEASE":
+                assoc._is_paused = True
+                assoc._reactor_checkpoint.wait()
+                assoc.release()
+                assoc._is_paused = False
+            else:
+                assoc.abort()
+
+            assoc.kill()
+            return

@@ -238,6 +238,8 @@ def _quiet_abort(assoc: Any) -> None:
 
 
 def handle_conn_open(event: Any, rx: Receiver) -> None:
+    # Before its threads start: they wait for events instead of polling every millisecond.
+    pynetdicom_compat.use_event_driven_reactors(event.assoc)
     event.assoc.triage_server_class = rx._server_class
     event.assoc.triage_closed = False
     with rx._tracked_lock:
