@@ -71,11 +71,35 @@ def test_socket_recv_keeps_its_signature_and_is_bounded() -> None:
     assert params == ["self", "nr_bytes"], f"AssociationSocket.recv is now recv({params})"
     assert AssociationSocket.recv is compat._bounded_recv, "the bounded recv is not installed"
 
+    assert compat.source_digest(compat._original_recv) == compat.RECV_SOURCE, (
+        "AssociationSocket.recv changed: check that _bounded_recv still behaves like it, then "
+        "update RECV_SOURCE")
+
     class FakeSocket:
         triage_max_read = 10
 
     with pytest.raises(OSError, match="11-byte PDU; limit is 10"):
         compat._bounded_recv(FakeSocket(), 11)  # type: ignore[arg-type]
+
+
+def test_socket_recv_reads_exactly_what_was_asked_or_what_came_before_a_close() -> None:
+    ours, peer = socket.socketpair()
+
+    class Wrapped:
+        triage_max_read = 1 << 24
+        socket = ours
+
+    payload = bytes(range(256)) * 4000  # about 1 MB: several reads
+    sender = threading.Thread(target=lambda: peer.sendall(payload + b"next"))
+    sender.start()
+    got = compat._bounded_recv(Wrapped(), len(payload))  # type: ignore[arg-type]
+    sender.join(5)
+    assert isinstance(got, bytearray) and got == payload
+    assert compat._bounded_recv(Wrapped(), 4) == b"next"  # type: ignore[arg-type]
+    peer.sendall(b"short")
+    peer.close()
+    assert compat._bounded_recv(Wrapped(), 100) == b"short"  # type: ignore[arg-type]
+    ours.close()
 
 
 def test_ae_keeps_its_server_list_and_server_shutdown_uses_it() -> None:

@@ -26,7 +26,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pynetdicom
 from pynetdicom import AE, evt
@@ -96,15 +96,32 @@ def hide_identifiers_in_logs() -> None:
 # -- bounded PDU read -------------------------------------------------------------------------
 
 _original_recv = AssociationSocket.recv
+# SHA-256 of the source of AssociationSocket.recv, whose behaviour _bounded_recv keeps (read
+# until nr_bytes or the peer closes; return what was read) while reading in larger pieces.
+RECV_SOURCE = "6bc20a33b1b7cfe76d4ad4407ca242563bc6206fde4b4e1cf7a2fbb1f11d621d"
+# pynetdicom reads 4096 bytes per call: a 512 KB slice takes 128 system calls, each giving the
+# GIL away and most waking the thread again. Here one call waits for up to this much
+# (MSG_WAITALL; TLS sockets take no flags and return a record at a time).
+RECV_CHUNK = 256 * 1024
+_WAITALL = getattr(socket, "MSG_WAITALL", 0)
 
 
 def _bounded_recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    """Refuse to read a PDU longer than we allow: stock pynetdicom reads whatever 32-bit length
-    the peer declares. Raising OSError makes the DUL treat it as a closed connection."""
+    """``AssociationSocket.recv``, refusing a PDU longer than we allow: stock pynetdicom reads
+    whatever 32-bit length the peer declares. Raising OSError makes the DUL treat it as a closed
+    connection. The buffer grows as data arrives, so a declared length costs no memory."""
     cap = getattr(self, "triage_max_read", None)
     if cap is not None and nr_bytes > cap:
         raise OSError(f"peer declared a {nr_bytes}-byte PDU; limit is {cap}")
-    return _original_recv(self, nr_bytes)
+    sock = cast(socket.socket, self.socket)
+    flags = 0 if isinstance(sock, ssl.SSLSocket) else _WAITALL
+    bytestream = bytearray()
+    while len(bytestream) < nr_bytes:
+        data = sock.recv(min(nr_bytes - len(bytestream), RECV_CHUNK), flags)
+        if not data:  # the peer closed: return what we have (the DUL then sees a short PDU)
+            return bytestream
+        bytestream += data
+    return bytestream
 
 
 def install_bounded_recv() -> None:
