@@ -327,8 +327,10 @@ class ModelConfig(_Section):
     batch_size: int = Field(32, ge=1)
     # "fast": the same scores as "reference" (to float rounding, < 1e-4) in less time
     # (triage_model.runtime: ONNX Runtime when installed, else PyTorch channels-last);
-    # "reference": one network pass per test-time view, as the detector was calibrated with.
-    runtime: Literal["fast", "reference"] = "fast"
+    # "reference": one network pass per test-time view, as the detector was calibrated with;
+    # "lean": fewer network passes on an ensemble (triage_model.runtime.LEAN_PASSES): other
+    # scores, accuracy measured in docs/experiments.md.
+    runtime: Literal["fast", "reference", "lean"] = "fast"
 
 
 class DriftConfig(_Section):
