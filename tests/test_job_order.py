@@ -95,3 +95,33 @@ def test_idle_worker_wakes_when_a_job_is_queued() -> None:
     since = signal.mark()
     signal.notify()
     assert signal.wait(since, timeout_s=0.0)
+
+
+def test_series_wait_for_the_detector_one_at_a_time_in_arrival_order() -> None:
+    from triage_agent.inference import ModelGate
+
+    gate = ModelGate(1)
+    inside, entered, peak = [0], [], [0]
+    lock = threading.Lock()
+
+    def score(i: int) -> None:
+        with gate:
+            with lock:
+                inside[0] += 1
+                peak[0] = max(peak[0], inside[0])
+                entered.append(i)
+            time.sleep(0.05)
+            with lock:
+                inside[0] -= 1
+
+    threads = []
+    with gate:  # the detector is busy while five series arrive, in order 0..4
+        for i in range(5):
+            threads.append(threading.Thread(target=score, args=(i,)))
+            threads[-1].start()
+            deadline = time.monotonic() + 10
+            while gate._next_ticket < i + 2 and time.monotonic() < deadline:
+                time.sleep(0.001)  # until this one waits in line
+    for t in threads:
+        t.join(10)
+    assert entered == [0, 1, 2, 3, 4] and peak[0] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pydicom
@@ -149,3 +150,22 @@ def test_default_worker_count_is_one_per_usable_core(tmp_path: Path) -> None:
     cores = len(os.sched_getaffinity(0))
     assert load_config(tmp_path / "agent.toml").worker.count == min(64, cores)
     assert load_config(REPO / "agent.toml").worker.count == min(64, cores)
+
+
+def test_idle_worker_claims_a_completed_series_at_once_not_at_its_next_poll(
+    node_factory, tiny_ckpt: Path, tmp_path: Path  # noqa: F811
+) -> None:
+    """A series is scored as soon as it is complete: the completion sweep wakes the idle
+    workers of its process, so even a long [worker] poll_interval_s adds no wait."""
+    node: Node = node_factory(
+        worker={"count": 1, "poll_interval_s": 120.0}, model={"weights": str(tiny_ckpt)}
+    ).start(timeout_s=120)
+    files = write_case_dicom(make_case(16, "normal", matrix=128), tmp_path / "s")
+    time.sleep(1.0)  # the worker has found the queue empty and sleeps until its next poll
+    assert storescu(node.port, files).returncode == 0
+    node.wait_state(pydicom.dcmread(files[0]).SeriesInstanceUID, {"scored"}, timeout_s=90)
+    with node.session()() as s:
+        t = s.scalars(select(Result)).one().timings
+    waited = (datetime.fromisoformat(t["job_claimed"].rstrip("Z"))
+              - datetime.fromisoformat(t["series_complete"].rstrip("Z"))).total_seconds()
+    assert waited < 10.0, t

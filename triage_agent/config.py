@@ -370,6 +370,10 @@ class WorkerConfig(_Section):
     # Scoring worker threads; default: one per usable CPU core (at most 64), so a burst of series
     # is read, preprocessed, scored and published side by side. 0 = receive and queue only.
     count: int = Field(default_factory=lambda: min(64, usable_cores()), ge=0, le=64)
+    # Series the detector scores at the same time in one process (each with all the cores'
+    # threads); the workers read, preprocess and publish side by side regardless. 1 spends the
+    # least CPU per series on small machines; raise it on many-core machines.
+    model_slots: int = Field(1, ge=1, le=64)
     lease_s: float = Field(300.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     poll_interval_s: float = Field(1.0, gt=0)

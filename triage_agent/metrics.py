@@ -39,7 +39,8 @@ INSTANCES = Counter(
 )
 STAGE_SECONDS = Histogram(
     "triage_stage_seconds",
-    "Seconds spent in each pipeline stage (complete->claimed, read, preprocess, model, outputs)",
+    "Seconds spent in each pipeline stage (complete->claimed, read, preprocess, model_wait "
+    "(for the detector, busy with other series), model, outputs)",
     ["stage"], buckets=STAGE_BUCKETS,
 )
 INFERENCE_SECONDS = Histogram(

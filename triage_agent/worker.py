@@ -107,19 +107,24 @@ class Worker:
         log.info("worker %s stopped", self.worker_id)
 
     def warm_up(self) -> None:
-        """Build the model's runtime before the first series needs it (the workers share it)."""
+        """Before the first series: build the model's runtime (the workers share it) and load
+        what building the outputs needs once per process (seconds each on a small CPU)."""
         detector = getattr(self.model, "detector", None)
         if detector is None:
             return
-        from triage_agent.inference import warm_up
+        from triage_agent.inference import model_gate, warm_up
 
+        model_gate(detector, self.cfg.worker.model_slots)
+        t0 = time.perf_counter()
         try:
-            took = warm_up(detector)
+            warm_up(detector)
+            _warm_outputs()
         except Exception as e:  # the first series builds it (and reports what fails)
-            log.warning("worker %s: model warm-up failed (%s); the first series builds it",
+            log.warning("worker %s: warm-up failed (%s); the first series does it",
                         self.worker_id, e.__class__.__name__)
             return
-        log.info("worker %s: model ready (%.1f s)", self.worker_id, took)
+        log.info("worker %s: model and output builders ready (%.1f s)", self.worker_id,
+                 time.perf_counter() - t0)
 
     def run_once(self) -> bool:
         """Claim and process one job; False when the queue had nothing runnable."""
@@ -328,6 +333,19 @@ class _Done:
     outputs_s: float
 
 
+def _warm_outputs() -> None:
+    """Import the SR and heat-map builders (highdicom, matplotlib) and load highdicom's tables of
+    the standard, which it parses on first use."""
+    from highdicom import _standard_utils
+
+    from triage_agent.outputs import sc, sr  # noqa: F401
+
+    for name in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map"):
+        load = getattr(_standard_utils, name, None)  # cached loaders; absent in other versions
+        if callable(load):
+            load()
+
+
 def _error_text(e: Exception) -> str:
     """Exception class and the file:line it came from. Only our own exceptions' messages are
     stored: others (pydicom, numpy) may quote header values, which are sender-controlled and can
@@ -362,7 +380,7 @@ def _observe(claim: _Claim, done: _Done) -> None:
         metrics.STAGE_SECONDS.labels("complete_to_claimed").observe(
             max(0.0, (claim.claimed_at - claim.completed).total_seconds()))
     timings = done.result.timings or {}
-    for stage in ("read", "preprocess", "model"):
+    for stage in ("read", "preprocess", "model_wait", "model"):
         if f"{stage}_s" in timings:
             metrics.STAGE_SECONDS.labels(stage).observe(float(timings[f"{stage}_s"]))
 
