@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="copy the node's log here")
     ap.add_argument("--runtime", choices=["fast", "reference"], default=None,
                     help="[model] runtime of the node (default: its own, fast)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="[model] batch_size of the node (default: its own)")
     ap.add_argument("--rss", action="store_true",
                     help="sample the node's resident memory (with its child processes) and "
                          "print the peak")
@@ -169,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
             f"[series]\nquiet_period_s = {args.quiet}\nsweep_interval_s = 0.2\n"
             "[worker]\npoll_interval_s = 0.1\n"
             + (f"count = {args.workers}\n" if args.workers is not None else "")
-            + (f'[model]\nruntime = "{args.runtime}"\n' if args.runtime else "")
-            + "[delivery]\ninterval_s = 0.2\n"
+            + ("[model]\n" if args.runtime or args.batch_size else "")
+            + (f'runtime = "{args.runtime}"\n' if args.runtime else "")
+            + (f"batch_size = {args.batch_size}\n" if args.batch_size else "")
+            + "[delivery]\ninterval_s = 0.2\n[http]\nport = 0\n"
             f'[[destinations]]\nname = "pacs"\nae_title = "{pacs.aet}"\nhost = "127.0.0.1"\n'
             f"port = {pacs.port}\n"
         )

@@ -166,7 +166,7 @@ def model_gate(detector: Detector, slots: int | None = None) -> ModelGate:
 _warm_lock = threading.Lock()
 
 
-def warm_up(detector: Detector) -> float:
+def warm_up(detector: Detector, batch_size: int = 8) -> float:
     """Build the detector's runtime and run it once on a blank batch, so that the first series
     does not wait for it (the fast path exports its network to ONNX Runtime and plans memory for
     a full batch on its first call: seconds on a small CPU). Several workers share one detector:
@@ -178,8 +178,8 @@ def warm_up(detector: Detector) -> float:
     with _warm_lock:
         if getattr(detector, "_node_warm", False):
             return time.perf_counter() - t0
-        x = torch.zeros(FAST_BATCH, 1, detector.input_size, detector.input_size,
-                        device=detector.device)
+        n = max(1, min(FAST_BATCH, batch_size))
+        x = torch.zeros(n, 1, detector.input_size, detector.input_size, device=detector.device)
         with torch.inference_mode():
             detector.reconstruct(x)
         detector._node_warm = True  # type: ignore[attr-defined]

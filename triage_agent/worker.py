@@ -117,7 +117,7 @@ class Worker:
         model_gate(detector, self.cfg.worker.model_slots)
         t0 = time.perf_counter()
         try:
-            warm_up(detector)
+            warm_up(detector, self.cfg.model.batch_size)
             _warm_outputs()
         except Exception as e:  # the first series builds it (and reports what fails)
             log.warning("worker %s: warm-up failed (%s); the first series does it",
