@@ -61,6 +61,15 @@ def _proc_kib(pid: int, field: str) -> int:
     return 0
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and its reaped children (Linux /proc)."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return sum(int(v) for v in f[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def _tree(pid: int) -> list[int]:
     """The process and its descendants (Linux /proc)."""
     out, todo = [], [pid]
@@ -214,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                                         stderr=subprocess.DEVNULL,
                                         env={**os.environ, "TCP_NODELAY": "1"})
 
+            cpu_at_send = _cpu_s(node.pid)
             if args.burst:  # one association per series, all at the same time
                 senders = [storescu(files) for files in series_files]
                 if any(p.wait() for p in senders):
@@ -223,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                     sys.exit("storescu failed")
                 wait_done(i + 1)
             wait_done(args.series)
+            node_cpu_s = _cpu_s(node.pid) - cpu_at_send
         finally:
             if sampler is not None:
                 sampler.stop()
@@ -319,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peak RSS of serve: {sampler.hwm_kib / 1024:.0f} MiB (its high-water mark); "
               f"sampled peak of serve and its children: {sampler.peak_kib / 1024:.0f} MiB in "
               f"{sampler.peak_processes} process(es)")
-    print(f"load average {load_at_start:.1f} when the node started")
+    print(f"load average {load_at_start:.1f} when the node started; the node used "
+          f"{node_cpu_s:.1f} CPU seconds from the first slice to the last delivery "
+          f"({node_cpu_s / (os.cpu_count() or 1):.1f} s of all {os.cpu_count()} CPUs)")
     print("node stage medians: " + ", ".join(
         f"{k[:-2]} {statistics.median(v):.2f} s" for k, v in stages.items()))
     if bare:
