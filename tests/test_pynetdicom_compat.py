@@ -281,11 +281,12 @@ def test_every_store_over_one_association_is_answered_and_release_ends_the_threa
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 def test_an_open_idle_association_does_not_poll(scp: Scp) -> None:
     """pynetdicom's own loops wake each of an association's two threads about 1000 times a
-    second while nothing happens; these wait for the peer."""
+    second while nothing happens; these wait for the peer once it has been quiet for BUSY_S."""
     assoc = _associate(scp.port)
     try:
         assert assoc.send_c_store(_dataset(0)).Status == 0x0000
         (acceptor,) = scp.associations
+        time.sleep(compat.BUSY_S + 0.05)
         before = _wakeups(acceptor), _wakeups(acceptor.dul)
         time.sleep(0.5)
         after = _wakeups(acceptor), _wakeups(acceptor.dul)
