@@ -263,13 +263,20 @@ class _Wakeup:
         self.reader.setblocking(False)
         self.writer.setblocking(False)
         self.owner: int | None = None  # the DUL thread, once it runs
+        # close() waits for a set() in progress: a descriptor closed under a send could be
+        # reused by another connection before the send reaches it.
+        self._lock = threading.Lock()
+        self._closed = False
 
     def set(self) -> None:
         if threading.get_ident() == self.owner:
             return  # the DUL thread looks at its queues and flags before it waits again
-        # OSError: full (a byte is already waiting) or closed (the loop has ended)
-        with contextlib.suppress(OSError):
-            self.writer.send(b"\0")
+        with self._lock:
+            if self._closed:
+                return
+            # OSError: full (a byte is already waiting, so the select ends anyway)
+            with contextlib.suppress(OSError):
+                self.writer.send(b"\0")
 
     def drain(self) -> None:
         try:
@@ -279,8 +286,10 @@ class _Wakeup:
             pass
 
     def close(self) -> None:
-        self.reader.close()
-        self.writer.close()
+        with self._lock:
+            self._closed = True
+            self.reader.close()
+            self.writer.close()
 
 
 class EventDrivenDUL(DULServiceProvider):
