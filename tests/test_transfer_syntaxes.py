@@ -11,6 +11,7 @@ lossless syntaxes, an assessable score for the lossy ones.
 
 from __future__ import annotations
 
+import math
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from pydicom.uid import JPEG2000, JPEG2000Lossless, generate_uid
 from triage_model.synth import make_case
 
 from tests.conftest import Node, require_tool, storescu, wait_for
+from tests.test_model_e2e import tiny_ckpt  # noqa: F401  (module-scoped fixture)
 from triage_agent.synth_dicom import write_case_dicom
 
 # name -> (transfer syntax UID, how to make it from the uncompressed twin, storescu's option to
@@ -67,7 +69,7 @@ def make_copy(src: list[Path], out: Path, k: int, how: list[str] | str | None) -
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_each_syntax_is_stored_as_received_and_scored_like_its_twin(
-    node_factory: Any, tmp_path: Path
+    node_factory: Any, tiny_ckpt: Path, tmp_path: Path  # noqa: F811
 ) -> None:
     # unsigned 12-bit storage, as many scanners write it (JPEG-LS near-lossless needs unsigned)
     src = write_case_dicom(make_case(11, "normal", matrix=128), tmp_path / "src",
@@ -80,7 +82,9 @@ def test_each_syntax_is_stored_as_received_and_scored_like_its_twin(
         got = str(pydicom.dcmread(files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID)
         assert got == SYNTAXES[name][0], (name, got)
 
-    node: Node = node_factory(worker={"count": 1}).start()
+    # A tiny model: equal pixels give equal scores whatever the weights, and nine series score in
+    # seconds instead of minutes (tests/test_model_e2e.py compares the bundled model's paths).
+    node: Node = node_factory(worker={"count": 1}, model={"weights": str(tiny_ckpt)}).start()
     for name, files in copies.items():
         # -R: only the files' own SOP class, proposed in the files' own transfer syntax
         r = storescu(node.port, files, calling="CT_ROUTER", extra=["-R", SYNTAXES[name][2]])
@@ -109,8 +113,9 @@ def test_each_syntax_is_stored_as_received_and_scored_like_its_twin(
             assert rec["score"] == pytest.approx(twin, abs=1e-3), (name, rec["score"], twin)
         else:
             # Lossy compression changes the noise texture the detector reads, so no equality
-            # (JPEG 2000 at 8:1 moved this series from 12.3 to 15.4).
-            assert rec["verdict"] in ("normal", "abnormal") and rec["score"] > 0, (name, rec)
+            # (with the bundled model, JPEG 2000 at 8:1 moved this series from 12.3 to 15.4).
+            assert rec["verdict"] in ("normal", "abnormal") and math.isfinite(rec["score"]), (
+                name, rec)
 
 
 def test_deflated_datasets_inflate_with_a_bound() -> None:
