@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -90,10 +91,8 @@ def _exit_after_clean_stop() -> None:
     seconds and does nothing a stopped node needs, so a restart does not wait for it."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing to flush to
             stream.flush()
-        except (OSError, ValueError):
-            pass
     os._exit(0)
 
 
