@@ -55,6 +55,14 @@ def test_worker_scores_series_and_status_shows_verdict(
             [(j.state, j.attempts) for j in jobs], failures)
 
 
+def _wait_warm(node: Node, timeout_s: float = 120.0) -> None:
+    """Until the node's workers have built the model and loaded the output builders."""
+    deadline = time.monotonic() + timeout_s
+    while "output builders ready" not in node.log_path.read_text():
+        assert time.monotonic() < deadline, node.log_path.read_text()[-2000:]
+        time.sleep(0.2)
+
+
 def test_serve_with_missing_weights_says_which_setting(node_factory, tmp_path: Path) -> None:
     node: Node = node_factory(worker={"count": 1}, model={"weights": str(tmp_path / "no.pt")})
     try:
@@ -71,6 +79,7 @@ def test_late_slices_give_a_superseding_sr(node_factory, tiny_ckpt: Path, tmp_pa
     ).start()
     files = sorted(write_case_dicom(make_case(13, "normal", matrix=128), tmp_path / "head"))
     uid = pydicom.dcmread(files[0]).SeriesInstanceUID
+    _wait_warm(node)  # a loaded machine's start-up could stall the transfer past the quiet period
     assert storescu(node.port, files[:-4]).returncode == 0
     node.wait_state(uid, {"scored"}, timeout_s=60)
     assert storescu(node.port, files[-4:]).returncode == 0
@@ -161,6 +170,7 @@ def test_idle_worker_claims_a_completed_series_at_once_not_at_its_next_poll(
         worker={"count": 1, "poll_interval_s": 120.0}, model={"weights": str(tiny_ckpt)}
     ).start(timeout_s=120)
     files = write_case_dicom(make_case(16, "normal", matrix=128), tmp_path / "s")
+    _wait_warm(node)
     time.sleep(1.0)  # the worker has found the queue empty and sleeps until its next poll
     assert storescu(node.port, files).returncode == 0
     node.wait_state(pydicom.dcmread(files[0]).SeriesInstanceUID, {"scored"}, timeout_s=90)
