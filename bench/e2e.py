@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         stages: dict[str, list[float]] = {}
         with db.session_factory(engine)() as s:
             for (t,) in s.execute(select(Result.timings)):
-                for k in ("read_s", "preprocess_s", "model_wait_s", "model_s", "outputs_s"):
+                for k in ("prepare_wait_s", "read_s", "preprocess_s", "model_wait_s", "model_s",
+                          "outputs_s"):
                     if k in t:
                         stages.setdefault(k, []).append(float(t[k]))
             rows = s.execute(
@@ -314,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                   _secs(t.get("last_instance_received"), t.get("series_complete"))),
                  ("complete -> claimed (queue)",
                   _secs(t.get("series_complete"), t.get("job_claimed"))),
+                 ("waiting to read (memory budget)", t.get("prepare_wait_s")),
                  ("read", t.get("read_s")), ("preprocess", t.get("preprocess_s")),
                  ("waiting for the detector (other series)", t.get("model_wait_s")),
                  ("model", t.get("model_s")),

@@ -125,3 +125,33 @@ def test_series_wait_for_the_detector_one_at_a_time_in_arrival_order() -> None:
     for t in threads:
         t.join(10)
     assert entered == [0, 1, 2, 3, 4] and peak[0] == 1
+
+
+def test_large_series_are_read_one_at_a_time_small_ones_side_by_side() -> None:
+    from triage_agent.inference import MemoryBudget
+
+    budget = MemoryBudget(1000)
+    inside, peak = [0], [0]
+    lock = threading.Lock()
+
+    def read(nbytes: int) -> None:
+        with budget.hold(nbytes):
+            with lock:
+                inside[0] += 1
+                peak[0] = max(peak[0], inside[0])
+            time.sleep(0.1)
+            with lock:
+                inside[0] -= 1
+
+    def run(sizes: list[int]) -> int:
+        peak[0] = 0
+        threads = [threading.Thread(target=read, args=(n,)) for n in sizes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        return peak[0]
+
+    assert run([900, 900, 900]) == 1  # thin series: one volume in memory at a time
+    assert run([200, 200, 200]) == 3  # small series are read side by side
+    assert run([5000]) == 1  # larger than the whole budget: still read, alone

@@ -8,11 +8,12 @@ Runtime only: the training and evaluation datasets live in ``triage_agent.datase
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,47 @@ def model_gate(detector: Detector, slots: int | None = None) -> ModelGate:
         return gate
 
 
+class MemoryBudget:
+    """Bounds the memory of the series being read and preprocessed at the same time: a series
+    waits until its estimate fits beside the others' (one alone always proceeds). Reading is
+    mostly pure Python, so two series read side by side gain little time, while each
+    full-resolution volume and its resampled copies take a few hundred MB for a thin series."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self._cond = threading.Condition()
+        self._used = 0
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self._used == 0
+                                or self._used + nbytes <= self.limit_bytes)
+            self._used += nbytes
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= nbytes
+                self._cond.notify_all()
+
+
+#: series read and preprocessed at the same time hold at most this much (estimated)
+PREPARE_BUDGET = MemoryBudget(1 << 30)
+#: estimated peak bytes of reading and preprocessing per byte of stored DICOM (16-bit pixels
+#: become 32-bit floats, and the resampling holds about three copies)
+PREPARE_BYTES_PER_FILE_BYTE = 6
+
+
+def prepare_estimate(paths: Sequence[Path]) -> int:
+    """Estimated peak bytes of reading and preprocessing these files."""
+    total = 0
+    for p in paths:
+        with contextlib.suppress(OSError):
+            total += Path(p).stat().st_size
+    return PREPARE_BYTES_PER_FILE_BYTE * total
+
+
 _warm_lock = threading.Lock()
 
 
@@ -206,21 +248,25 @@ def score_series(
     thr = float(detector.threshold_for(aggregate) if threshold is None else threshold)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    try:
-        vol = read_series([Path(p) for p in paths])
-    except PreprocessError as e:
-        return _not_assessable(None, thr, f"cannot read series: {e}", timings=timings)
-    t1 = time.perf_counter()
-    timings["read_s"] = t1 - t0
-    try:
-        mi = model_inputs(vol, size=detector.input_size)
-    except PreprocessError as e:
-        return _not_assessable(vol.series_instance_uid, thr, f"preprocessing failed: {e}",
-                               timings=timings)
-    t2 = time.perf_counter()
-    timings["preprocess_s"] = t2 - t1
-    uids, frames, series_uid = vol.sop_instance_uids, vol.frame_numbers, vol.series_instance_uid
-    del vol  # the full-resolution volume (hundreds of MB for a thin series) is not needed now
+    with PREPARE_BUDGET.hold(prepare_estimate(paths)):
+        t_read = time.perf_counter()
+        timings["prepare_wait_s"] = t_read - t0
+        try:
+            vol = read_series([Path(p) for p in paths])
+        except PreprocessError as e:
+            return _not_assessable(None, thr, f"cannot read series: {e}", timings=timings)
+        t1 = time.perf_counter()
+        timings["read_s"] = t1 - t_read
+        try:
+            mi = model_inputs(vol, size=detector.input_size)
+        except PreprocessError as e:
+            return _not_assessable(vol.series_instance_uid, thr, f"preprocessing failed: {e}",
+                                   timings=timings)
+        t2 = time.perf_counter()
+        timings["preprocess_s"] = t2 - t1
+        uids, frames = vol.sop_instance_uids, vol.frame_numbers
+        series_uid = vol.series_instance_uid
+        del vol  # the full-resolution volume (hundreds of MB for a thin series) is not needed now
     with model_gate(detector):
         timings["model_wait_s"] = time.perf_counter() - t2
         res = score_model_input(

@@ -380,7 +380,7 @@ def _observe(claim: _Claim, done: _Done) -> None:
         metrics.STAGE_SECONDS.labels("complete_to_claimed").observe(
             max(0.0, (claim.claimed_at - claim.completed).total_seconds()))
     timings = done.result.timings or {}
-    for stage in ("read", "preprocess", "model_wait", "model"):
+    for stage in ("prepare_wait", "read", "preprocess", "model_wait", "model"):
         if f"{stage}_s" in timings:
             metrics.STAGE_SECONDS.labels(stage).observe(float(timings[f"{stage}_s"]))
 
