@@ -75,7 +75,7 @@ def test_serve_with_missing_weights_says_which_setting(node_factory, tmp_path: P
 def test_late_slices_give_a_superseding_sr(node_factory, tiny_ckpt: Path, tmp_path: Path) -> None:  # noqa: F811
     node: Node = node_factory(
         worker={"count": 1, "poll_interval_s": 0.2}, model={"weights": str(tiny_ckpt)},
-        series={"min_slices": 10},
+        series={"min_slices": 10, "quiet_period_s": 3.0},  # one transfer is one generation
     ).start()
     files = sorted(write_case_dicom(make_case(13, "normal", matrix=128), tmp_path / "head"))
     uid = pydicom.dcmread(files[0]).SeriesInstanceUID
