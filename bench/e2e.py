@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 .join(Delivery, Delivery.output_id == Output.id)
                 .group_by(Series.id, Result.id)
             ).all()
-            timings_of = dict(s.execute(select(Result.id, Result.timings)).all())
+            timings_of: dict[int, dict] = dict(s.execute(select(Result.id, Result.timings)).all())
         engine.dispose()
         last_series: tuple[dt.datetime, dict] | None = None
         for completed, last, state, delivered, result_id in rows:

@@ -40,7 +40,7 @@ def _queue(sessions, slices: int, queued_s_ago: float) -> int:  # type: ignore[n
 
 
 def _claim_order(sessions) -> list[int]:  # type: ignore[no-untyped-def]
-    order = []
+    order: list[int] = []
     while True:
         with sessions() as s, s.begin():
             job = queue.claim(s, "w", lease_s=60, max_attempts=3)
