@@ -53,7 +53,7 @@ class PassPlan:
 
 
 #: the ``lean`` runtime's passes (see docs/experiments.md for how they were chosen)
-LEAN_PASSES = PassPlan(plain=(0, 1, 2, 3), mirrored=(0, 1))
+LEAN_PASSES = PassPlan(plain=(0, 1, 2), mirrored=(0, 2))
 
 Reconstruct = Callable[[torch.Tensor], torch.Tensor]
 
