@@ -16,6 +16,8 @@ processes, the node with its default worker count and fast inference path) and o
     python bench/e2e.py --series 1 --slices 40
 
 With ``--burst`` it also prints when the last series was delivered after the burst's last slice.
+It sends once the node's workers are warm (model runtime built, output builders loaded), like a
+node that has been running; ``--cold`` sends as soon as the node answers C-ECHO.
 It always prints where the seconds of the last-delivered series went (quiet period, queue wait,
 read, preprocess, model, outputs, delivery), from the node's own Result timings.
 
@@ -140,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="[model] runtime of the node (default: its own, fast)")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="[model] batch_size of the node (default: its own)")
+    ap.add_argument("--cold", dest="warm", action="store_false",
+                    help="send as soon as the node answers C-ECHO, without waiting for its "
+                         "workers to be warm (model runtime built, output builders loaded)")
     ap.add_argument("--rss", action="store_true",
                     help="sample the node's resident memory (with its child processes) and "
                          "print the peak")
@@ -195,6 +200,14 @@ def main(argv: list[str] | None = None) -> int:
         load_at_start = os.getloadavg()[0]
         try:
             wait_echo(port, "TRIAGE", timeout_s=120)
+            # Like a node that has been running: its workers have built the model's runtime and
+            # loaded the output builders.
+            warm_deadline = time.monotonic() + 300
+            while args.warm and time.monotonic() < warm_deadline:
+                text = (root / "node.log").read_text(errors="replace")
+                if "output builders ready" in text or "warm-up failed" in text:
+                    break
+                time.sleep(0.2)
             if sampler is not None:
                 sampler.start()
             print("# sending", "all at once" if args.burst else "one series at a time",
