@@ -240,8 +240,7 @@ def _associate(port: int) -> Association:
     assert assoc.is_established
     # pynetdicom writes a C-STORE as two PDUs: without this, Nagle's algorithm holds the second
     # for the acceptor's delayed ACK (40 ms a store), whichever loops the acceptor runs.
-    assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
-    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    assert compat.set_nodelay(assoc)
     return assoc
 
 
@@ -327,3 +326,17 @@ def test_an_abort_ends_the_association_from_either_side(scp: Scp) -> None:
     compat.hard_kill(acceptor)
     assert _ended(acceptor, 1.0)
     assoc.abort()
+
+
+def test_set_nodelay_switches_nagle_off_on_the_requestors_socket(scp: Scp) -> None:
+    """The node's own associations (delivery, retrieval) send each PDU at once."""
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(CTImageStorage, ImplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="SCP")
+    assert assoc.is_established
+    sock = assoc.dul.socket.socket  # type: ignore[union-attr]
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0  # pynetdicom's default
+    assert compat.set_nodelay(assoc)
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    assoc.release()
+    assert not compat.set_nodelay(assoc), "a released association has no socket to set"

@@ -157,3 +157,17 @@ def test_retry_backoff_dead_letter_and_recovery(db_url: str, scp: Any, tmp_path:
     finally:
         back.stop()
     engine.dispose()
+
+
+def test_delivery_associations_send_without_nagle(scp: Any, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each object's PDUs leave at once instead of waiting for the PACS's delayed ACK."""
+    from triage_agent import pynetdicom_compat
+
+    seen: list[bool] = []
+    real = pynetdicom_compat.set_nodelay
+    monkeypatch.setattr(pynetdicom_compat, "set_nodelay", lambda a: seen.append(real(a)) or True)
+    files = make_series(tmp_path / "ct", n=2, seed=2, size=32)
+    outs = send_files(scp().dest(), files, calling_ae="TRIAGE", timeout_s=5)
+    assert [o.kind for o in outs] == [DELIVERED, DELIVERED]
+    assert seen == [True]

@@ -152,6 +152,23 @@ def forget_server(ae: AE, server: Any) -> None:
         ae._servers.remove(server)
 
 
+# -- sending -----------------------------------------------------------------------------------
+
+def set_nodelay(assoc: Any) -> bool:
+    """Send each PDU as soon as it is written (TCP_NODELAY) on an association the node opened.
+    pynetdicom writes a C-STORE as a command PDU and data PDUs; with Nagle's algorithm on, the
+    last piece waits for the peer's delayed ACK (about 40 ms an object). DCMTK's tools do the same
+    with ``TCP_NODELAY=1``. False when the association has no TCP socket (closed already)."""
+    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if sock is None:
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        return False
+    return True
+
+
 # -- ending associations -----------------------------------------------------------------------
 
 def shutdown_socket(assoc: Any) -> None:

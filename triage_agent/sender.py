@@ -28,7 +28,7 @@ from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from triage_agent import metrics
+from triage_agent import metrics, pynetdicom_compat
 from triage_agent.config import (
     AgentConfig,
     DestinationConfig,
@@ -147,6 +147,7 @@ def send_files(
                "association aborted or refused" + (" (TLS: check certificates and the peer's log)"
                                                    if dest.tls else ""))
         return [SendOutcome(TRANSIENT, None, why)] * len(files)
+    pynetdicom_compat.set_nodelay(assoc)
     outcomes: list[SendOutcome] = []
     try:
         accepted = {str(c.abstract_syntax) for c in assoc.accepted_contexts}
