@@ -159,6 +159,22 @@ def test_retry_backoff_dead_letter_and_recovery(db_url: str, scp: Any, tmp_path:
     engine.dispose()
 
 
+def test_delivery_associations_keep_each_response_for_its_store(
+        scp: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom's requestor can drop a fast PACS's response (tests/test_pynetdicom_compat.py);
+    every delivery association is guarded against that."""
+    from triage_agent import pynetdicom_compat
+
+    guarded: list[Any] = []
+    real = pynetdicom_compat.keep_responses_for_the_caller
+    monkeypatch.setattr(pynetdicom_compat, "keep_responses_for_the_caller",
+                        lambda a: guarded.append(a) or real(a))
+    files = make_series(tmp_path / "ct", n=2, seed=3, size=32)
+    outs = send_files(scp().dest(), files, calling_ae="TRIAGE", timeout_s=5)
+    assert [o.kind for o in outs] == [DELIVERED, DELIVERED]
+    assert len(guarded) == 1 and guarded[0]._serve_request.__name__ == "serve_request"
+
+
 def test_delivery_associations_send_without_nagle(scp: Any, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Each object's PDUs leave at once instead of waiting for the PACS's delayed ACK."""

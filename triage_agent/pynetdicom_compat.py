@@ -169,6 +169,34 @@ def set_nodelay(assoc: Any) -> bool:
     return True
 
 
+def keep_responses_for_the_caller(assoc: Any) -> None:
+    """Stop a requestor's reactor thread from taking the response a ``send_*`` call waits for.
+
+    ``send_c_store`` (and the other ``send_*`` methods) pause the reactor by clearing
+    ``_reactor_checkpoint`` and waiting until ``_is_paused`` is true; but that flag is still true
+    from the previous call while the reactor thread, released by it, has not yet run. The
+    reactor can then look at the DIMSE queue once more, take the peer's response and drop it
+    ("Received unexpected C-STORE service message"); the caller waits out ``dimse_timeout`` and
+    the object counts as failed though the peer stored it. A fast peer on a loaded CPU makes
+    that likely. Here a response that reaches ``_serve_request`` while a ``send_*`` call is in
+    progress (checkpoint cleared) goes back to the head of the queue for that call; one that
+    arrives with no call waiting is dropped as before."""
+    serve = assoc._serve_request
+    msg_queue = assoc.dimse.msg_queue
+
+    def serve_request(msg: Any, context_id: int) -> None:
+        if (not assoc._reactor_checkpoint.is_set() and not assoc._sent_release
+                and not msg.is_valid_request and msg.is_valid_response):
+            with msg_queue.mutex:
+                msg_queue.queue.appendleft((context_id, msg))
+                msg_queue.unfinished_tasks += 1
+                msg_queue.not_empty.notify()
+            return
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_request
+
+
 # -- ending associations -----------------------------------------------------------------------
 
 def shutdown_socket(assoc: Any) -> None:

@@ -148,6 +148,7 @@ def send_files(
                                                    if dest.tls else ""))
         return [SendOutcome(TRANSIENT, None, why)] * len(files)
     pynetdicom_compat.set_nodelay(assoc)
+    pynetdicom_compat.keep_responses_for_the_caller(assoc)
     outcomes: list[SendOutcome] = []
     try:
         accepted = {str(c.abstract_syntax) for c in assoc.accepted_contexts}
