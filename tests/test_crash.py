@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 
 from tests.conftest import Node, files_under
 from tests.factories import CT, make_series
+from triage_agent import pynetdicom_compat
 from triage_agent.models import Instance, Job
 
 
@@ -24,6 +25,8 @@ def stream(port: int, files: list[Path], ledger: list[str], stop_after: threadin
     assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGE")
     if not assoc.is_established:
         return
+    # a modality's answers must not get lost in pynetdicom's requestor (see that function)
+    pynetdicom_compat.keep_responses_for_the_caller(assoc)
     for f in files:
         ds = pydicom.dcmread(f)
         try:

@@ -23,6 +23,7 @@ from pynetdicom import AE
 from sqlalchemy import select
 
 from tests.factories import CT
+from triage_agent import pynetdicom_compat
 
 FULL = os.environ.get("RELIABILITY_FULL") == "1"
 RESULTS: list[dict[str, Any]] = []
@@ -57,6 +58,8 @@ class Ledger:
             with self.lock:
                 self.failures += 1
             return
+        # a modality's answers must not get lost in pynetdicom's requestor (see that function)
+        pynetdicom_compat.keep_responses_for_the_caller(assoc)
         try:
             for f in files:
                 if stop is not None and stop.is_set():
