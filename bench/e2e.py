@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="[worker] count of the node (default: its own, one per usable core)")
     ap.add_argument("--keep-log", type=Path, default=None, metavar="FILE",
                     help="copy the node's log here")
-    ap.add_argument("--runtime", choices=["fast", "reference"], default=None,
+    ap.add_argument("--runtime", choices=["fast", "reference", "lean"], default=None,
                     help="[model] runtime of the node (default: its own, fast)")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="[model] batch_size of the node (default: its own)")

@@ -195,3 +195,42 @@ def test_site_eval_plans_and_metrics(tmp_path: Path) -> None:
     assert m["series_auroc"] == pytest.approx(0.75)
     assert m["specificity"] == 0.5 and m["sensitivity"] == 0.5
     assert m["normal_top_slice_low_quarter"] == 0.5  # the second normal peaks at its bottom
+
+
+def test_site_eval_scores_zero_shot_with_the_chosen_runtime(tmp_path: Path) -> None:
+    """`python -m triage_agent.site_eval --zero-shot-only` makes only the test series, and
+    `--runtime` picks the inference path: the lean plan of a four-member ensemble scores
+    differently from the reference."""
+    import json
+
+    import torch
+    from triage_model.checkpoint import make_checkpoint, save_checkpoint
+    from triage_model.network import NetConfig, UNetEnsemble
+    from triage_model.scoring import ScoringConfig
+
+    from triage_agent.site_eval import main as site_eval
+
+    torch.manual_seed(7)
+    member = NetConfig(input_size=32, base_channels=4, max_channels=8, arch="unet",
+                       unet_levels=2).to_dict()
+    net = UNetEnsemble(NetConfig(input_size=32, arch="ensemble", members=(member,) * 4))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ck = make_checkpoint("dae", net=net.eval(), scoring=ScoringConfig(flip_tta=True, rec_q=0.05),
+                         thresholds={"max": 1.0})
+    save_checkpoint(ck, tmp_path / "tiny.pt")
+    scores = {}
+    for runtime in ("reference", "lean"):
+        out = tmp_path / f"{runtime}.json"
+        assert site_eval(["--site", "D", "--zero-shot-only", "--test-normals", "1",
+                          "--test-abnormals", "1", "--matrix", "64", "--model",
+                          str(tmp_path / "tiny.pt"), "--runtime", runtime,
+                          "--cache", str(tmp_path / "cache"), "--out", str(out)]) == 0
+        (res,) = json.loads(out.read_text())["results"]
+        assert "onboarded" not in res
+        scores[runtime] = [s for _, s in res["zero_shot"]["series_scores"]]
+    assert len(list((tmp_path / "cache").rglob("*.npz"))) == 2  # no onboarding normals made
+    assert len(scores["lean"]) == 2
+    assert max(abs(a - b) for a, b in zip(scores["lean"], scores["reference"],
+                                          strict=True)) > 1e-4

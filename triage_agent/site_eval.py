@@ -176,7 +176,7 @@ def evaluate_site(site: str, args: argparse.Namespace, ckpt: dict[str, Any], opt
 
     t0 = time.perf_counter()
     plan_on, plan_test = site_plan(site, args.onboard, args.test_normals, args.test_abnormals)
-    det0 = Detector(ckpt, device="cpu")
+    det0 = Detector(ckpt, device="cpu", runtime=args.runtime)
     size = det0.input_size
 
     def load(plan: list[tuple[int, str]], what: str) -> list[SiteCase]:
@@ -189,7 +189,7 @@ def evaluate_site(site: str, args: argparse.Namespace, ckpt: dict[str, Any], opt
         return out
 
     test = load(plan_test, "test series")
-    normals = load(plan_on, "onboarding normals")
+    normals = [] if args.zero_shot_only else load(plan_on, "onboarding normals")
     t_prep = time.perf_counter() - t0
     res: dict[str, Any] = {"site": site, "options": asdict(opts), "matrix": args.matrix,
                            "onboard_normals": len(normals)}
@@ -205,7 +205,7 @@ def evaluate_site(site: str, args: argparse.Namespace, ckpt: dict[str, Any], opt
         ck = onboard(ckpt, normals, holdout_fraction=args.holdout_fraction,
                      fine_tune_steps=args.fine_tune_steps, progress=_bar)
         res["fine_tune"] = (ck.get("training") or {}).get("fine_tune")
-        det1 = Detector(ck, device="cpu")
+        det1 = Detector(ck, device="cpu", runtime=args.runtime)
         sc = score_cases(det1, test)
         res["onboarded"] = metrics(test, sc, det1.threshold_for("max"))
         res["onboarded"]["series_scores"] = [[lab, float(v.max())] for lab, v in
@@ -285,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-noise", type=float, default=None, metavar="HU",
                     help="limit the brain noise at model resolution to HU by in-plane "
                          "smoothing (0: off; default: the preprocessing default)")
+    ap.add_argument("--runtime", choices=["reference", "fast", "lean"], default="reference",
+                    help="inference path ([model] runtime; default reference)")
     ap.add_argument("--zero-shot-only", action="store_true", help="skip onboarding")
     ap.add_argument("--onboarded-only", action="store_true",
                     help="skip the zero-shot scoring (when it is already measured)")
