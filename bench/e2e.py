@@ -44,6 +44,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from triage_model.runtime import RUNTIMES  # noqa: E402
+
 from tests.peers import Orthanc, free_port, wait_echo  # noqa: E402
 
 
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="[worker] count of the node (default: its own, one per usable core)")
     ap.add_argument("--keep-log", type=Path, default=None, metavar="FILE",
                     help="copy the node's log here")
-    ap.add_argument("--runtime", choices=["fast", "reference", "lean"], default=None,
+    ap.add_argument("--runtime", choices=RUNTIMES, default=None,
                     help="[model] runtime of the node (default: its own, fast)")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="[model] batch_size of the node (default: its own)")

@@ -197,6 +197,13 @@ def keep_responses_for_the_caller(assoc: Any) -> None:
     assoc._serve_request = serve_request
 
 
+def prepare_requestor(assoc: Any) -> None:
+    """What every association the node opens (delivery, retrieval) gets once it is established:
+    ``set_nodelay`` and ``keep_responses_for_the_caller``."""
+    set_nodelay(assoc)
+    keep_responses_for_the_caller(assoc)
+
+
 # -- ending associations -----------------------------------------------------------------------
 
 def shutdown_socket(assoc: Any) -> None:

@@ -147,8 +147,7 @@ class _Pacs:
             why = "rejected the association" if assoc.is_rejected else "did not answer"
             raise RetrieveError(f"the PACS {where} {why}; check its AE title, host and port, and "
                                 f"that it accepts the calling AE {self.cfg.node.ae_title!r}")
-        pynetdicom_compat.set_nodelay(assoc)
-        pynetdicom_compat.keep_responses_for_the_caller(assoc)
+        pynetdicom_compat.prepare_requestor(assoc)
         try:
             yield assoc
         finally:

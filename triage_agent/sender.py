@@ -147,8 +147,7 @@ def send_files(
                "association aborted or refused" + (" (TLS: check certificates and the peer's log)"
                                                    if dest.tls else ""))
         return [SendOutcome(TRANSIENT, None, why)] * len(files)
-    pynetdicom_compat.set_nodelay(assoc)
-    pynetdicom_compat.keep_responses_for_the_caller(assoc)
+    pynetdicom_compat.prepare_requestor(assoc)
     outcomes: list[SendOutcome] = []
     try:
         accepted = {str(c.abstract_syntax) for c in assoc.accepted_contexts}

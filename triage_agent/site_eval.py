@@ -255,6 +255,7 @@ def _on_off(v: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from triage_model.runtime import RUNTIMES
     from triage_model.sites import SITES
 
     ap = argparse.ArgumentParser(prog="python -m triage_agent.site_eval", description=__doc__,
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-noise", type=float, default=None, metavar="HU",
                     help="limit the brain noise at model resolution to HU by in-plane "
                          "smoothing (0: off; default: the preprocessing default)")
-    ap.add_argument("--runtime", choices=["reference", "fast", "lean"], default="reference",
+    ap.add_argument("--runtime", choices=RUNTIMES, default="reference",
                     help="inference path ([model] runtime; default reference)")
     ap.add_argument("--zero-shot-only", action="store_true", help="skip onboarding")
     ap.add_argument("--onboarded-only", action="store_true",
