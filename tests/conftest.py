@@ -129,6 +129,17 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("pg_server").new_database()
 
 
+@pytest.fixture
+def sessions(db_url: str) -> Iterator[Any]:
+    """Sessions on a freshly migrated database of each kind."""
+    from triage_agent import db
+
+    db.upgrade(db_url)
+    engine = db.make_engine(db_url)
+    yield db.session_factory(engine)
+    engine.dispose()
+
+
 # ----------------------------------------------------------------------------- the node
 
 

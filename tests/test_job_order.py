@@ -7,18 +7,8 @@ import datetime as dt
 import threading
 import time
 
-import pytest
-
-from triage_agent import db, queue
+from triage_agent import queue
 from triage_agent.models import Job, Series, SeriesState, Study, utcnow
-
-
-@pytest.fixture
-def sessions(db_url: str):  # type: ignore[no-untyped-def]
-    db.upgrade(db_url)
-    engine = db.make_engine(db_url)
-    yield db.session_factory(engine)
-    engine.dispose()
 
 
 def _queue(sessions, slices: int, queued_s_ago: float) -> int:  # type: ignore[no-untyped-def]

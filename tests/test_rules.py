@@ -49,14 +49,6 @@ def test_orientation_classification() -> None:
     assert classify_orientation(["x"] * 6) is None
 
 
-@pytest.fixture
-def sessions(db_url: str):  # type: ignore[no-untyped-def]
-    db.upgrade(db_url)
-    engine = db.make_engine(db_url)
-    yield db.session_factory(engine)
-    engine.dispose()
-
-
 def _queued_jobs(sessions, n: int) -> list[int]:  # type: ignore[no-untyped-def]
     with sessions() as s, s.begin():
         st = Study(study_instance_uid="1.2.3")
