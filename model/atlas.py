@@ -41,11 +41,12 @@ from triage_model.checkpoint import (
     save_checkpoint,
 )
 from triage_model.scoring import (
+    ATLAS_HEIGHTS,
     AtlasFitter,
     ResidualAtlas,
     ScoringConfig,
+    atlas_heights,
     masked_stat,
-    slice_heights,
 )
 from triage_model.train import SliceSet, calibrate
 
@@ -85,12 +86,13 @@ def stat_with_atlas(r_plain: np.ndarray, heat: np.ndarray, brain: np.ndarray,
 
 
 def fit_atlas(ckpt: dict[str, Any], normals: SliceSet, *, bins: int = 16, sigma: float = 1.5,
-              eps: float = 0.002, batch_size: int = 32, device: str = "cpu",
-              chunk: int = 512, progress: bool = False) -> ResidualAtlas:
-    """The residual atlas of ``ckpt``'s network on ``normals`` (each series in slice order)."""
+              eps: float = 0.002, height: str = "slice", batch_size: int = 32,
+              device: str = "cpu", chunk: int = 512, progress: bool = False) -> ResidualAtlas:
+    """The residual atlas of ``ckpt``'s network on ``normals`` (each series in slice order),
+    with height bands of kind ``height`` (``ResidualAtlas.height``)."""
     det = plain_detector(ckpt, device)
-    fitter = AtlasFitter(bins, det.input_size)
-    heights = slice_heights(normals.series)
+    fitter = AtlasFitter(bins, det.input_size, height)
+    heights = atlas_heights(height, normals.brain, normals.series)
     for s in range(0, len(normals), chunk):
         sl = slice(s, s + chunk)
         _, _, heat = det.raw_scores(normals.x[sl], normals.brain[sl], batch_size)
@@ -110,7 +112,8 @@ def with_atlas(ckpt: dict[str, Any], atlas: ResidualAtlas, *, source: str = "") 
     out["scoring"] = replace(sc, atlas_bins=atlas.bins).to_dict()
     out["atlas"] = atlas.to_dict()
     training = dict(out.get("training") or {})
-    training["atlas"] = {"bins": atlas.bins, "sigma": atlas.sigma, "eps": atlas.eps,
+    training["atlas"] = {"bins": atlas.bins, "height": atlas.height, "sigma": atlas.sigma,
+                         "eps": atlas.eps,
                          "normal_series": atlas.n_series, "normal_slices": atlas.n_slices,
                          "source": source}
     out["training"] = training
@@ -131,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="without --atlas-slices: fit the atlas on this share of --slices' "
                          "series (seeded split), calibrate on the rest")
     ap.add_argument("--bins", type=int, default=16, help="relative-height bins (default 16)")
+    ap.add_argument("--height", choices=ATLAS_HEIGHTS, default=None,
+                    help="what the bins are bands of: the slice's position in its series or the "
+                         "share of the series' brain volume below it (default: as the model's "
+                         "atlas; slice without one; triage-agent onboard fits brain_volume)")
     ap.add_argument("--sigma", type=float, default=1.5, help="atlas smoothing, pixels")
     ap.add_argument("--eps", type=float, default=0.002, help="floor added to the atlas spread")
     ap.add_argument("--seed", type=int, default=0, help="seed of the --atlas-fraction split")
@@ -155,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: {normals.n_series} atlas and {cal.n_series} calibration series; "
                   "use 100+ and 50+ normal series for a stable atlas and threshold",
                   file=sys.stderr)
-        atlas = fit_atlas(ckpt, normals, bins=a.bins, sigma=a.sigma, eps=a.eps,
+        height = a.height or str((ckpt.get("atlas") or {}).get("height", "slice"))
+        atlas = fit_atlas(ckpt, normals, bins=a.bins, sigma=a.sigma, eps=a.eps, height=height,
                           device=a.device, progress=True)
         ck = calibrate(with_atlas(ckpt, atlas, source=source), cal,
                        device=a.device)

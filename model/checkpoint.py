@@ -41,11 +41,11 @@ from triage_model.scoring import (
     ResidualAtlas,
     ScoringConfig,
     apply_slice_context,
+    atlas_heights,
     combine,
     geo_error,
     masked_stat,
     residual_map,
-    slice_heights,
 )
 from triage_model.symmetry import asymmetric_residual, fit_midline
 
@@ -218,15 +218,16 @@ class Detector:
 
         With ``ScoringConfig.symmetry`` s_r is (N,2): the residual's statistic and that of its
         asymmetric part (``NormStats.apply`` takes the larger z). With a residual atlas each
-        slice's relative height in its series is needed: ``heights`` (N,), or, when omitted,
-        x is taken to be one series in slice order (``slice_heights``)."""
+        slice's height in its series is needed: ``heights`` (N,), or, when omitted, x is taken
+        to be one series in slice order (``atlas_heights`` of the atlas's kind)."""
         x = np.asarray(x, dtype=np.float32)
         brain = np.asarray(brain, dtype=bool)
         if x.ndim != 3 or x.shape != brain.shape:
             raise ValueError(f"x and brain must both be (N,S,S); got {x.shape} and {brain.shape}")
         n = x.shape[0]
         if self.atlas is not None:
-            heights = slice_heights(n) if heights is None else np.asarray(heights, np.float32)
+            heights = (atlas_heights(self.atlas.height, brain) if heights is None
+                       else np.asarray(heights, np.float32))
             if heights.shape != (n,):
                 raise ValueError(f"heights must be ({n},), got {heights.shape}")
         if n and x.shape[1:] != (self.input_size, self.input_size):

@@ -23,6 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+#: what a residual atlas's height bands are bands of (``ResidualAtlas.height``)
+ATLAS_HEIGHTS = ("slice", "brain_volume")
+
 
 @dataclass(frozen=True)
 class ScoringConfig:
@@ -191,6 +194,36 @@ def slice_heights(n_or_series: int | np.ndarray) -> np.ndarray:
     return h
 
 
+def brain_volume_heights(brain: np.ndarray, series: np.ndarray | None = None) -> np.ndarray:
+    """Height of each slice in the head as the share of its series' brain volume below the
+    slice's centre: ``(sum of the brain areas of the slices below + half its own) / (sum of all)``.
+
+    ``brain`` (N,S,S) masks in slice order (inferior first); ``series`` names each slice's series
+    as in ``slice_heights`` (None: one series). Unlike the slice position it does not depend on
+    where the scan starts and stops, on slice thickness, or on how many slices at the skull base
+    or vertex pass the brain-fraction cut. A series without brain falls back to slice positions."""
+    brain = np.asarray(brain)
+    area = brain.reshape(len(brain), -1).sum(1).astype(np.float64)
+    series = np.zeros(len(area), np.int64) if series is None else np.asarray(series)
+    h = slice_heights(series)
+    for sid in np.unique(series):
+        idx = np.flatnonzero(series == sid)
+        a = area[idx]
+        total = a.sum()
+        if total > 0:
+            h[idx] = ((np.cumsum(a) - a / 2) / total).astype(np.float32)
+    return h
+
+
+def atlas_heights(kind: str, brain: np.ndarray, series: np.ndarray | None = None) -> np.ndarray:
+    """Each slice's height as an atlas of ``kind`` (``ResidualAtlas.height``) bins it."""
+    if kind == "slice":
+        return slice_heights(len(brain) if series is None else np.asarray(series))
+    if kind == "brain_volume":
+        return brain_volume_heights(brain, series)
+    raise ValueError(f"unknown atlas height {kind!r} (use one of {ATLAS_HEIGHTS})")
+
+
 def height_bins(heights: np.ndarray | torch.Tensor, bins: int) -> torch.Tensor:
     """The height band (0 .. bins-1, equal widths over [0, 1]) of each relative slice height."""
     h = heights if isinstance(heights, torch.Tensor) else torch.as_tensor(np.asarray(heights))
@@ -202,8 +235,13 @@ class ResidualAtlas:
     """Mean and spread of the normal smoothed residual at every pixel, per relative-height bin.
 
     ``mu``, ``sd``: (bins, S, S) float32; ``eps``: the floor added to ``sd``; ``sigma``: the
-    smoothing (pixels) of the sums it was fitted from. Fitted with ``AtlasFitter`` on normal
-    series; stored in the checkpoint under ``atlas`` (float16). See ``ScoringConfig.atlas_bins``."""
+    smoothing (pixels) of the sums it was fitted from; ``height``: what its bins are bands of
+    (``atlas_heights``): "slice", the slice's position among the series' brain slices,
+    (i + 0.5) / n, or "brain_volume", the share of the series' brain volume below the slice's
+    centre, which does not move when a site's scans start lower or higher or cut the head at
+    another pitch. The bundled model's atlas uses "slice"; ``triage-agent onboard`` fits
+    "brain_volume" (docs/experiments.md). Fitted with ``AtlasFitter`` on normal series; stored
+    in the checkpoint under ``atlas`` (float16). See ``ScoringConfig.atlas_bins``."""
 
     mu: np.ndarray
     sd: np.ndarray
@@ -211,10 +249,13 @@ class ResidualAtlas:
     n_series: int = 0
     n_slices: int = 0
     sigma: float = 1.5
+    height: str = "slice"
 
     def __post_init__(self) -> None:
         if not self.eps > 0:
             raise ValueError(f"atlas eps must be > 0, got {self.eps}")
+        if self.height not in ATLAS_HEIGHTS:
+            raise ValueError(f"atlas height must be one of {ATLAS_HEIGHTS}, got {self.height!r}")
 
     @property
     def bins(self) -> int:
@@ -234,7 +275,8 @@ class ResidualAtlas:
         return {"mu": torch.from_numpy(self.mu.astype(np.float16)),
                 "sd": torch.from_numpy(self.sd.astype(np.float16)),
                 "eps": float(self.eps), "n_series": int(self.n_series),
-                "n_slices": int(self.n_slices), "sigma": float(self.sigma)}
+                "n_slices": int(self.n_slices), "sigma": float(self.sigma),
+                "height": self.height}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ResidualAtlas:
@@ -246,16 +288,20 @@ class ResidualAtlas:
         if mu.ndim != 3 or mu.shape != sd.shape:
             raise ValueError(f"atlas mu/sd must be (bins,S,S) alike; got {mu.shape}, {sd.shape}")
         return cls(mu, sd, float(d.get("eps", 0.002)), int(d.get("n_series", 0)),
-                   int(d.get("n_slices", 0)), float(d.get("sigma", 1.5)))
+                   int(d.get("n_slices", 0)), float(d.get("sigma", 1.5)),
+                   str(d.get("height", "slice")))
 
 
 class AtlasFitter:
-    """Accumulates normal smoothed-residual maps by height bin; ``finish`` gives the atlas."""
+    """Accumulates normal smoothed-residual maps by height bin; ``finish`` gives the atlas.
+    ``height``: the kind of the heights that ``add`` is given (``ResidualAtlas.height``)."""
 
-    def __init__(self, bins: int, size: int) -> None:
+    def __init__(self, bins: int, size: int, height: str = "slice") -> None:
         if bins < 1:
             raise ValueError(f"an atlas needs at least one bin, got {bins}")
-        self.bins, self.size = int(bins), int(size)
+        if height not in ATLAS_HEIGHTS:
+            raise ValueError(f"atlas height must be one of {ATLAS_HEIGHTS}, got {height!r}")
+        self.bins, self.size, self.height = int(bins), int(size), height
         self.s1 = torch.zeros(bins, size, size, dtype=torch.float64)
         self.s2 = torch.zeros_like(self.s1)
         self.count = torch.zeros_like(self.s1)
@@ -290,7 +336,7 @@ class AtlasFitter:
         mu = torch.where(ok, mu, g_mu)
         sd = torch.where(ok, var.clamp(min=1e-12).sqrt(), g_sd)
         return ResidualAtlas(mu.float().numpy(), sd.float().numpy(), float(eps),
-                             len(self.series), self.n_slices, float(sigma))
+                             len(self.series), self.n_slices, float(sigma), self.height)
 
 
 def normalise(raw: np.ndarray | torch.Tensor, mean: float, std: float) -> Any:

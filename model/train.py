@@ -50,7 +50,7 @@ from triage_model.scoring import (
     ScoringConfig,
     aggregate,
     apply_slice_context,
-    slice_heights,
+    atlas_heights,
     smooth,
 )
 from triage_model.thresholds import threshold_for_specificity
@@ -461,8 +461,10 @@ def calibrate(ckpt: dict[str, Any], val: SliceSet, *, target_specificity: float 
     if len(val) == 0:
         log.warning("no validation slices: normalisation and thresholds left at defaults")
         return ckpt
+    atlas = getattr(det, "atlas", None)
+    kind = atlas.height if atlas is not None else "slice"
     g_raw, r_raw, heat = det.raw_scores(val.x, val.brain, batch_size, hu=val.hu,
-                                        heights=slice_heights(val.series))
+                                        heights=atlas_heights(kind, val.brain, val.series))
     return calibrate_from_raw(ckpt, val, g_raw, r_raw, heat, target_specificity=target_specificity,
                               top_k=top_k, lambda_=lambda_)
 

@@ -21,6 +21,9 @@ from triage_model.scoring import (
     NormStats,
     ResidualAtlas,
     ScoringConfig,
+    atlas_heights,
+    brain_volume_heights,
+    height_bins,
     masked_stat,
     residual_map,
     slice_heights,
@@ -35,6 +38,39 @@ def test_slice_heights_are_relative_positions_within_each_series():
     h = slice_heights(np.array([7, 7, 3, 3, 3, 3, 7]))
     # series 7 has slices 0, 1 and 6 (three, in order); series 3 has four
     np.testing.assert_allclose(h, [1 / 6, 0.5, 0.125, 0.375, 0.625, 0.875, 5 / 6], rtol=1e-6)
+
+
+def _head(areas: list[float]) -> np.ndarray:
+    """Brain masks whose brain covers ``areas`` (fractions of the frame), one slice each."""
+    out = np.zeros((len(areas), S, S), bool)
+    for i, a in enumerate(areas):
+        out[i].flat[:int(round(a * S * S))] = True
+    return out
+
+
+def test_brain_volume_heights_follow_the_head_not_where_the_scan_starts():
+    """A scan that starts three slices lower (more skull base, little brain) or is cut twice as
+    thin: each slice keeps about its height in the head, where its slice position moves."""
+    head = [0.1, 0.3, 0.5, 0.6, 0.6, 0.5, 0.3, 0.1]
+    h = brain_volume_heights(_head(head))
+    assert np.all(np.diff(h) > 0) and h[0] > 0 and h[-1] < 1
+    np.testing.assert_allclose(h[[3, 4]].mean(), 0.5, atol=1e-6)  # a symmetric head's middle
+
+    lower = brain_volume_heights(_head([0.06, 0.06, 0.06] + head))[3:]
+    assert np.max(np.abs(lower - h)) < 0.06
+    assert np.max(np.abs(slice_heights(11)[3:] - slice_heights(8))) > 0.2  # what it replaces
+
+    thin = brain_volume_heights(_head([a for a in head for _ in range(2)]))
+    np.testing.assert_allclose(thin.reshape(-1, 2).mean(1), h, atol=1e-6)
+
+    # several series at once, each on its own; a series without brain keeps slice positions
+    both = brain_volume_heights(np.concatenate([_head(head), _head([0, 0])]),
+                                np.array([5] * 8 + [2] * 2))
+    np.testing.assert_allclose(both[:8], h)
+    np.testing.assert_allclose(both[8:], [0.25, 0.75])
+    np.testing.assert_allclose(atlas_heights("slice", _head(head)), slice_heights(8))
+    with pytest.raises(ValueError, match="atlas height"):
+        atlas_heights("mm", _head(head))
 
 
 def _maps(n: int, seed: int, hotspot: tuple[int, int] | None) -> np.ndarray:
@@ -101,6 +137,14 @@ def test_atlas_round_trips_through_a_checkpoint_as_float16():
     back = ResidualAtlas.from_dict(ck["atlas"])
     np.testing.assert_allclose(back.mu, mu, atol=1e-3)
     assert (back.bins, back.eps, back.n_series, back.n_slices, back.sigma) == (3, 0.003, 7, 70, 2.0)
+    assert back.height == "slice"
+    vol = ResidualAtlas(mu, mu + 0.5, height="brain_volume")
+    assert ResidualAtlas.from_dict(vol.to_dict()).height == "brain_volume"
+    old = vol.to_dict()
+    del old["height"]  # a file written before atlases had a height kind
+    assert ResidualAtlas.from_dict(old).height == "slice"
+    with pytest.raises(ValueError, match="atlas height"):
+        ResidualAtlas(mu, mu, height="mm")
     with pytest.raises(ValueError, match="bins,S,S"):
         ResidualAtlas.from_dict({"mu": mu, "sd": mu[:2]})
 
@@ -111,21 +155,25 @@ def _net() -> torch.nn.Module:
                                    geo_head=False, unet_levels=3))
 
 
-def test_detector_scores_with_the_atlas_and_calibrates_to_normal_z(tmp_path: Path):
+@pytest.mark.parametrize("height", ["slice", "brain_volume"])
+def test_detector_scores_with_the_atlas_and_calibrates_to_normal_z(tmp_path: Path, height: str):
     """Fit on some normal series, calibrate on others, save, load: the loaded detector's slice
-    statistic is the top-q mean of the atlas z-map at each slice's height in its series, the heat
-    maps are the plain residual, and the calibration series score about 0 on average."""
+    statistic is the top-q mean of the atlas z-map at each slice's height in its series (of the
+    atlas's kind), the heat maps are the plain residual, and the calibration series score about
+    0 on average."""
     net = _net()
     base = make_checkpoint("dae", net=net, input_size=S, scoring=ScoringConfig(rec_q=0.05),
                            norm=NormStats(r_mean=0.1, r_std=0.05))
     normals = random_slices(24, S, seed=1, n_series=4)
     cal_set = random_slices(18, S, seed=2, n_series=3)
-    atlas = fit_atlas(base, normals, bins=4, sigma=1.0, eps=0.002)
+    atlas = fit_atlas(base, normals, bins=4, sigma=1.0, eps=0.002, height=height)
     assert atlas.bins == 4 and atlas.n_series == 4 and atlas.n_slices == 24
+    assert atlas.height == height
     # phantoms have no anatomy that changes with height; make the bins differ, so that a slice's
     # height within its own series (not within the whole set) visibly decides its score
     atlas = ResidualAtlas(atlas.mu + 0.02 * np.arange(4, dtype=np.float32)[:, None, None],
-                          atlas.sd, atlas.eps, atlas.n_series, atlas.n_slices, atlas.sigma)
+                          atlas.sd, atlas.eps, atlas.n_series, atlas.n_slices, atlas.sigma,
+                          atlas.height)
     ck = calibrate(with_atlas(base, atlas, source="test"), cal_set)
     assert ck["scoring"]["atlas_bins"] == 4 and ck["training"]["atlas"]["source"] == "test"
     assert ck["training"]["atlas"]["sigma"] == 1.0
@@ -142,7 +190,10 @@ def test_detector_scores_with_the_atlas_and_calibrates_to_normal_z(tmp_path: Pat
     with torch.inference_mode():
         x1 = torch.from_numpy(x)[:, None]
         heat = residual_map(x1, net(x1).recon, torch.from_numpy(brain), det.scoring)
-        zmap = det.atlas.zmap(heat, slice_heights(len(x)))
+        heights = atlas_heights(height, brain)
+        if height == "brain_volume":  # the phantoms' brains differ in size from slice to slice
+            assert (height_bins(heights, 4) != height_bins(slice_heights(len(x)), 4)).any()
+        zmap = det.atlas.zmap(heat, heights)
         want = masked_stat(zmap, torch.from_numpy(brain), det.scoring).numpy()
     norm = NormStats.from_dict(loaded["norm"])
     np.testing.assert_allclose(got.score, (want - norm.r_mean) / norm.r_std, rtol=1e-3, atol=1e-3)

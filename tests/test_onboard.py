@@ -62,6 +62,7 @@ def test_onboard_writes_a_model_the_node_uses_and_a_report(site: dict[str, Path]
     ck, _ = read_checkpoint(out)
     det = load_detector(out, device="cpu")
     assert det.atlas is not None and det.atlas.n_series == 4
+    assert det.atlas.height == "brain_volume"  # bands of height in the head
     assert ck["calibration"]["val_series"] == 2
     on = ck["training"]["onboarding"]
     assert (on["fit_series"], on["calibration_series"], on["skipped_series"]) == (4, 2, 1)
@@ -87,6 +88,10 @@ def test_onboard_writes_a_model_the_node_uses_and_a_report(site: dict[str, Path]
     scored = [r for r in recs if r["score"] is not None]
     assert len(scored) == 6
     assert all(r["threshold"] == pytest.approx(det.threshold) for r in scored)
+    # the node scores the held-out series as the calibration did (the same heights, atlas and
+    # normalisation; the calibration read the maps in float16)
+    for held in ck["calibration"]["val_series_scores_max"]:
+        assert min(abs(r["score"] - held) for r in scored) < 0.01  # float16 maps and atlas
 
 
 def test_onboard_refuses_bad_input(site: dict[str, Path], tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -31,7 +31,13 @@ from typing import Any
 import numpy as np
 from triage_model.atlas import plain_detector, stat_with_atlas, with_atlas
 from triage_model.checkpoint import Detector
-from triage_model.scoring import AtlasFitter, ScoringConfig, apply_slice_context, slice_heights
+from triage_model.scoring import (
+    AtlasFitter,
+    ScoringConfig,
+    apply_slice_context,
+    atlas_heights,
+    slice_heights,
+)
 from triage_model.train import SliceSet, calibrate_from_raw
 
 from triage_agent.config import SeriesConfig, TriageConfig
@@ -49,6 +55,10 @@ MIN_BRAIN_SLICES = 5
 FIT_MAX_SLICES = 64
 #: fine-tuning of the network on the fit part of the normals: steps (of 8 slices; 0 = off) and
 #: learning rate (constant, a fresh Adam)
+#: what the refitted atlas's height bands are bands of (``ResidualAtlas.height``): the share of
+#: the series' brain volume below the slice, so that a site whose scans start lower or cut the
+#: head at another pitch still compares each slice with normals at the same height in the head
+ONBOARD_HEIGHT = "brain_volume"
 FINE_TUNE_STEPS = 0
 FINE_TUNE_LR = 2e-4
 
@@ -82,6 +92,12 @@ class SiteNormals:
 
     def __len__(self) -> int:
         return int(self.series.shape[0])
+
+    def heights_for(self, kind: str) -> np.ndarray:
+        """Each slice's height as an atlas of ``kind`` (``ResidualAtlas.height``) bins it."""
+        if kind == "slice":
+            return self.heights
+        return atlas_heights(kind, self.brain, self.series)
 
     def slice_set(self) -> SliceSet:
         """The set as ``calibrate_from_raw`` takes it (it reads brain, series and the count)."""
@@ -242,7 +258,8 @@ class Onboarded:
 
 def adapt(ckpt: dict[str, Any], fit: SiteNormals, held: SiteNormals, triage: TriageConfig,
           *, bins: int | None = None, sigma: float | None = None, eps: float | None = None,
-          source: str = "", before: tuple[dict[str, Any], SiteNormals] | None = None,
+          height: str = ONBOARD_HEIGHT, source: str = "",
+          before: tuple[dict[str, Any], SiteNormals] | None = None,
           progress: Progress = _no_progress) -> Onboarded:
     """Refit the atlas on the ``fit`` normals, calibrate on the ``held`` out ones (both
     measured with ``ckpt``'s network). ``before``: the model as it came and the held-out normals
@@ -262,22 +279,23 @@ def adapt(ckpt: dict[str, Any], fit: SiteNormals, held: SiteNormals, triage: Tri
     eps = (before_det.atlas.eps if before_det.atlas is not None else 0.002) \
         if eps is None else eps
 
+    before_height = before_det.atlas.height if before_det.atlas is not None else "slice"
     r_before = stat_with_atlas(held_before.r_plain, held_before.heat, held_before.brain,
-                               held_before.heights, before_det.atlas, sc)
+                               held_before.heights_for(before_height), before_det.atlas, sc)
     scores_before, before_top = series_scores(before_det, held_before, r_before, triage)
     threshold_before = before_det.threshold_for(triage.aggregate)
 
-    fitter = AtlasFitter(bins, int(fit.heat.shape[-1]))
+    fitter = AtlasFitter(bins, int(fit.heat.shape[-1]), height)
     chunk = 512
-    heights = fit.heights
+    heights = fit.heights_for(height)
     for s in progress(range(0, len(fit), chunk), "fit the residual atlas",
                       math.ceil(len(fit) / chunk)):
         sl = slice(s, s + chunk)
         fitter.add(fit.heat[sl], fit.brain[sl], heights[sl], fit.series[sl])
     atlas = fitter.finish(sigma, eps)
     new = with_atlas(ckpt, atlas, source=source)
-    r_after = stat_with_atlas(held.r_plain, held.heat, held.brain, held.heights, atlas,
-                              ScoringConfig.from_dict(new["scoring"]))
+    r_after = stat_with_atlas(held.r_plain, held.heat, held.brain, held.heights_for(height),
+                              atlas, ScoringConfig.from_dict(new["scoring"]))
     new = calibrate_from_raw(new, held.slice_set(), held.g_raw, r_after,
                              held.heat.astype(np.float32),
                              target_specificity=triage.target_specificity, top_k=triage.top_k,
