@@ -234,3 +234,33 @@ def test_site_eval_scores_zero_shot_with_the_chosen_runtime(tmp_path: Path) -> N
     assert len(scores["lean"]) == 2
     assert max(abs(a - b) for a, b in zip(scores["lean"], scores["reference"],
                                           strict=True)) > 1e-4
+
+
+def test_site_eval_onboards_with_the_chosen_atlas_height(tmp_path: Path) -> None:
+    """`--atlas-height` picks what the refitted atlas's bands are bands of, and the result says
+    which (the default is triage-agent onboard's)."""
+    import json
+
+    import torch
+    from triage_model.checkpoint import make_checkpoint, save_checkpoint
+    from triage_model.network import NetConfig, build_network
+    from triage_model.scoring import ScoringConfig
+
+    from triage_agent.onboarding import ONBOARD_HEIGHT
+    from triage_agent.site_eval import main as site_eval
+
+    torch.manual_seed(3)
+    net = build_network(NetConfig(input_size=32, base_channels=4, max_channels=8, arch="unet",
+                                  geo_head=False, unet_levels=2))
+    save_checkpoint(make_checkpoint("dae", net=net.eval(), scoring=ScoringConfig(rec_q=0.05),
+                                    thresholds={"max": 1.0}), tmp_path / "tiny.pt")
+    for height in ("slice", None):
+        out = tmp_path / f"{height}.json"
+        assert site_eval(["--site", "E", "--onboarded-only", "--onboard", "2",
+                          "--test-normals", "1", "--test-abnormals", "1", "--matrix", "64",
+                          "--model", str(tmp_path / "tiny.pt"), "--cache", str(tmp_path / "c"),
+                          "--out", str(out), *(["--atlas-height", height] if height else [])]
+                         ) == 0
+        (res,) = json.loads(out.read_text())["results"]
+        assert res["atlas_height"] == (height or ONBOARD_HEIGHT) and "zero_shot" not in res
+        assert res["onboarded"]["specificity"] is not None

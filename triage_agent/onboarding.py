@@ -495,7 +495,7 @@ def write_report(r: Onboarded, out: Path, *, normal_dirs: list[str], elapsed_s: 
 def adapt_inputs(ckpt: dict[str, Any], fit_in: NormalInputs, held_in: NormalInputs,
                  triage: TriageConfig, *, fine_tune_steps: int = 0,
                  fine_tune_lr: float = FINE_TUNE_LR, seed: int = 0, device: str = "cpu",
-                 batch_size: int = 32, source: str = "",
+                 batch_size: int = 32, source: str = "", height: str = ONBOARD_HEIGHT,
                  progress: Progress = _no_progress) -> Onboarded:
     """From read normals to the onboarded checkpoint: with ``fine_tune_steps`` the network is
     first fine-tuned on the fit part (``triage_model.train.fine_tune``), then both parts are
@@ -535,7 +535,8 @@ def adapt_inputs(ckpt: dict[str, Any], fit_in: NormalInputs, held_in: NormalInpu
                          desc="score normals (held-out part)", progress=progress)
     fit.skipped = list(fit_in.skipped)
     held.skipped = list(held_in.skipped)
-    res = adapt(net_ckpt, fit, held, triage, source=source, before=before, progress=progress)
+    res = adapt(net_ckpt, fit, held, triage, height=height, source=source, before=before,
+                progress=progress)
     ft = (res.ckpt.get("training") or {}).get("fine_tune")
     res.ckpt["training"]["onboarding"].update(
         seed=seed, fine_tune_steps=int(ft["steps"]) if ft else 0)

@@ -12,9 +12,10 @@ the site, written as DICOM, read back and preprocessed as the node does (``--til
 * zero-shot: with its own normalisation and threshold;
 * onboarded: adapted to the site as ``triage-agent onboard`` adapts it, by the same code
   (``triage_agent.onboarding.adapt_inputs``): the normals are split 2/3 : 1/3
-  (``--holdout-fraction``); with ``--fine-tune-steps`` the network is fine-tuned on the first
-  part; the residual atlas is refitted on the first part and the normalisation and threshold
-  (``[triage] target_specificity``) calibrated on the held-out part.
+  (``--holdout-fraction``, seeded by ``--seed``); with ``--fine-tune-steps`` the network is
+  fine-tuned on the first part; the residual atlas is refitted on the first part (in bands of
+  ``--atlas-height``) and the normalisation and threshold (``[triage] target_specificity``)
+  calibrated on the held-out part.
 
 Reported per site and mode: series AUROC (series score = max slice score), slice AUROC (a slice
 is abnormal when its lesion mask is not empty), and specificity and sensitivity at the
@@ -152,7 +153,7 @@ def metrics(cases: list[SiteCase], scores: list[np.ndarray], threshold: float) -
 
 def onboard(ckpt: dict[str, Any], normals: list[SiteCase], *, holdout_fraction: float = 1 / 3,
             fine_tune_steps: int = 0, seed: int = 0, device: str = "cpu",
-            progress: Any = None) -> dict[str, Any]:
+            height: str | None = None, progress: Any = None) -> dict[str, Any]:
     """The model adapted to a site as ``triage-agent onboard`` adapts it (``triage_agent.
     onboarding.adapt_inputs``: the same split, optional fine-tune of the network, atlas refit on
     the fit part, calibration at ``[triage]`` target specificity on the held-out part)."""
@@ -164,7 +165,9 @@ def onboard(ckpt: dict[str, Any], normals: list[SiteCase], *, holdout_fraction: 
     inputs = NormalInputs([c.key for c in normals], [c.x for c in normals],
                           [c.brain for c in normals], [slice_heights(len(c.x)) for c in normals])
     fit_ids, held_ids = split(len(normals), holdout_fraction, seed)
-    kw = {} if progress is None else {"progress": progress}
+    kw: dict[str, Any] = {} if progress is None else {"progress": progress}
+    if height is not None:
+        kw["height"] = height
     res = adapt_inputs(ckpt, inputs.subset(fit_ids), inputs.subset(held_ids), TriageConfig(),
                        fine_tune_steps=fine_tune_steps, seed=seed, device=device, **kw)
     return res.ckpt
@@ -203,8 +206,10 @@ def evaluate_site(site: str, args: argparse.Namespace, ckpt: dict[str, Any], opt
         print(f"{site}: zero-shot {_row(res['zero_shot'])}", file=sys.stderr)
     if normals and not args.zero_shot_only:
         ck = onboard(ckpt, normals, holdout_fraction=args.holdout_fraction,
-                     fine_tune_steps=args.fine_tune_steps, progress=_bar)
+                     fine_tune_steps=args.fine_tune_steps, seed=args.seed,
+                     height=args.atlas_height, progress=_bar)
         res["fine_tune"] = (ck.get("training") or {}).get("fine_tune")
+        res["atlas_height"] = ck["training"]["atlas"]["height"]
         det1 = Detector(ck, device="cpu", runtime=args.runtime)
         sc = score_cases(det1, test)
         res["onboarded"] = metrics(test, sc, det1.threshold_for("max"))
@@ -256,6 +261,7 @@ def _on_off(v: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     from triage_model.runtime import RUNTIMES
+    from triage_model.scoring import ATLAS_HEIGHTS
     from triage_model.sites import SITES
 
     ap = argparse.ArgumentParser(prog="python -m triage_agent.site_eval", description=__doc__,
@@ -276,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fine-tune-steps", type=int, default=None, metavar="N",
                     help="fine-tune the network on the fit part for N steps before the atlas "
                          "refit (0: off; default: triage-agent onboard's default)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the fit / held-out split of the onboarding normals (default 0)")
+    ap.add_argument("--atlas-height", choices=ATLAS_HEIGHTS, default=None,
+                    help="height bands of the refitted atlas (default: triage-agent onboard's, "
+                         "brain_volume)")
     ap.add_argument("--matrix", type=int, default=256, help="in-plane matrix of the series")
     ap.add_argument("--tilt", type=_on_off, default=None, metavar="on|off",
                     help="gantry-tilt correction (default: the preprocessing default)")
