@@ -10,11 +10,12 @@
    what is kept per slice is the plain residual map (the heat map), its statistic and the brain
    mask. Everything after this reuses those maps: the network runs once per slice. Thin-slice
    series of the atlas part are subsampled to ``FIT_MAX_SLICES`` evenly spaced slices.
-4. ``adapt``: the residual atlas is refitted on the fit part (``triage_model.atlas``), then the
-   z-normalisation and the operating threshold at ``[triage] target_specificity`` are calibrated
-   on the held-out part (``triage_model.train.calibrate_from_raw``, with the one threshold rule of
-   ``triage_model.thresholds``). The held-out series are scored before (the model as it came) and
-   after, for the report.
+4. ``adapt``: the residual atlas is refitted on the fit part (``triage_model.atlas``; its bands
+   are bands of height in the head, ``ONBOARD_HEIGHT``), then the z-normalisation and the
+   operating threshold at ``[triage] target_specificity`` are calibrated on the held-out part
+   (``triage_model.train.calibrate_from_raw``, with the one threshold rule of
+   ``triage_model.thresholds``). The held-out series are scored before (the model as it came)
+   and after, for the report.
 5. ``write_report``: FILE.report.md with PNG plots next to the model file.
 """
 
